@@ -1,0 +1,227 @@
+"""The ``captioning`` command: one entry point, a subcommand per job.
+
+    captioning config demo --train.xe.epochs=2      # resolved config as JSON (warnings on stderr)
+    captioning config --describe                    # every key with its type, default and doc
+    captioning synth OUT_DIR --recipe demo          # write the synthetic dataset (Karpathy layout)
+    captioning records data/raw/dataset_coco.json   # validate a Karpathy split file, count per split
+    captioning vocab dataset_coco.json OUT.json     # vocabulary from the train split
+    captioning demo                                 # the main job on embedded defaults (CPU-sized)
+
+Every subcommand that takes ``--recipe`` also takes dotted overrides (``--data.min_word_freq=3``).
+``main(argv)`` returns the exit code, so tests call it directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from captioning.config import (
+    Config,
+    ConfigError,
+    config_warnings,
+    describe_config,
+    list_recipes,
+    load_config,
+)
+
+
+def _add_recipe(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    parser.add_argument(
+        "--recipe",
+        default=default,
+        help=f"recipe name ({', '.join(list_recipes())}) or path to a .toml file"
+        + (f" (default: {default})" if default else " (default: built-in defaults)"),
+    )
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="captioning",
+        description="Show, Attend and Tell image captioning: data, training, evaluation.",
+        epilog="Dotted overrides such as --train.xe.lr_decoder=4e-4 follow the subcommand's arguments; "
+        "`captioning config --describe` lists every key.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("config", help="print the resolved config (recipe + overrides) as JSON")
+    p.add_argument("recipe_name", nargs="?", metavar="RECIPE", help="recipe name or .toml path")
+    p.add_argument("--describe", action="store_true", help="list every key with type, value and doc")
+    p.add_argument("--list", action="store_true", help="list the available recipes")
+
+    p = sub.add_parser("synth", help="write the learnable synthetic dataset in the Karpathy layout")
+    p.add_argument("out_dir", type=Path, help="output folder")
+    _add_recipe(p, "demo")
+
+    p = sub.add_parser("records", help="validate a Karpathy split file and count images per split")
+    p.add_argument("karpathy_json", type=Path)
+    _add_recipe(p)
+
+    p = sub.add_parser("vocab", help="build the vocabulary from a Karpathy file's train split")
+    p.add_argument("karpathy_json", type=Path)
+    p.add_argument("out", type=Path, help="where to write the vocabulary JSON")
+    _add_recipe(p)
+
+    p = sub.add_parser("demo", help="the main job on embedded defaults (synthetic data, CPU-sized)")
+    p.add_argument("--work-dir", type=Path, default=Path("demo-output"), help="where outputs go")
+    _add_recipe(p, "demo")
+    return parser
+
+
+def _resolve(recipe: str | None, overrides: Sequence[str]) -> Config:
+    cfg = load_config(recipe, overrides)
+    for warning in config_warnings(cfg):
+        print(f"warning: {warning}", file=sys.stderr)
+    return cfg
+
+
+def _cmd_config(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    if args.list:
+        print("\n".join(list_recipes()))
+        return 0
+    cfg = _resolve(args.recipe_name, overrides)
+    print(describe_config(cfg) if args.describe else cfg.to_json())
+    return 0
+
+
+def _cmd_synth(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    from captioning.data.synthetic import generate_synthetic
+
+    s = _resolve(args.recipe, overrides).data.synthetic
+    start = time.perf_counter()
+    result = generate_synthetic(
+        args.out_dir,
+        num_train=s.num_train,
+        num_val=s.num_val,
+        num_test=s.num_test,
+        num_restval=s.num_restval,
+        image_size=s.image_size,
+        captions_per_image=s.captions_per_image,
+        style=s.style,
+        seed=s.seed,
+    )
+    print(f"wrote {result.json_path} ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def _summarise_records(path: Path, cfg: Config) -> dict[str, object]:
+    from captioning.data.records import read_karpathy
+
+    dataset = read_karpathy(path, restval_split=cfg.data.restval_split)
+    splits = dataset.by_split()
+    return {
+        "dataset": dataset.name,
+        "images": {name: len(recs) for name, recs in splits.items()},
+        "captions": {name: sum(len(r.captions) for r in recs) for name, recs in splits.items()},
+        "restval_skipped": dataset.num_restval_skipped,
+    }
+
+
+def _cmd_records(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    print(json.dumps(_summarise_records(args.karpathy_json, _resolve(args.recipe, overrides)), indent=2))
+    return 0
+
+
+def build_vocab_file(karpathy_json: Path, out: Path, cfg: Config) -> dict[str, object]:
+    """Records -> length policy -> vocabulary saved at ``out``; returns the counts."""
+    from dataclasses import asdict
+
+    from captioning.data.records import read_karpathy
+    from captioning.data.vocab import apply_length_policy, build_vocab
+
+    dataset = read_karpathy(karpathy_json, restval_split=cfg.data.restval_split)
+    train, stats = apply_length_policy(
+        dataset.split("train"),
+        max_caption_len=cfg.data.max_caption_len,
+        overlong=cfg.data.overlong_captions,
+    )
+    vocab = build_vocab(train, min_word_freq=cfg.data.min_word_freq)
+    vocab.save(out)
+    return {"vocab_size": len(vocab), "path": str(out), "train_length_policy": asdict(stats)}
+
+
+def _cmd_vocab(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    print(json.dumps(build_vocab_file(args.karpathy_json, args.out, _resolve(args.recipe, overrides)), indent=2))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    from captioning.data.synthetic import generate_synthetic
+
+    cfg = _resolve(args.recipe, overrides)
+    work = args.work_dir
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "config.json").write_text(cfg.to_json())
+    s = cfg.data.synthetic
+    start = time.perf_counter()
+    data = generate_synthetic(
+        work / "raw",
+        num_train=s.num_train,
+        num_val=s.num_val,
+        num_test=s.num_test,
+        num_restval=s.num_restval,
+        image_size=s.image_size,
+        captions_per_image=s.captions_per_image,
+        style=s.style,
+        seed=s.seed,
+    )
+    print(f"[demo] synthetic dataset: {data.json_path} ({time.perf_counter() - start:.1f} s)")
+    summary = _summarise_records(data.json_path, cfg)
+    print(f"[demo] records: {json.dumps(summary['images'])}")
+    vocab = build_vocab_file(data.json_path, work / "vocab.json", cfg)
+    print(f"[demo] vocabulary: {vocab['vocab_size']} words -> {vocab['path']}")
+    print(f"[demo] resolved config: {work / 'config.json'}")
+    return 0
+
+
+_COMMANDS = {
+    "config": _cmd_config,
+    "synth": _cmd_synth,
+    "records": _cmd_records,
+    "vocab": _cmd_vocab,
+    "demo": _cmd_demo,
+}
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Separate dotted overrides (``--a.b=1`` or ``--a.b 1``) from the subcommand's own arguments.
+
+    Done before argparse so that an override's value is never taken for a positional argument.
+    """
+    own: list[str] = []
+    overrides: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        key = arg[2:].split("=", 1)[0]
+        if arg.startswith("--") and "." in key:
+            overrides.append(arg)
+            if "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                overrides.append(argv[i + 1])
+                i += 1
+        else:
+            own.append(arg)
+        i += 1
+    return own, overrides
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``captioning`` command; returns the process exit code."""
+    own, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
+    args = _build_parser().parse_args(own)
+    try:
+        return _COMMANDS[args.command](args, overrides)
+    except ConfigError as exc:
+        print(f"captioning {args.command}: config error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"captioning {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

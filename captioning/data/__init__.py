@@ -1,0 +1,1 @@
+"""Data pipeline: Karpathy records -> vocabulary -> WebDataset shards -> loader."""

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Fresh machine -> working environment: system packages the pipeline needs, then .venv with the
+# pinned Python stack. Called by `make setup` (and so by `make test` / `make demo`); safe to re-run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+
+# Python >= 3.11 (tomllib, the typing the config tree uses).
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    echo "setup: need Python >= 3.11, found $("$PYTHON" --version 2>&1)" >&2
+    exit 1
+fi
+
+# A Java runtime: pycocoevalcap's PTB tokenizer and METEOR run on the JVM.
+if ! command -v java >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "setup: no java found; installing a headless JRE with apt-get"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq default-jre-headless >/dev/null
+    else
+        echo "setup: pycocoevalcap needs Java (a JRE >= 8); install one, e.g. 'apt-get install default-jre-headless'" >&2
+        exit 1
+    fi
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PYTHON" -m venv "$VENV"
+fi
+# The constraints file pins torch/torchvision together (a stray spec pulls GBs of CUDA packages).
+"$VENV/bin/python" -m pip install --quiet --upgrade pip
+"$VENV/bin/python" -m pip install --quiet -c constraints.txt -e '.[dev]'
+"$VENV/bin/python" -c 'from captioning.vision import import_torchvision; import_torchvision()'
+echo "setup: ready ($VENV, $("$VENV/bin/python" -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)' 2>/dev/null || true))"
