@@ -27,6 +27,7 @@ from captioning.config import (
     describe_config,
     list_recipes,
     load_config,
+    valid_keys,
 )
 
 
@@ -145,7 +146,9 @@ def build_vocab_file(karpathy_json: Path, out: Path, cfg: Config) -> dict[str, o
 
 
 def _cmd_vocab(args: argparse.Namespace, overrides: Sequence[str]) -> int:
-    print(json.dumps(build_vocab_file(args.karpathy_json, args.out, _resolve(args.recipe, overrides)), indent=2))
+    print(
+        json.dumps(build_vocab_file(args.karpathy_json, args.out, _resolve(args.recipe, overrides)), indent=2)
+    )
     return 0
 
 
@@ -191,14 +194,17 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     """Separate dotted overrides (``--a.b=1`` or ``--a.b 1``) from the subcommand's own arguments.
 
     Done before argparse so that an override's value is never taken for a positional argument.
+    Unknown dotted keys are kept as overrides, to fail later with the list of valid keys.
     """
+    # Top-level config keys (``--seed``) are overrides too; ``--recipe`` is the subcommands' option.
+    top_level = {k for k in valid_keys() if "." not in k} - {"recipe"}
     own: list[str] = []
     overrides: list[str] = []
     i = 0
     while i < len(argv):
         arg = argv[i]
         key = arg[2:].split("=", 1)[0]
-        if arg.startswith("--") and "." in key:
+        if arg.startswith("--") and ("." in key or key in top_level):
             overrides.append(arg)
             if "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
                 overrides.append(argv[i + 1])

@@ -39,7 +39,7 @@ class ConfigError(ValueError):
     """A recipe or override that does not fit the configuration tree."""
 
 
-def setting(default: Any, doc: str, *, min: float | None = None, max: float | None = None) -> Any:  # noqa: A002
+def setting(default: Any, doc: str, *, min: float | None = None, max: float | None = None) -> Any:
     """A config field with its one-line doc and optional numeric bounds (inclusive)."""
     meta = {"doc": doc, "min": min, "max": max}
     if isinstance(default, list | dict | set):
@@ -181,19 +181,29 @@ class XeStageConfig:
     """A cross-entropy stage: stage 1 (frozen encoder) or stage 2 (encoder fine-tuning)."""
 
     epochs: int = setting(20, "Maximum epochs of this stage.", min=0)
-    batch_size: int | None = setting(None, "Images per batch per rank; none uses data.loader.batch_size.", min=1)
+    batch_size: int | None = setting(
+        None, "Images per batch per rank; none uses data.loader.batch_size.", min=1
+    )
     lr_decoder: float = setting(4e-4, "Adam learning rate of the decoder (seed 004: 4e-4).", min=0.0)
-    lr_encoder: float = setting(1e-4, "Adam learning rate of the encoder when fine-tuned (seed 004: 1e-4).", min=0.0)
+    lr_encoder: float = setting(
+        1e-4, "Adam learning rate of the encoder when fine-tuned (seed 004: 1e-4).", min=0.0
+    )
     fine_tune_encoder: bool = setting(False, "Train the encoder in this stage.")
-    fine_tune_from_block: int = setting(2, "First ResNet block (1-4) trained when fine-tuning (seed 004: 2).", min=1, max=4)
-    grad_clip: float | None = setting(5.0, "Clip gradient values at +-this; none disables (seed 004: 5).", min=0.0)
+    fine_tune_from_block: int = setting(
+        2, "First ResNet block (1-4) trained when fine-tuning (seed 004: 2).", min=1, max=4
+    )
+    grad_clip: float | None = setting(
+        5.0, "Clip gradient values at +-this; none disables (seed 004: 5).", min=0.0
+    )
     alpha_c: float = setting(1.0, "Weight of the doubly stochastic attention term (seed 004: 1).", min=0.0)
     lr_schedule: Literal["plateau", "cosine", "constant"] = setting(
         "plateau", "plateau: x decay_factor after decay_patience epochs without gain (seed 004); or cosine."
     )
     decay_factor: float = setting(0.8, "Learning-rate factor on plateau (seed 004: 0.8).", min=0.0, max=1.0)
     decay_patience: int = setting(8, "Epochs without improvement before decaying (seed 004: 8).", min=1)
-    early_stop_patience: int = setting(20, "Epochs without improvement before stopping (seed 004: 20).", min=1)
+    early_stop_patience: int = setting(
+        20, "Epochs without improvement before stopping (seed 004: 20).", min=1
+    )
     scheduled_sampling: float = setting(
         0.0, "Final probability of feeding the model's own word instead of the reference.", min=0.0, max=1.0
     )
@@ -204,7 +214,9 @@ class ScstConfig:
     """Stage 3: self-critical sequence training on a CIDEr-D reward."""
 
     epochs: int = setting(10, "Maximum epochs of self-critical training.", min=0)
-    batch_size: int | None = setting(None, "Images per batch per rank; none uses data.loader.batch_size.", min=1)
+    batch_size: int | None = setting(
+        None, "Images per batch per rank; none uses data.loader.batch_size.", min=1
+    )
     lr: float = setting(2e-5, "Adam learning rate (lower than cross-entropy's).", min=0.0)
     lr_encoder: float = setting(0.0, "Encoder learning rate; 0 keeps the encoder frozen.", min=0.0)
     num_samples: int = setting(5, "Captions sampled per image.", min=1)
@@ -226,7 +238,9 @@ class TrainConfig:
     )
     precision: Literal["fp32", "bf16"] = setting("bf16", "Mixed precision on GPU (CPU always runs fp32).")
     nproc_per_node: int = setting(1, "torchrun processes per node (GPUs per node on GPU).", min=1)
-    checkpoint_every_steps: int = setting(1000, "Steps between periodic checkpoints (0: epoch ends only).", min=0)
+    checkpoint_every_steps: int = setting(
+        1000, "Steps between periodic checkpoints (0: epoch ends only).", min=0
+    )
     log_every_steps: int = setting(50, "Steps between logged training metrics.", min=1)
     xe: XeStageConfig = section(XeStageConfig, "Stage 1: cross-entropy, frozen encoder.")
     finetune: XeStageConfig = section(
@@ -368,7 +382,9 @@ def iter_fields(cls: type = Config, prefix: str = "", default: Any = None) -> It
         if dataclasses.is_dataclass(tp):
             yield from iter_fields(typing.cast(type, tp), key + ".", value)
         else:
-            yield FieldInfo(key, tp, value, f.metadata.get("doc", ""), f.metadata.get("min"), f.metadata.get("max"))
+            yield FieldInfo(
+                key, tp, value, f.metadata.get("doc", ""), f.metadata.get("min"), f.metadata.get("max")
+            )
 
 
 def valid_keys() -> list[str]:
@@ -418,7 +434,9 @@ def recipe_path(recipe: str | os.PathLike[str]) -> Path:
         return path
     candidate = config_dir() / f"{recipe}.toml"
     if not candidate.is_file():
-        raise ConfigError(f"unknown recipe {str(recipe)!r}; available: {', '.join(list_recipes()) or '(none)'}")
+        raise ConfigError(
+            f"unknown recipe {str(recipe)!r}; available: {', '.join(list_recipes()) or '(none)'}"
+        )
     return candidate
 
 
@@ -492,16 +510,23 @@ def config_warnings(cfg: Config) -> list[str]:
                     f"train.{name}.fine_tune_from_block is set but train.{name}.fine_tune_encoder is false"
                 )
         if stage.lr_schedule != "plateau" and (
-            stage.decay_factor != default_stage.decay_factor or stage.decay_patience != default_stage.decay_patience
+            stage.decay_factor != default_stage.decay_factor
+            or stage.decay_patience != default_stage.decay_patience
         ):
             warnings.append(f"train.{name}.decay_factor/decay_patience only apply to lr_schedule='plateau'")
     if cfg.data.dataset != "synthetic" and cfg.data.synthetic != defaults.data.synthetic:
         warnings.append("data.synthetic.* is set but data.dataset is not 'synthetic'")
     if cfg.data.dataset != "flickr30k" and cfg.data.download.flickr30k_archive is not None:
         warnings.append("data.download.flickr30k_archive is set but data.dataset is not 'flickr30k'")
-    if cfg.model.embeddings_path is None and cfg.model.fine_tune_embeddings != defaults.model.fine_tune_embeddings:
+    if (
+        cfg.model.embeddings_path is None
+        and cfg.model.fine_tune_embeddings != defaults.model.fine_tune_embeddings
+    ):
         warnings.append("model.fine_tune_embeddings is set but model.embeddings_path is none")
-    if cfg.data.loader.caption_mode == "all" and cfg.data.loader.seq_per_img != defaults.data.loader.seq_per_img:
+    if (
+        cfg.data.loader.caption_mode == "all"
+        and cfg.data.loader.seq_per_img != defaults.data.loader.seq_per_img
+    ):
         warnings.append("data.loader.seq_per_img is ignored when data.loader.caption_mode='all'")
     if "scst" not in cfg.train.stages and cfg.train.scst != defaults.train.scst:
         warnings.append("train.scst.* is set but 'scst' is not in train.stages")
@@ -522,7 +547,9 @@ def _check_key(key: str) -> None:
     if key in keys:
         return
     if key in _section_keys():
-        raise ConfigError(f"{key!r} is a section, not a value; its keys: {', '.join(k for k in keys if k.startswith(key + '.'))}")
+        raise ConfigError(
+            f"{key!r} is a section, not a value; its keys: {', '.join(k for k in keys if k.startswith(key + '.'))}"
+        )
     close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
     raise ConfigError(f"unknown config key {key!r}{hint}; valid keys: {', '.join(keys)}")
@@ -530,7 +557,9 @@ def _check_key(key: str) -> None:
 
 def _build(cls: type[T], data: Mapping[str, Any], prefix: str) -> T:
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a table/object, got {type(data).__name__}")
+        raise ConfigError(
+            f"{prefix.rstrip('.') or 'config'} must be a table/object, got {type(data).__name__}"
+        )
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = [k for k in data if k not in fields]
@@ -573,7 +602,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         # TOML has no null: in optional fields the word "none" (or "null") means None, as on the CLI.
-        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in _NONE_WORDS)):
+        if type(None) in args and (
+            value is None or (isinstance(value, str) and value.lower() in _NONE_WORDS)
+        ):
             return None
         errors = []
         for arg in args:

@@ -8,7 +8,9 @@ import sys
 
 def imported_after(statement: str) -> set[str]:
     code = f"import sys; {statement}; print(' '.join(sorted(sys.modules)))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
     return set(out.stdout.split())
 
 
@@ -22,5 +24,7 @@ def test_import_captioning_pulls_in_neither_prefect_nor_mlflow() -> None:
 
 
 def test_config_records_vocab_do_not_import_torch() -> None:
-    modules = imported_after("import captioning.config, captioning.data.records, captioning.data.vocab, captioning.cli")
+    modules = imported_after(
+        "import captioning.config, captioning.data.records, captioning.data.vocab, captioning.cli"
+    )
     assert "torch" not in modules

@@ -1,0 +1,93 @@
+"""The `captioning` command: subcommands end to end on small synthetic data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from captioning.cli import main, split_overrides
+from captioning.data.vocab import Vocab
+
+SMALL = ["--data.synthetic.num_train=30", "--data.synthetic.num_val=6", "--data.synthetic.num_test=6"]
+
+
+def test_help_lists_subcommands(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("config", "synth", "records", "vocab", "demo"):
+        assert command in out
+
+
+def test_console_script_installed() -> None:
+    exe = shutil.which("captioning", path=str(Path(sys.executable).parent))
+    assert exe is not None, "the `captioning` console script is not installed in the venv"
+    out = subprocess.run([exe, "config", "--list"], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.split() == ["coco", "demo", "flickr30k", "flickr8k"]
+
+
+def test_split_overrides_never_takes_a_value_for_a_positional() -> None:
+    own, overrides = split_overrides(["config", "--train.xe.epochs", "2", "demo", "--seed=3", "--describe"])
+    assert own == ["config", "demo", "--describe"]
+    assert overrides == ["--train.xe.epochs", "2", "--seed=3"]
+
+
+def test_config_prints_resolved_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "demo", "--train.xe.epochs", "2", "--model.encoder=resnet34"]) == 0
+    resolved = json.loads(capsys.readouterr().out)
+    assert resolved["train"]["xe"]["epochs"] == 2
+    assert resolved["model"]["encoder"] == "resnet34"
+    assert resolved["recipe"] == "demo"
+
+
+def test_config_errors_exit_2_with_message(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "--train.xe.epocs=2"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'train.xe.epocs'" in err and "train.xe.epochs" in err
+    assert main(["config", "nosuchrecipe"]) == 2
+
+
+def test_config_warns_about_inert_options(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "--train.xe.lr_encoder=1e-3"]) == 0
+    assert "warning: train.xe.lr_encoder is set" in capsys.readouterr().err
+
+
+def test_synth_records_vocab(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["synth", str(tmp_path / "raw"), *SMALL]) == 0
+    json_path = tmp_path / "raw" / "dataset_coco.json"
+    assert json_path.is_file()
+    capsys.readouterr()
+
+    assert main(["records", str(json_path)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["images"] == {"train": 30, "val": 6, "test": 6}
+    assert summary["captions"]["train"] == 150
+
+    assert main(["vocab", str(json_path), str(tmp_path / "vocab.json"), "--recipe", "demo"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    vocab = Vocab.load(tmp_path / "vocab.json")
+    assert report["vocab_size"] == len(vocab) > 4
+    assert report["train_length_policy"]["num_captions"] == 150
+
+
+def test_records_reports_malformed_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "dataset_coco.json"
+    bad.write_text(json.dumps({"images": [{"filename": "a.jpg", "cocoid": 1, "sentences": []}]}))
+    assert main(["records", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "images[0] (filename 'a.jpg', cocoid 1): missing field 'split'" in err
+
+
+def test_demo_runs_on_small_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--work-dir", str(tmp_path), *SMALL]) == 0
+    out = capsys.readouterr().out
+    assert "[demo] vocabulary:" in out
+    assert (tmp_path / "vocab.json").is_file()
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["data"]["synthetic"]["num_train"] == 30
