@@ -29,7 +29,23 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
 # The constraints file pins torch/torchvision together (a stray spec pulls GBs of CUDA packages).
-"$VENV/bin/python" -m pip install --quiet --upgrade pip
-"$VENV/bin/python" -m pip install --quiet -c constraints.txt -e '.[dev]'
-"$VENV/bin/python" -c 'from captioning.vision import import_torchvision; import_torchvision()'
-echo "setup: ready ($VENV, $("$VENV/bin/python" -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)' 2>/dev/null || true))"
+# pip's own upgrade is skipped: the pinned stack installs with the pip that venv ships.
+# The registry mirrors here print one "Location ... is ignored" line per package: filter them.
+set +o pipefail
+"$VENV/bin/python" -m pip install --quiet -c constraints.txt -e '.[dev]' 2>&1 | { grep -v "^WARNING: Location '.*' is ignored" || true; }
+pip_rc=${PIPESTATUS[0]}
+set -o pipefail
+if [ "$pip_rc" != 0 ]; then
+    echo "setup: pip install failed (exit $pip_rc)" >&2
+    exit "$pip_rc"
+fi
+
+# Fail set-up, not the first test, when the stack does not import (torchvision through our shim).
+"$VENV/bin/python" - <<'PY'
+import torch
+
+from captioning.vision import import_torchvision
+
+tv = import_torchvision()
+print(f"setup: ready: torch {torch.__version__}, torchvision {tv.__version__}")
+PY
