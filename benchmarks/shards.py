@@ -1,0 +1,210 @@
+"""Shard build throughput vs a bare Pillow loop over the same photo-sized JPEGs, per core.
+
+Makes --num-images natural-looking 640x480 JPEGs (smooth gradients, low-frequency texture, shapes,
+sensor-like noise; quality 90) in a temporary folder, then measures in the same run:
+
+- shard build: ``write_shards`` (256 px squash, quality 90) with one process per core, and in one
+  process; end to end (pool start, tar writing, hashing, stats and manifest included);
+- bare loop: open -> convert RGB -> resize 256x256 bicubic -> encode JPEG q90 into memory, the naive
+  loop without ``draft``; in one process, and one process per core.
+
+Each measurement is repeated --rounds times, interleaved, and the best kept.
+
+Per-core rates are images/s divided by processes. The bare per-core rate used for the ratio is the
+better of its single-process and all-cores figures, so the comparison never flatters the shards.
+Last line: ``RESULT shard_vs_bare=R images_per_s_per_core=N`` (N: the shard build's per-core rate
+with all cores). Run::
+
+    .venv/bin/python benchmarks/shards.py                  # 1000 images, all cores
+    .venv/bin/python benchmarks/shards.py --num-images 2000 --procs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from captioning.data.records import Caption, ImageRecord
+from captioning.data.shards import write_shards
+from captioning.data.sources import DirSource
+from captioning.data.vocab import build_vocab
+
+SIZE = 256
+QUALITY = 90
+
+
+def make_photo(seed: int, width: int, height: int) -> bytes:
+    """A JPEG with photo-like statistics: gradients, soft texture, blurred shapes, fine noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    angle = rng.uniform(0, 2 * math.pi)
+    t = (xx * math.cos(angle) + yy * math.sin(angle)) / (width + height) + 0.5
+    c0, c1 = rng.uniform(20, 235, 3).astype(np.float32), rng.uniform(20, 235, 3).astype(np.float32)
+    pixels = c0 * (1 - t)[..., None] + c1 * t[..., None]
+    low = Image.fromarray(np.clip(128 + rng.normal(0, 30, (9, 12, 3)), 0, 255).astype(np.uint8))
+    pixels += np.asarray(low.resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32) - 128
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(6, 16))):
+        x0, y0 = rng.uniform(-50, width), rng.uniform(-50, height)
+        w, h = rng.uniform(20, width / 2), rng.uniform(20, height / 2)
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        box = (x0, y0, x0 + w, y0 + h)
+        if rng.random() < 0.5:
+            draw.ellipse(box, fill=colour)
+        else:
+            draw.rectangle(box, fill=colour)
+    image = image.filter(ImageFilter.BoxBlur(1))  # soft edges, like a lens
+    noise = rng.standard_normal((height, width, 3), dtype=np.float32) * 5
+    noisy = np.asarray(image, dtype=np.float32) + noise
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=QUALITY)
+    return buffer.getvalue()
+
+
+def _write_photo(args: tuple[str, int, int, int]) -> None:
+    path, seed, width, height = args
+    Path(path).write_bytes(make_photo(seed, width, height))
+
+
+def bare_loop(paths: Sequence[str]) -> int:
+    """The naive Pillow loop: open -> RGB -> 256x256 bicubic -> JPEG bytes. Returns bytes written."""
+    total = 0
+    for path in paths:
+        with Image.open(path) as image:
+            small = image.convert("RGB").resize((SIZE, SIZE), Image.Resampling.BICUBIC)
+        buffer = io.BytesIO()
+        small.save(buffer, format="JPEG", quality=QUALITY)
+        total += len(buffer.getvalue())
+    return total
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+
+
+def bare_pool(paths: Sequence[str], procs: int) -> float:
+    """Wall seconds for the bare loop split over procs processes (pool start included)."""
+    chunks = [list(paths[i::procs]) for i in range(procs)]
+    start = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=procs, mp_context=_context()) as pool:
+        list(pool.map(bare_loop, chunks))
+    return time.perf_counter() - start
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--num-images", type=int, default=1000, help="JPEGs to make and process")
+    parser.add_argument("--width", type=int, default=640)
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument(
+        "--procs", type=int, default=0, help="processes for the all-cores runs; 0 = all cores"
+    )
+    parser.add_argument("--samples-per-shard", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; the best is kept")
+    parser.add_argument(
+        "--workdir", default=None, help="keep the images and shards here (default: a temp dir)"
+    )
+    args = parser.parse_args(argv)
+    procs = args.procs or len(os.sched_getaffinity(0))
+    n = args.num_images
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-shards-"))
+    try:
+        image_dir = work / "images"
+        image_dir.mkdir(parents=True, exist_ok=True)
+        names = [f"photo_{i:06d}.jpg" for i in range(n)]
+        start = time.perf_counter()
+        jobs = [(str(image_dir / name), i, args.width, args.height) for i, name in enumerate(names)]
+        with ProcessPoolExecutor(max_workers=procs, mp_context=_context()) as pool:
+            list(pool.map(_write_photo, jobs, chunksize=16))
+        mean_kb = sum((image_dir / name).stat().st_size for name in names) / n / 1024
+        print(
+            f"made {n} {args.width}x{args.height} JPEGs (q{QUALITY}, mean {mean_kb:.0f} KiB) "
+            f"in {time.perf_counter() - start:.1f} s; {procs} cores"
+        )
+
+        records = [
+            ImageRecord(
+                image_id=i,
+                path=name,
+                split="train",
+                source_split="train",
+                captions=(
+                    Caption(raw="a photo of shapes", tokens=("a", "photo", "of", "shapes"), sent_id=i),
+                ),
+            )
+            for i, name in enumerate(names)
+        ]
+        vocab = build_vocab(records, min_word_freq=1)
+        source = DirSource(image_dir)
+        paths = [str(image_dir / name) for name in names]
+
+        def shard_build(out: str, num_procs: int) -> float:
+            begin = time.perf_counter()
+            manifest = write_shards(
+                records,
+                vocab,
+                source,
+                str(work / out),
+                image_size=SIZE,
+                resize_mode="squash",
+                jpeg_quality=QUALITY,
+                samples_per_shard=args.samples_per_shard,
+                num_procs=num_procs,
+                progress=False,
+            )
+            seconds = time.perf_counter() - begin
+            assert manifest.splits["train"].num_samples == n, manifest.splits
+            return seconds
+
+        # Interleaved rounds, best of each: other load on the machine hits every pipeline alike.
+        times: dict[str, list[float]] = {"bare_1": [], "bare_n": [], "shard_1": [], "shard_n": []}
+        for r in range(args.rounds):
+            start = time.perf_counter()
+            bare_loop(paths)
+            times["bare_1"].append(time.perf_counter() - start)
+            times["bare_n"].append(bare_pool(paths, procs))
+            times["shard_n"].append(shard_build(f"shards-all-{r}", procs))
+            times["shard_1"].append(shard_build(f"shards-one-{r}", 1))
+        bare_1, bare_n, shard_1, shard_n = (min(times[k]) for k in ("bare_1", "bare_n", "shard_1", "shard_n"))
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+    rows = [
+        ("bare Pillow loop", 1, bare_1),
+        ("bare Pillow loop", procs, bare_n),
+        ("write_shards", 1, shard_1),
+        ("write_shards", procs, shard_n),
+    ]
+    print(f"\n{'pipeline':<18} {'procs':>5} {'wall s':>8} {'images/s':>9} {'per core':>9}")
+    for name, p, seconds in rows:
+        print(f"{name:<18} {p:>5} {seconds:>8.2f} {n / seconds:>9.1f} {n / seconds / p:>9.1f}")
+    bare_per_core = max(n / bare_1, n / bare_n / procs)
+    shard_per_core = n / shard_n / procs
+    single_ratio = (n / shard_1) / (n / bare_1)
+    ratio = shard_per_core / bare_per_core
+    print(f"\nsingle process: write_shards / bare = {single_ratio:.2f}")
+    print(f"all cores, per core: write_shards / best bare per core = {ratio:.2f}")
+    print(f"RESULT shard_vs_bare={ratio:.2f} images_per_s_per_core={shard_per_core:.1f}")
+    return {"shard_vs_bare": ratio, "images_per_s_per_core": shard_per_core}
+
+
+if __name__ == "__main__":
+    main()

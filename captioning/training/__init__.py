@@ -1,0 +1,1 @@
+"""Training: distributed facts, objective, optimisation, checkpoints, the loop and SCST."""

@@ -1,0 +1,30 @@
+"""Shared pytest fixtures. Each block is self-contained; add yours as a new delimited block."""
+
+from __future__ import annotations
+
+# --- S3: a real `rclone serve s3` on loopback (tests/s3server.py) ------------------------------------
+import uuid as _uuid
+from collections.abc import Iterator as _Iterator
+
+import pytest
+from s3server import S3Server
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> _Iterator[S3Server]:
+    """One `rclone serve s3` for the whole session (starts in about 0.1 s); stopped at the end."""
+    with S3Server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Point boto3 at `s3_server` through the environment and make a fresh bucket; yields `s3://<bucket>`."""
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    return s3_server.make_bucket(f"test-{_uuid.uuid4().hex[:12]}")
+
+
+# --- end S3 -----------------------------------------------------------------------------------------
