@@ -5,6 +5,10 @@
     captioning synth OUT_DIR --recipe demo          # write the synthetic dataset (Karpathy layout)
     captioning records data/raw/dataset_coco.json   # validate a Karpathy split file, count per split
     captioning vocab dataset_coco.json OUT.json     # vocabulary from the train split
+    captioning download --recipe coco               # fetch the raw dataset (resumes, verifies)
+    captioning shards --recipe coco                 # download -> vocabulary -> WebDataset shards
+    captioning inspect data/coco/shards -n 2        # counts per split and decoded samples
+    captioning verify data/coco/shards              # every shard against its manifest sha256
     captioning demo                                 # the main job on embedded defaults (CPU-sized)
 
 Every subcommand that takes ``--recipe`` also takes dotted overrides (``--data.min_word_freq=3``).
@@ -19,6 +23,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from captioning.config import (
     Config,
@@ -29,6 +34,10 @@ from captioning.config import (
     load_config,
     valid_keys,
 )
+
+if TYPE_CHECKING:
+    from captioning.data.shards import ShardManifest
+from captioning.data.shards import ShardManifest
 
 
 def _add_recipe(parser: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -67,8 +76,26 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", type=Path, help="where to write the vocabulary JSON")
     _add_recipe(p)
 
+    p = sub.add_parser("download", help="fetch the raw dataset into data.raw_dir (resumable)")
+    _add_recipe(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("shards", help="download -> records -> vocabulary -> shards + manifest")
+    _add_recipe(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("inspect", help="counts per split and the first samples of built shards")
+    p.add_argument("location", nargs="?", help="shard location (default: the recipe's data.shard_dir)")
+    _add_recipe(p)
+    p.add_argument("--split", choices=["train", "val", "test"], help="only this split")
+    p.add_argument("-n", type=int, default=1, help="samples to decode per split (default 1)")
+    p.add_argument("--save-images", type=Path, metavar="DIR", help="also write the samples' images here")
+
+    p = sub.add_parser("verify", help="check every shard against the sha256 in its manifest")
+    p.add_argument("location", nargs="?", help="shard location (default: the recipe's data.shard_dir)")
+    _add_recipe(p)
+
     p = sub.add_parser("demo", help="the main job on embedded defaults (synthetic data, CPU-sized)")
-    p.add_argument("--work-dir", type=Path, default=Path("demo-output"), help="where outputs go")
     _add_recipe(p, "demo")
     return parser
 
@@ -152,32 +179,84 @@ def _cmd_vocab(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     return 0
 
 
+def _cmd_download(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    from captioning.data.prepare import fetch
+
+    raw = fetch(_resolve(args.recipe, overrides), progress=not args.no_progress)
+    print(
+        json.dumps({"dataset": raw.name, "karpathy_json": str(raw.karpathy_json), "images": repr(raw.images)})
+    )
+    return 0
+
+
+def shard_summary(manifest: ShardManifest) -> dict[str, object]:
+    """The figures a person wants after a shard build."""
+    return {
+        "location": manifest.out,
+        "built": manifest.num_built,
+        "skipped_complete": manifest.num_skipped,
+        "duration_s": round(manifest.duration_s, 2),
+        "splits": {
+            name: {
+                "samples": s.num_samples,
+                "shards": s.num_shards,
+                "skipped": s.failures,
+                "converted": s.converted,
+            }
+            for name, s in manifest.splits.items()
+        },
+    }
+
+
+def _cmd_shards(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    from captioning.data.prepare import prepare_data
+
+    result = prepare_data(_resolve(args.recipe, overrides), progress=not args.no_progress)
+    print(json.dumps({"vocab_size": result.vocab_size, **shard_summary(result.manifest)}, indent=2))
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    from captioning.data.shards import inspect_shards
+
+    location = args.location or _resolve(args.recipe, overrides).data.shard_dir
+    print(
+        json.dumps(
+            inspect_shards(location, split=args.split, n=args.n, images_dir=args.save_images), indent=2
+        )
+    )
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    from captioning.data.shards import verify_shards
+
+    location = args.location or _resolve(args.recipe, overrides).data.shard_dir
+    problems = verify_shards(location)
+    for problem in problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    print(f"{location}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+    return 0 if not problems else 1
+
+
 def _cmd_demo(args: argparse.Namespace, overrides: Sequence[str]) -> int:
-    from captioning.data.synthetic import generate_synthetic
+    from captioning.data.prepare import prepare_data
 
     cfg = _resolve(args.recipe, overrides)
-    work = args.work_dir
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "config.json").write_text(cfg.to_json())
-    s = cfg.data.synthetic
     start = time.perf_counter()
-    data = generate_synthetic(
-        work / "raw",
-        num_train=s.num_train,
-        num_val=s.num_val,
-        num_test=s.num_test,
-        num_restval=s.num_restval,
-        image_size=s.image_size,
-        captions_per_image=s.captions_per_image,
-        style=s.style,
-        seed=s.seed,
+    print(
+        f"[demo] recipe {cfg.recipe}: {cfg.data.dataset} data into {cfg.data.raw_dir}, shards into {cfg.data.shard_dir}"
     )
-    print(f"[demo] synthetic dataset: {data.json_path} ({time.perf_counter() - start:.1f} s)")
-    summary = _summarise_records(data.json_path, cfg)
-    print(f"[demo] records: {json.dumps(summary['images'])}")
-    vocab = build_vocab_file(data.json_path, work / "vocab.json", cfg)
-    print(f"[demo] vocabulary: {vocab['vocab_size']} words -> {vocab['path']}")
-    print(f"[demo] resolved config: {work / 'config.json'}")
+    result = prepare_data(cfg, progress=False)
+    summary = shard_summary(result.manifest)
+    print(f"[demo] vocabulary: {result.vocab_size} words; caption length policy: {result.length_policy}")
+    print(f"[demo] shards: {summary['built']} built, {summary['skipped_complete']} already complete")
+    print(f"[demo] {'split':<6} {'images':>7} {'shards':>7}  skipped")
+    for name, split in result.manifest.splits.items():
+        print(f"[demo] {name:<6} {split.num_samples:>7} {split.num_shards:>7}  {split.failures or '-'}")
+    print(
+        f"[demo] inspect them: captioning inspect {cfg.data.shard_dir} -n 2 ({time.perf_counter() - start:.1f} s)"
+    )
     return 0
 
 
@@ -186,6 +265,10 @@ _COMMANDS = {
     "synth": _cmd_synth,
     "records": _cmd_records,
     "vocab": _cmd_vocab,
+    "download": _cmd_download,
+    "shards": _cmd_shards,
+    "inspect": _cmd_inspect,
+    "verify": _cmd_verify,
     "demo": _cmd_demo,
 }
 

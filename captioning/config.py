@@ -105,6 +105,12 @@ class ShardConfig:
     max_image_pixels: int = setting(
         178_956_970, "Images with more pixels are skipped as decompression bombs.", min=1
     )
+    executor: Literal["process", "dask"] = setting(
+        "process", "process: a local process pool; dask: a Dask cluster (same per-shard code path)."
+    )
+    dask_address: str | None = setting(
+        None, "Dask scheduler address (tcp://host:8786); none starts a local cluster when executor=dask."
+    )
 
 
 @dataclass(frozen=True)
@@ -115,7 +121,8 @@ class LoaderConfig:
     num_workers: int = setting(2, "DataLoader worker processes per rank.", min=0)
     shuffle_buffer: int = setting(1000, "Samples in the shuffle buffer (0 disables sample shuffle).", min=0)
     caption_mode: Literal["random", "all"] = setting(
-        "random", "random: one reference per image per epoch; all: every reference is its own sample."
+        "random",
+        "random: seq_per_img references per image, drawn anew each epoch; all: every reference is a sample.",
     )
     seq_per_img: int = setting(
         5, "References per image in a batch: the encoder runs once per image (seed 000).", min=1

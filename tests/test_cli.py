@@ -84,10 +84,42 @@ def test_records_reports_malformed_file(tmp_path: Path, capsys: pytest.CaptureFi
     assert "images[0] (filename 'a.jpg', cocoid 1): missing field 'split'" in err
 
 
-def test_demo_runs_on_small_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--work-dir", str(tmp_path), *SMALL]) == 0
+def small_dirs(tmp_path: Path) -> list[str]:
+    return [f"--data.raw_dir={tmp_path / 'raw'}", f"--data.shard_dir={tmp_path / 'shards'}"]
+
+
+def test_demo_builds_shards_and_reruns_as_a_no_op(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["demo", *SMALL, *small_dirs(tmp_path)]
+    assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "[demo] vocabulary:" in out
-    assert (tmp_path / "vocab.json").is_file()
-    cfg = json.loads((tmp_path / "config.json").read_text())
-    assert cfg["data"]["synthetic"]["num_train"] == 30
+    assert "[demo] shards: 3 built, 0 already complete" in out
+    assert "[demo] train       30       1" in out
+    assert (tmp_path / "shards" / "sizes.json").is_file()
+    assert main(argv) == 0
+    assert "[demo] shards: 0 built, 3 already complete" in capsys.readouterr().out
+
+
+def test_download_shards_inspect_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    common = ["--recipe", "demo", *SMALL, *small_dirs(tmp_path)]
+    assert main(["download", *common, "--no-progress"]) == 0
+    raw = json.loads(capsys.readouterr().out)
+    assert raw["dataset"] == "synthetic" and Path(raw["karpathy_json"]).is_file()
+
+    assert main(["shards", *common, "--no-progress"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["splits"]["train"]["samples"] == 30 and report["built"] == 3
+
+    assert (
+        main(["inspect", *common, "--split", "val", "-n", "2", "--save-images", str(tmp_path / "seen")]) == 0
+    )
+    seen = json.loads(capsys.readouterr().out)
+    samples = seen["samples"]["val"]
+    assert len(samples) == 2 and len(samples[0]["captions"]) == 5
+    assert Path(samples[0]["image_file"]).is_file()
+
+    assert main(["verify", str(tmp_path / "shards")]) == 0
+    assert "OK" in capsys.readouterr().out
+    tar = next((tmp_path / "shards").glob("val-*.tar"))
+    tar.write_bytes(tar.read_bytes()[:-10])
+    assert main(["verify", str(tmp_path / "shards")]) == 1
+    assert "val-000000.tar" in capsys.readouterr().err

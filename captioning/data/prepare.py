@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from captioning.config import Config
-from captioning.data.download import RawDataset, fetch_dataset
+from captioning.data.download import RawDataset, build_raw_dataset
 from captioning.data.records import ImageRecord, KarpathyDataset, read_karpathy
+from captioning.data.shards import ShardManifest, write_shards
 from captioning.data.vocab import LengthStats, Vocab, apply_length_policy, build_vocab
 
 
@@ -42,29 +42,9 @@ def shard_fingerprint(cfg: Config) -> str:
     return cfg.fingerprint(*sections)
 
 
-def fetch(cfg: Config) -> RawDataset:
+def fetch(cfg: Config, *, progress: bool = True) -> RawDataset:
     """Download (or generate, or take from a local archive) the raw dataset into data.raw_dir."""
-    d = cfg.data
-    s = d.synthetic
-    return fetch_dataset(
-        d.dataset,
-        Path(d.raw_dir),
-        base_url=d.download.base_url,
-        flickr30k_archive=Path(d.download.flickr30k_archive) if d.download.flickr30k_archive else None,
-        num_retries=d.download.num_retries,
-        timeout_s=d.download.timeout_s,
-        verify_checksums=d.download.verify_checksums,
-        synthetic=dict(
-            num_train=s.num_train,
-            num_val=s.num_val,
-            num_test=s.num_test,
-            num_restval=s.num_restval,
-            image_size=s.image_size,
-            captions_per_image=s.captions_per_image,
-            style=s.style,
-            seed=s.seed,
-        ),
-    )
+    return build_raw_dataset(cfg.data, progress=progress)
 
 
 def build_records(karpathy_json: Path, cfg: Config) -> KarpathyDataset:
@@ -82,10 +62,8 @@ def build_vocabulary(dataset: KarpathyDataset, cfg: Config) -> tuple[Vocab, Leng
 
 def build_shards(
     records: list[ImageRecord], vocab: Vocab, raw: RawDataset, cfg: Config, *, progress: bool = True
-) -> Any:
+) -> ShardManifest:
     """Write the shards and the manifest (sizes.json, vocab.json, manifest.json) to data.shard_dir."""
-    from captioning.data.shards import write_shards
-
     sh = cfg.data.shards
     return write_shards(
         records,
@@ -100,6 +78,8 @@ def build_shards(
         max_caption_len=cfg.data.max_caption_len,
         overlong=cfg.data.overlong_captions,
         num_procs=sh.num_procs,
+        executor=sh.executor,
+        dask_address=sh.dask_address,
         config_hash=shard_fingerprint(cfg),
         progress=progress,
     )
@@ -113,12 +93,12 @@ class PrepareResult:
     karpathy_json: str
     vocab_size: int
     length_policy: dict[str, int]
-    manifest: Any
+    manifest: ShardManifest
 
 
 def prepare_data(cfg: Config, *, progress: bool = True) -> PrepareResult:
     """fetch -> records -> vocabulary -> shards + manifest, for cfg.data."""
-    raw = fetch(cfg)
+    raw = fetch(cfg, progress=progress)
     dataset = build_records(raw.karpathy_json, cfg)
     vocab, stats = build_vocabulary(dataset, cfg)
     manifest = build_shards(list(dataset.records), vocab, raw, cfg, progress=progress)

@@ -47,6 +47,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import IO, Any, Literal
 
 from PIL import Image
@@ -217,7 +218,7 @@ def write_shard(job: ShardJob) -> ShardStats:
     local staging folder, uploaded, and the staging folder removed.
     """
     start = time.perf_counter()
-    remote = _is_s3(job.out)
+    remote = storage.is_s3(job.out)
     staging = tempfile.mkdtemp(prefix="shard-") if remote else job.out
     if not remote:
         os.makedirs(staging, exist_ok=True)
@@ -267,10 +268,10 @@ def write_shard(job: ShardJob) -> ShardStats:
             job_hash=job.job_hash,
         )
         if remote:
-            storage.upload_file(final_path, _join(job.out, job.tar_name))
+            storage.upload_file(final_path, storage.join(job.out, job.tar_name))
             os.remove(final_path)
         # The stats go last: stats present and matching means the tar is complete.
-        _write_json(_join(job.out, job.stats_name), stats.to_json())
+        _write_json(storage.join(job.out, job.stats_name), stats.to_json())
         return stats
     finally:
         if os.path.exists(tmp_path):
@@ -468,11 +469,11 @@ def write_shards(
         max_caption_len=max_caption_len,
         overlong=overlong,
     )
-    if not _is_s3(out):
+    if not storage.is_s3(out):
         os.makedirs(out, exist_ok=True)
         _clean_leftovers(out, planned={name for job in jobs for name in (job.tar_name, job.stats_name)})
     # A manifest means "finished": drop it while shards may change underneath it.
-    storage.remove(_join(out, MANIFEST_FILE))
+    storage.remove(storage.join(out, MANIFEST_FILE))
 
     stats: dict[str, ShardStats] = {}
     todo: list[ShardJob] = []
@@ -540,7 +541,7 @@ def _resolve_procs(num_procs: int) -> int:
 
 def _completed_stats(job: ShardJob) -> ShardStats | None:
     """The stats of a finished shard for exactly this job, or None when it must be (re)built."""
-    data = _read_json(_join(job.out, job.stats_name))
+    data = _read_json(storage.join(job.out, job.stats_name))
     if data is None:
         return None
     try:
@@ -549,13 +550,13 @@ def _completed_stats(job: ShardJob) -> ShardStats | None:
         return None
     if stats.job_hash != job.job_hash or stats.shard != job.tar_name:
         return None
-    tar_uri = _join(job.out, job.tar_name)
+    tar_uri = storage.join(job.out, job.tar_name)
     try:
         if storage.size(tar_uri) != stats.bytes:
             return None
     except FileNotFoundError:
         return None
-    if _is_s3(job.out):
+    if storage.is_s3(job.out):
         # Remote stats are uploaded only after their tar, so they vouch for it (no download).
         return stats
     return stats if _sha256_file(tar_uri) == stats.sha256 else None
@@ -576,7 +577,14 @@ def _run(
         methods = multiprocessing.get_all_start_methods()
         # Never fork: the parent may hold threads (tqdm, boto3, Dask) and open handles.
         context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-        with ProcessPoolExecutor(max_workers=min(num_procs, len(jobs)), mp_context=context) as pool:
+        # A forkserver outlives this call and keeps the environment it started with; hand the
+        # workers today's (S3 credentials and endpoint set in-process by a caller or a test).
+        with ProcessPoolExecutor(
+            max_workers=min(num_procs, len(jobs)),
+            mp_context=context,
+            initializer=_adopt_environment,
+            initargs=(dict(os.environ),),
+        ) as pool:
             futures = {pool.submit(write_shard, job): job for job in jobs}
             try:
                 for future in as_completed(futures):
@@ -585,6 +593,12 @@ def _run(
             except BaseException:
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
+
+
+def _adopt_environment(environ: dict[str, str]) -> None:
+    """Pool initializer: make the worker's environment the parent's at submission time."""
+    os.environ.clear()
+    os.environ.update(environ)
 
 
 def _run_dask(
@@ -660,7 +674,7 @@ def _finish(
         )
         for split in SPLITS
     }
-    _write_json(_join(out, SIZES_FILE), sizes)
+    _write_json(storage.join(out, SIZES_FILE), sizes)
     vocab_sha256 = _save_vocab(vocab, out)
     manifest = ShardManifest(
         out=out,
@@ -677,20 +691,20 @@ def _finish(
         duration_s=round(time.perf_counter() - start, 3),
         stats=stats,
     )
-    _write_json(_join(out, MANIFEST_FILE), manifest.to_json())
+    _write_json(storage.join(out, MANIFEST_FILE), manifest.to_json())
     return manifest
 
 
 def _save_vocab(vocab: Vocab, out: str) -> str:
     """Save vocab.json with Vocab.save (uploading it for s3://); return the file's sha256."""
-    if not _is_s3(out):
+    if not storage.is_s3(out):
         path = os.path.join(out, VOCAB_FILE)
         vocab.save(path)
         return _sha256_file(path)
     with tempfile.TemporaryDirectory(prefix="vocab-") as tmp:
         path = os.path.join(tmp, VOCAB_FILE)
         vocab.save(path)
-        storage.upload_file(path, _join(out, VOCAB_FILE))
+        storage.upload_file(path, storage.join(out, VOCAB_FILE))
         return _sha256_file(path)
 
 
@@ -721,7 +735,7 @@ def _clean_leftovers(out: str, planned: set[str]) -> None:
 
 def read_manifest(out: str) -> dict[str, Any]:
     """The manifest.json of a finished build; FileNotFoundError when there is none."""
-    data = _read_json(_join(os.fspath(out), MANIFEST_FILE))
+    data = _read_json(storage.join(os.fspath(out), MANIFEST_FILE))
     if data is None:
         raise FileNotFoundError(f"no {MANIFEST_FILE} under {out}: the shard build has not finished")
     return dict(data)
@@ -740,7 +754,7 @@ def verify_shards(out: str) -> list[str]:
     problems: list[str] = []
     shards: dict[str, str] = manifest.get("shards", {})
     for name, expected in sorted(shards.items()):
-        uri = _join(out, name)
+        uri = storage.join(out, name)
         try:
             actual = _sha256_uri(uri)
         except FileNotFoundError:
@@ -749,12 +763,12 @@ def verify_shards(out: str) -> list[str]:
         if actual != expected:
             problems.append(f"{name}: sha256 {actual} does not match the manifest's {expected}")
     try:
-        vocab_sha = _sha256_uri(_join(out, VOCAB_FILE))
+        vocab_sha = _sha256_uri(storage.join(out, VOCAB_FILE))
         if vocab_sha != manifest.get("vocab_sha256"):
             problems.append(f"{VOCAB_FILE}: sha256 {vocab_sha} does not match the manifest's")
     except FileNotFoundError:
         problems.append(f"{VOCAB_FILE}: missing")
-    sizes = _read_json(_join(out, SIZES_FILE))
+    sizes = _read_json(storage.join(out, SIZES_FILE))
     if sizes is None:
         problems.append(f"{SIZES_FILE}: missing")
     else:
@@ -770,16 +784,19 @@ def verify_shards(out: str) -> list[str]:
     return problems
 
 
-def inspect_shards(out: str, split: str | None = None, n: int = 1) -> dict[str, Any]:
+def inspect_shards(
+    out: str, split: str | None = None, n: int = 1, images_dir: str | os.PathLike[str] | None = None
+) -> dict[str, Any]:
     """Per-split counts from the manifest and the first n samples of each split, decoded.
 
     Returns ``{"out", "splits": {split: {num_samples, num_shards, failures, converted}},
     "samples": {split: [{"key", "shard", "image_id", "path", "image_size", "orig_size", "captions"}]}}``
-    (captions as raw strings). ``split`` limits both to one split.
+    (captions as raw strings). ``split`` limits both to one split. With ``images_dir`` each sample's
+    stored JPEG is also written there as ``{split}-{key}.jpg`` (its path under ``"image_file"``).
     """
     out = os.fspath(out)
     manifest = read_manifest(out)
-    sizes = _read_json(_join(out, SIZES_FILE)) or {}
+    sizes = _read_json(storage.join(out, SIZES_FILE)) or {}
     known = manifest.get("splits", {})
     if split is not None and split not in known:
         raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(known)}")
@@ -794,7 +811,7 @@ def inspect_shards(out: str, split: str | None = None, n: int = 1) -> dict[str, 
         for tar_name in sorted(sizes.get(name, {})):
             if len(samples) >= n:
                 break
-            samples.extend(_read_samples(_join(out, tar_name), tar_name, n - len(samples)))
+            samples.extend(_read_samples(storage.join(out, tar_name), tar_name, n - len(samples), images_dir))
         report["samples"][name] = samples
     return report
 
@@ -803,8 +820,10 @@ def _split_order(split: str) -> tuple[int, str]:
     return (SPLITS.index(split) if split in SPLITS else len(SPLITS), split)
 
 
-def _read_samples(uri: str, tar_name: str, n: int) -> list[dict[str, Any]]:
-    """Decode up to n samples of one tar."""
+def _read_samples(
+    uri: str, tar_name: str, n: int, images_dir: str | os.PathLike[str] | None = None
+) -> list[dict[str, Any]]:
+    """Decode up to n samples of one tar (saving their JPEGs into ``images_dir`` when given)."""
     samples: list[dict[str, Any]] = []
     if n <= 0:
         return samples
@@ -834,20 +853,17 @@ def _read_samples(uri: str, tar_name: str, n: int) -> list[dict[str, Any]]:
                         "captions": [c["raw"] for c in meta["captions"]],
                     }
                 )
+                if images_dir is not None:
+                    image_file = Path(images_dir) / f"{meta['split']}-{key}.jpg"
+                    image_file.parent.mkdir(parents=True, exist_ok=True)
+                    image_file.write_bytes(parts["jpg"])
+                    samples[-1]["image_file"] = str(image_file)
                 if len(samples) >= n:
                     break
     return samples
 
 
 # ------------------------------------------------------------------------- local or s3 files
-
-
-def _is_s3(uri: str) -> bool:
-    return storage.is_s3(uri)
-
-
-def _join(base: str, name: str) -> str:
-    return storage.join(base, name)
 
 
 def _tmp_name(name: str) -> str:
@@ -881,6 +897,6 @@ def _sha256_file(path: str) -> str:
 
 def _sha256_uri(uri: str) -> str:
     """sha256 of a local file or S3 object; FileNotFoundError when it does not exist."""
-    if _is_s3(uri):
+    if storage.is_s3(uri):
         return hashlib.sha256(storage.read_bytes(uri)).hexdigest()
     return _sha256_file(uri)
