@@ -18,6 +18,7 @@ Every subcommand that takes ``--recipe`` also takes dotted overrides (``--data.m
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -119,19 +120,9 @@ def _cmd_config(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 def _cmd_synth(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     from captioning.data.synthetic import generate_synthetic
 
-    s = _resolve(args.recipe, overrides).data.synthetic
+    synthetic = _resolve(args.recipe, overrides).data.synthetic
     start = time.perf_counter()
-    result = generate_synthetic(
-        args.out_dir,
-        num_train=s.num_train,
-        num_val=s.num_val,
-        num_test=s.num_test,
-        num_restval=s.num_restval,
-        image_size=s.image_size,
-        captions_per_image=s.captions_per_image,
-        style=s.style,
-        seed=s.seed,
-    )
+    result = generate_synthetic(args.out_dir, **dataclasses.asdict(synthetic))
     print(f"wrote {result.json_path} ({time.perf_counter() - start:.1f} s)")
     return 0
 
@@ -156,20 +147,11 @@ def _cmd_records(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 
 def build_vocab_file(karpathy_json: Path, out: Path, cfg: Config) -> dict[str, object]:
     """Records -> length policy -> vocabulary saved at ``out``; returns the counts."""
-    from dataclasses import asdict
+    from captioning.data.prepare import build_records, build_vocabulary
 
-    from captioning.data.records import read_karpathy
-    from captioning.data.vocab import apply_length_policy, build_vocab
-
-    dataset = read_karpathy(karpathy_json, restval_split=cfg.data.restval_split)
-    train, stats = apply_length_policy(
-        dataset.split("train"),
-        max_caption_len=cfg.data.max_caption_len,
-        overlong=cfg.data.overlong_captions,
-    )
-    vocab = build_vocab(train, min_word_freq=cfg.data.min_word_freq)
+    vocab, stats = build_vocabulary(build_records(karpathy_json, cfg), cfg)
     vocab.save(out)
-    return {"vocab_size": len(vocab), "path": str(out), "train_length_policy": asdict(stats)}
+    return {"vocab_size": len(vocab), "path": str(out), "train_length_policy": dataclasses.asdict(stats)}
 
 
 def _cmd_vocab(args: argparse.Namespace, overrides: Sequence[str]) -> int:
