@@ -10,6 +10,7 @@
     captioning inspect data/coco/shards -n 2        # counts per split and decoded samples
     captioning verify data/coco/shards              # every shard against its manifest sha256
     captioning demo                                 # the main job on embedded defaults (CPU-sized)
+    captioning caption photo.jpg --checkpoint ckpt.pt   # beam-search captions (a folder: JSON lines)
 
 Every subcommand that takes ``--recipe`` also takes dotted overrides (``--data.min_word_freq=3``).
 ``main(argv)`` returns the exit code, so tests call it directly.
@@ -98,6 +99,26 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job on embedded defaults (synthetic data, CPU-sized)")
     _add_recipe(p, "demo")
+
+    p = sub.add_parser(
+        "caption",
+        help="caption images with a checkpoint (beam search)",
+        description="Prints `path: caption` per image; JSON lines (one object per image) when a folder "
+        "is given or with --json. Folders are read in name order, common image extensions only.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
+    p.add_argument("--checkpoint", required=True, help="checkpoint path (local or s3://)")
+    p.add_argument("--beam-size", type=int, default=5, help="beam width (default 5)")
+    p.add_argument(
+        "--max-len", type=int, default=20, help="most tokens per caption, <end> included (default 20)"
+    )
+    p.add_argument(
+        "--length-normalization", action="store_true", help="rank finished beams by log-prob per token"
+    )
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
+    p.add_argument("--visualize", type=Path, metavar="DIR", help="write attention overlays DIR/<stem>.png")
+    p.add_argument("--json", action="store_true", help="JSON lines even for single images")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
     return parser
 
 
@@ -242,6 +263,61 @@ def _cmd_demo(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     return 0
 
 
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+
+
+def caption_inputs(inputs: Sequence[str]) -> tuple[list[str], bool]:
+    """Expand folders into their image files (sorted by name); True when any input was a folder."""
+    paths: list[str] = []
+    had_folder = False
+    for item in inputs:
+        folder = Path(item)
+        if folder.is_dir():
+            had_folder = True
+            paths.extend(
+                str(p)
+                for p in sorted(folder.iterdir(), key=lambda p: p.name)
+                if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+            )
+        else:
+            paths.append(item)
+    return paths, had_folder
+
+
+def _cmd_caption(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    if overrides:
+        raise ConfigError(
+            f"caption takes its settings from the checkpoint, not overrides: {' '.join(overrides)}"
+        )
+    paths, had_folder = caption_inputs(args.inputs)
+    if not paths:
+        print("captioning caption: no images found", file=sys.stderr)
+        return 1
+    from captioning.caption import caption_images
+
+    results = caption_images(
+        paths,
+        args.checkpoint,
+        beam_size=args.beam_size,
+        max_len=args.max_len,
+        length_normalization=args.length_normalization,
+        batch_size=args.batch_size,
+        visualize_dir=args.visualize,
+        device=args.device,
+    )
+    as_json = args.json or had_folder
+    failed = 0
+    for entry in results:
+        failed += "error" in entry
+        if as_json:
+            print(json.dumps(entry, ensure_ascii=False))
+        elif "error" in entry:
+            print(f"{entry['path']}: error: {entry['error']}", file=sys.stderr)
+        else:
+            print(f"{entry['path']}: {entry['caption']}")
+    return 1 if failed else 0
+
+
 _COMMANDS = {
     "config": _cmd_config,
     "synth": _cmd_synth,
@@ -252,6 +328,7 @@ _COMMANDS = {
     "inspect": _cmd_inspect,
     "verify": _cmd_verify,
     "demo": _cmd_demo,
+    "caption": _cmd_caption,
 }
 
 

@@ -1,0 +1,139 @@
+"""`captioning caption` and ``caption_images`` end to end on a random-weights checkpoint.
+
+The checkpoint is a Show-Attend-Tell (ResNet-18, tiny decoder, no downloaded weights) saved with a
+small vocabulary and the resolved demo config (64 px squash images, a 4x4 attention grid).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("captioning.model.checkpoint")
+
+from captioning.caption import caption_images, image_settings, load_image
+from captioning.cli import main
+from captioning.config import load_config
+from captioning.data.images import prepare_image
+from captioning.data.vocab import SPECIALS, Vocab
+from captioning.model.checkpoint import save_checkpoint
+from captioning.model.factory import build_captioner
+
+WORDS = ("a", "red", "blue", "circle", "square", "on", "the", "left", "right", "small", "big")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Small images and a tiny decoder: one intra-op thread is faster, and immune to a busy machine's spinning."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
+    cfg = load_config("demo")
+    model_cfg = dataclasses.replace(
+        cfg.model, encoder_weights=None, emb_dim=16, attention_dim=16, decoder_dim=24, dropout=0.0
+    )
+    torch.manual_seed(0)
+    vocab = Vocab(SPECIALS + WORDS, (0,) * len(SPECIALS) + (5,) * len(WORDS), min_word_freq=1)
+    model = build_captioner(model_cfg, len(vocab))
+    config = dataclasses.replace(cfg, model=model_cfg).to_dict()
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    save_checkpoint(str(path), model=model, vocab=vocab, config=config, step=0)
+    return str(path)
+
+
+def write_image(path: Path, seed: int, size: tuple[int, int] = (80, 60)) -> Path:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_single_image_prints_caption_and_writes_png_overlay(
+    checkpoint: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image = write_image(tmp_path / "photo.jpg", seed=1)
+    overlays = tmp_path / "overlays"
+    assert main(["caption", str(image), "--checkpoint", checkpoint, "--visualize", str(overlays)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{image}: ")
+    caption = lines[0][len(f"{image}: ") :]
+    assert all(word in WORDS for word in caption.split())
+
+    png = overlays / "photo.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(png) as sheet:
+        assert sheet.format == "PNG"
+        sheet.load()
+        # one 192 px panel per token (words + <end>; 20 words without <end> if it never ended),
+        # five per row, 4 px margins, 22 px labels
+        num_words = len(caption.split())
+        num_tokens = num_words + 1 if num_words < 20 else 20
+        cols = min(5, num_tokens)
+        rows = -(-num_tokens // 5)
+        assert sheet.size == (cols * 196 + 4, rows * (192 + 22 + 4) + 4)
+
+
+def test_folder_gives_json_lines_sorted_by_name_with_errors_per_image(
+    checkpoint: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    write_image(folder / "b.png", seed=2, size=(50, 90))
+    write_image(folder / "a.JPG", seed=3)
+    (folder / "c.jpg").write_bytes(b"not a jpeg at all")
+    (folder / "notes.txt").write_text("not an image")
+    code = main(["caption", str(folder), "--checkpoint", checkpoint, "--beam-size", "3", "--max-len", "8"])
+    assert code == 1  # one image failed; the others are still captioned
+    entries = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [Path(e["path"]).name for e in entries] == ["a.JPG", "b.png", "c.jpg"]
+    for entry in entries[:2]:
+        assert set(entry) >= {"path", "caption", "tokens", "score"}
+        assert entry["caption"] == " ".join(entry["tokens"])
+        assert 1 <= entry["length"] <= 8 and entry["score"] <= 0
+    assert "error" in entries[2] and "caption" not in entries[2]
+
+
+def test_missing_file_is_an_error_entry(checkpoint: str, tmp_path: Path) -> None:
+    good = write_image(tmp_path / "x.png", seed=4)
+    results = caption_images([tmp_path / "nope.jpg", good], checkpoint, beam_size=2, device="cpu")
+    assert results[0]["error"].startswith("cannot read")
+    assert results[1]["path"] == str(good) and "caption" in results[1]
+
+
+def test_batching_does_not_change_captions(checkpoint: str, tmp_path: Path) -> None:
+    paths = [write_image(tmp_path / f"{i}.png", seed=10 + i, size=(40 + 7 * i, 64)) for i in range(5)]
+    one = caption_images(paths, checkpoint, beam_size=3, batch_size=1, device="cpu")
+    many = caption_images(paths, checkpoint, beam_size=3, batch_size=4, device="cpu")
+    assert [r["tokens"] for r in one] == [r["tokens"] for r in many]
+    np.testing.assert_allclose([r["score"] for r in one], [r["score"] for r in many], rtol=1e-4)
+
+
+def test_preprocessing_is_the_shard_writers_then_the_loaders(checkpoint: str, tmp_path: Path) -> None:
+    settings = image_settings(torch.load(checkpoint, weights_only=True)["config"])
+    assert (settings.size, settings.resize_mode) == (64, "squash")
+    data = (write_image(tmp_path / "wide.png", seed=5, size=(200, 100))).read_bytes()
+    image = load_image(data, settings)
+    stored = Image.open(io.BytesIO(prepare_image(data, settings).jpeg)).convert("RGB")
+    assert image.size == (64, 64)
+    assert np.array_equal(np.asarray(image), np.asarray(stored))
+
+
+def test_overrides_and_empty_folders_are_refused(
+    checkpoint: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["caption", str(tmp_path), "--checkpoint", checkpoint]) == 1
+    assert "no images found" in capsys.readouterr().err
+    image = write_image(tmp_path / "y.png", seed=6)
+    assert main(["caption", str(image), "--checkpoint", checkpoint, "--model.emb_dim=8"]) == 2

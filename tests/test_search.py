@@ -1,0 +1,327 @@
+"""Batched beam search against the plain per-image reference, token for token.
+
+The model is a tiny attention decoder defined here (embedding + GRU cell + additive attention over
+random features, float64 so that no near-tie flips between the two searches); where the real
+``build_captioner`` exists, its Show-Attend-Tell decoder is checked the same way.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from captioning.data.vocab import END_ID, PAD_ID, START_ID
+from captioning.model._reference_search import reference_beam_search, reference_search_one
+from captioning.model.search import BeamResult, beam_search
+
+VOCAB, P, E, D, A, EMB = 30, 9, 8, 16, 12, 10
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Toy-sized tensors: one intra-op thread is faster, and immune to a busy machine's spinning."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class TinyDecoder(nn.Module):
+    """The step interface of ``Captioner`` at toy size: init_state / step / greedy generate.
+
+    ``end_bias`` is added to <end>'s logit: -inf makes a model that never ends.
+    """
+
+    def __init__(self, vocab_size: int = VOCAB, end_bias: float = 0.0, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Embedding(vocab_size, EMB)
+        self.init_h = nn.Linear(E, D)
+        self.att_feat = nn.Linear(E, A)
+        self.att_hidden = nn.Linear(D, A)
+        self.att_out = nn.Linear(A, 1)
+        self.cell = nn.GRUCell(EMB + E, D)
+        self.out = nn.Linear(D, vocab_size)
+        with torch.no_grad():
+            self.out.weight.mul_(6.0)  # peakier distributions: beams diverge from greedy more often
+        self.end_bias = end_bias
+        self.double()
+
+    def init_state(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {
+            "h": torch.tanh(self.init_h(features.mean(1))),  # (B, D)
+            "features": features,  # (B, P, E)
+            "att": self.att_feat(features),  # (B, P, A)
+        }
+
+    def step(
+        self, tokens: torch.Tensor, state: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+        h = state["h"]
+        energy = self.att_out(torch.tanh(state["att"] + self.att_hidden(h).unsqueeze(1))).squeeze(2)
+        alpha = torch.softmax(energy, dim=1)  # (N, P)
+        context = torch.bmm(alpha.unsqueeze(1), state["features"]).squeeze(1)  # (N, E)
+        h = self.cell(torch.cat([self.embed(tokens), context], 1), h)
+        logits = self.out(h)  # (N, V)
+        logits[:, END_ID] += self.end_bias
+        return torch.log_softmax(logits, dim=1), {**state, "h": h}, alpha
+
+    @torch.no_grad()
+    def greedy(self, features: torch.Tensor, max_len: int) -> tuple[list[list[int]], list[float]]:
+        """Plain greedy decoding, one image at a time: argmax until <end> or max_len words."""
+        captions, scores = [], []
+        for b in range(features.size(0)):
+            state = self.init_state(features[b : b + 1])
+            word, words, total = START_ID, [], 0.0
+            for _ in range(max_len):
+                logprobs, state, _ = self.step(torch.tensor([word]), state)
+                allowed = logprobs[0].clone()
+                allowed[[PAD_ID, START_ID]] = float("-inf")  # never emitted, as in Captioner
+                word = int(allowed.argmax())
+                total += float(logprobs[0, word])
+                words.append(word)
+                if word == END_ID:
+                    break
+            captions.append(words)
+            scores.append(total)
+        return captions, scores
+
+
+def features_for(n: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, P, E, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def assert_same(batched: BeamResult, reference: BeamResult) -> None:
+    """Same best caption (token for token), score, length and hypotheses; allclose scores/alphas."""
+    assert torch.equal(batched.tokens, reference.tokens)
+    assert torch.equal(batched.lengths, reference.lengths)
+    assert torch.equal(batched.ended, reference.ended)
+    torch.testing.assert_close(batched.scores, reference.scores)
+    assert torch.equal(batched.hyp_lengths, reference.hyp_lengths)
+    assert torch.equal(batched.hyp_tokens, reference.hyp_tokens)
+    torch.testing.assert_close(batched.hyp_scores, reference.hyp_scores)
+    assert batched.alphas is not None and reference.alphas is not None
+    torch.testing.assert_close(batched.alphas, reference.alphas)
+
+
+@pytest.mark.parametrize("length_normalization", [False, True])
+@pytest.mark.parametrize("beam_size", [1, 3, 5])
+def test_batched_equals_per_image_reference(beam_size: int, length_normalization: bool) -> None:
+    model = TinyDecoder(end_bias=0.3).eval()
+    features = features_for(64)
+    kwargs: dict[str, Any] = dict(beam_size=beam_size, max_len=12, length_normalization=length_normalization)
+    batched = beam_search(model, features, **kwargs)
+    reference = reference_beam_search(model, features, **kwargs)
+    assert_same(batched, reference)
+    # The comparison means something: most captions end, at different lengths (12 is partial).
+    assert batched.ended.float().mean() > 0.5
+    assert len(set(batched.lengths.tolist())) >= 4
+
+
+class RowCounter:
+    """Wraps a model and records how many rows each decoding step ran on."""
+
+    def __init__(self, model: TinyDecoder) -> None:
+        self.model = model
+        self.rows: list[int] = []
+
+    def init_state(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.model.init_state(features)
+
+    def step(
+        self, tokens: torch.Tensor, state: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+        self.rows.append(tokens.numel())
+        return self.model.step(tokens, state)
+
+
+def test_images_finishing_at_different_steps_in_one_batch() -> None:
+    model = TinyDecoder(end_bias=0.3).eval()
+    features = features_for(32, seed=7)
+    counter = RowCounter(model)
+    batched = beam_search(counter, features, beam_size=3, max_len=15)
+    # Done images leave the batch: rows shrink in several stages, yet some run all 15 steps.
+    assert counter.rows[0] == 32 * 3 and len(counter.rows) == 15
+    assert len(set(counter.rows)) >= 4 and counter.rows == sorted(counter.rows, reverse=True)
+    assert_same(batched, reference_beam_search(model, features, beam_size=3, max_len=15))
+    # Each image's result does not depend on its batch-mates or its position in the batch.
+    for b in (0, 5, 31):
+        alone = beam_search(model, features[b : b + 1], beam_size=3, max_len=15)
+        n = int(alone.lengths[0])
+        assert torch.equal(alone.tokens[0, :n], batched.tokens[b, :n])
+        torch.testing.assert_close(alone.scores[0], batched.scores[b])
+    perm = torch.randperm(32, generator=torch.Generator().manual_seed(0))
+    shuffled = beam_search(model, features[perm], beam_size=3, max_len=15)
+    assert torch.equal(shuffled.lengths, batched.lengths[perm])
+    torch.testing.assert_close(shuffled.scores, batched.scores[perm])
+
+
+def test_tokens_end_with_end_then_pad() -> None:
+    model = TinyDecoder(end_bias=1.0).eval()
+    result = beam_search(model, features_for(16), beam_size=3, max_len=12, length_normalization=True)
+    assert result.ended.all()
+    for b in range(16):
+        n = int(result.lengths[b])
+        row = result.tokens[b].tolist()
+        assert row[n - 1] == END_ID and END_ID not in row[: n - 1]
+        assert all(t == PAD_ID for t in row[n:])
+    # The finished hypotheses are distinct and best first (by the length-normalised key); empty
+    # slots (fewer than K finished by max_len) come last.
+    keys = (result.hyp_scores / result.hyp_lengths.clamp(min=1)).tolist()
+    for b in range(16):
+        filled = int((result.hyp_lengths[b] > 0).sum())
+        assert (result.hyp_lengths[b, filled:] == 0).all()
+        assert len({tuple(result.hyp_tokens[b, k].tolist()) for k in range(filled)}) == filled
+        assert keys[b][:filled] == sorted(keys[b][:filled], reverse=True)
+
+
+@pytest.mark.parametrize("length_normalization", [False, True])
+def test_no_end_returns_best_partial_of_max_len(length_normalization: bool) -> None:
+    model = TinyDecoder(end_bias=float("-inf")).eval()
+    features = features_for(8)
+    kwargs: dict[str, Any] = dict(beam_size=4, max_len=7, length_normalization=length_normalization)
+    batched = beam_search(model, features, **kwargs)
+    assert batched.tokens.shape == (8, 7)
+    assert batched.lengths.tolist() == [7] * 8
+    assert not batched.ended.any()
+    assert not (batched.tokens == END_ID).any()
+    assert torch.isfinite(batched.scores).all()
+    assert_same(batched, reference_beam_search(model, features, **kwargs))
+
+
+def test_greedy_equals_beam_size_one() -> None:
+    model = TinyDecoder().eval()
+    features = features_for(32, seed=3)
+    result = beam_search(model, features, beam_size=1, max_len=10)
+    captions, scores = model.greedy(features, max_len=10)
+    for b in range(32):
+        assert result.tokens[b, : result.lengths[b]].tolist() == captions[b]
+    torch.testing.assert_close(result.scores, torch.tensor(scores, dtype=torch.float64))
+
+
+def test_alphas_follow_each_caption_and_sum_to_one() -> None:
+    model = TinyDecoder().eval()
+    features = features_for(16)
+    result = beam_search(model, features, beam_size=4, max_len=12)
+    assert result.alphas is not None
+    assert result.alphas.shape == (16, result.tokens.size(1), P)
+    for b in range(16):
+        n = int(result.lengths[b])
+        torch.testing.assert_close(result.alphas[b, :n].sum(1), torch.ones(n, dtype=torch.float64))
+        assert (result.alphas[b, n:] == 0).all()
+        # Replaying the returned caption through the model gives the same attention maps.
+        state = model.init_state(features[b : b + 1])
+        word = START_ID
+        for t in range(n):
+            _, state, alpha = model.step(torch.tensor([word]), state)
+            assert alpha is not None
+            torch.testing.assert_close(alpha[0], result.alphas[b, t])
+            word = int(result.tokens[b, t])
+
+
+def test_first_words_are_distinct_and_vocab_smaller_than_beam() -> None:
+    model = TinyDecoder(vocab_size=4).eval()  # 4 words, beam 6: dead beams from the first step
+    features = features_for(6)
+    kwargs: dict[str, Any] = dict(beam_size=6, max_len=5)
+    batched = beam_search(model, features, **kwargs)
+    assert_same(batched, reference_beam_search(model, features, **kwargs))
+    # Only beam 0 expands at step 1: with 4 words allowed (not <pad>, <start>, <end>), a beam of 4
+    # holds each once.
+    no_end = TinyDecoder(vocab_size=7, end_bias=float("-inf")).eval()
+    first = beam_search(no_end, features, beam_size=4, max_len=1)
+    for b in range(6):
+        assert sorted(first.hyp_tokens[b, :, 0].tolist()) == [3, 4, 5, 6]
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="beam_size"):
+        beam_search(TinyDecoder(), features_for(1), beam_size=0, max_len=3)
+    with pytest.raises(ValueError, match="max_len"):
+        beam_search(TinyDecoder(), features_for(1), beam_size=2, max_len=0)
+
+
+def test_reference_one_image_matches_packed() -> None:
+    model = TinyDecoder().eval()
+    features = features_for(2)
+    hyps = reference_search_one(model, features[1:2], beam_size=3, max_len=12)
+    packed = reference_beam_search(model, features, beam_size=3, max_len=12)
+    assert hyps[0].tokens == packed.tokens[1, : packed.lengths[1]].tolist()
+
+
+def test_attention_overlay_lights_the_attended_region() -> None:
+    from PIL import Image
+
+    from captioning.model.visualize import attention_overlay
+
+    image = Image.new("RGB", (64, 64), (200, 180, 160))
+    alphas = np.full((3, 16), 0.01)  # (T, P) on a 4x4 grid
+    for t, cell in enumerate((0, 5, 15)):
+        alphas[t, cell] = 1.0
+    alphas /= alphas.sum(1, keepdims=True)
+    sheet = attention_overlay(image, ["a", "dog", "<end>"], alphas, grid=4, panel_size=64, columns=2)
+    assert sheet.mode == "RGB" and sheet.size == (2 * 68 + 4, 2 * (64 + 22 + 4) + 4)
+    pixels = np.asarray(sheet, dtype=np.float32)
+    first = pixels[4 + 22 : 4 + 22 + 64, 4 : 4 + 64]  # panel 0: attention on the top-left cell
+    assert first[:16, :16].mean() > 2 * first[48:, 48:].mean()
+    third = pixels[4 + 90 + 22 : 4 + 90 + 22 + 64, 4 : 4 + 64]  # panel 2: bottom-right cell
+    assert third[48:, 48:].mean() > 2 * third[:16, :16].mean()
+    with pytest.raises(ValueError, match="alphas"):
+        attention_overlay(image, ["a"], alphas, grid=4)
+
+
+# --- the real Show-Attend-Tell decoder, once captioning.model.factory exists ---------------------
+
+_HAS_FACTORY = importlib.util.find_spec("captioning.model.factory") is not None
+
+
+@pytest.mark.skipif(not _HAS_FACTORY, reason="captioning.model.factory not written yet")
+@pytest.mark.parametrize("length_normalization", [False, True])
+def test_real_show_attend_tell_matches_reference(length_normalization: bool) -> None:
+    from captioning.config import ModelConfig
+    from captioning.model.factory import build_captioner
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        encoder="resnet18", encoder_weights=None, encoded_image_size=3, emb_dim=16, attention_dim=16,
+        decoder_dim=24, dropout=0.0,
+    )  # fmt: skip
+    model = build_captioner(cfg, 30).double().eval()
+    features = torch.randn(24, 9, 512, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    for beam_size in (1, 3, 5):
+        kwargs: dict[str, Any] = dict(
+            beam_size=beam_size, max_len=12, length_normalization=length_normalization
+        )
+        assert_same(beam_search(model, features, **kwargs), reference_beam_search(model, features, **kwargs))
+
+
+@pytest.mark.skipif(not _HAS_FACTORY, reason="captioning.model.factory not written yet")
+def test_real_generate_greedy_equals_beam_size_one() -> None:
+    from captioning.config import ModelConfig
+    from captioning.model.factory import build_captioner
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        encoder="resnet18", encoder_weights=None, encoded_image_size=3, emb_dim=16, attention_dim=16,
+        decoder_dim=24, dropout=0.0,
+    )  # fmt: skip
+    model = build_captioner(cfg, 30).double().eval()
+    features = torch.randn(24, 9, 512, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    greedy = model.generate(features, method="greedy", max_len=12)  # tokens (B, 1, T)
+    beam = beam_search(model, features, beam_size=1, max_len=12)
+    assert torch.equal(greedy.lengths[:, 0], beam.lengths)
+    T = beam.tokens.size(1)
+    assert torch.equal(greedy.tokens[:, 0, :T], beam.tokens)
+    torch.testing.assert_close(greedy.scores[:, 0], beam.scores)
+    assert greedy.alphas is not None and beam.alphas is not None
+    torch.testing.assert_close(greedy.alphas[:, 0, :T], beam.alphas)
+    # generate(method="beam") is this search's best caption.
+    via_generate = model.generate(features, method="beam", beam_size=3, max_len=12)
+    direct = beam_search(model, features, beam_size=3, max_len=12)
+    assert torch.equal(via_generate.tokens[:, 0], direct.tokens)
+    assert torch.equal(via_generate.lengths[:, 0], direct.lengths)
