@@ -28,3 +28,24 @@ def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 # --- end S3 -----------------------------------------------------------------------------------------
+
+
+# --- torch threads ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> _Iterator[None]:
+    """One intra-op thread for a module of tiny-tensor tests (`pytestmark = usefixtures(...)`).
+
+    Tiny tensors gain nothing from a second thread, and on shared cores its barriers stall (a 32 px
+    ResNet-18 forward went from 10 ms to 800 ms next to another busy process).
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --- end torch threads ------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,14 +24,7 @@ WORDS = ("a", "red", "blue", "circle", "square", "on", "left", "right")
 VOCAB = Vocab(SPECIALS + WORDS, (0,) * len(SPECIALS) + (3,) * len(WORDS), min_word_freq=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from a second intra-op thread, and on shared cores its barriers
-    stall (a 32 px ResNet-18 forward went from 10 ms to 800 ms next to another busy process)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(arch: str) -> tuple[ModelConfig, dict[str, object]]:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch.multiprocessing as mp
+from s3server import free_port
 
 from captioning.training import dist as D
 from captioning.training.dist import DistInfo
@@ -70,12 +70,6 @@ def test_helpers_work_at_world_one_without_a_process_group() -> None:
 def test_collectives_without_a_group_at_world_two_fail_clearly() -> None:
     with pytest.raises(RuntimeError, match="call init_process_group"):
         D.all_gather_object(DistInfo(rank=0, world_size=2, local_world_size=2), 1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def gather_rank(rank: int, world: int, port: int, out: str) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,15 +11,7 @@ from torch import nn
 from captioning.model.encoder import BLOCKS, ResNetEncoder, imagenet_weights
 from captioning.vision import import_torchvision
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from a second intra-op thread, and on shared cores its barriers
-    stall (a 32 px ResNet-18 forward went from 10 ms to 800 ms next to another busy process)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

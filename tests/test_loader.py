@@ -13,7 +13,6 @@ import multiprocessing
 import os
 import pickle
 import random
-import socket
 import subprocess
 import sys
 import textwrap
@@ -27,6 +26,7 @@ import torch
 import torch.multiprocessing as mp
 import webdataset as wds
 from PIL import Image
+from s3server import free_port
 
 from captioning.config import LoaderConfig
 from captioning.data.loader import (
@@ -393,12 +393,6 @@ def test_build_loaders_reads_the_config_section(shards: str) -> None:
 # --------------------------------------------------------------------------------------------------
 # DDP: 2 ranks (gloo) x 2 DataLoader workers each
 # --------------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def ddp_rank(rank: int, world: int, port: int, location: str, out: str) -> None:

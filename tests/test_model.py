@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,14 +20,7 @@ ARCHS = ("show_attend_tell", "fc", "show_tell")
 V, P, E = 23, 4, 512  # vocab, pixels (2x2 grid), ResNet-18 channels
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from a second intra-op thread, and on shared cores its barriers
-    stall (a 32 px ResNet-18 forward went from 10 ms to 800 ms next to another busy process)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_config(arch: str = "show_attend_tell", **overrides: object) -> ModelConfig:

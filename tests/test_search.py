@@ -8,7 +8,6 @@ random features, float64 so that no near-tie flips between the two searches); wh
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -23,13 +22,7 @@ from captioning.model.search import BeamResult, beam_search
 VOCAB, P, E, D, A, EMB = 30, 9, 8, 16, 12, 10
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Toy-sized tensors: one intra-op thread is faster, and immune to a busy machine's spinning."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class TinyDecoder(nn.Module):
