@@ -9,7 +9,7 @@
     captioning shards --recipe coco                 # download -> vocabulary -> WebDataset shards
     captioning inspect data/coco/shards -n 2        # counts per split and decoded samples
     captioning verify data/coco/shards              # every shard against its manifest sha256
-    captioning demo                                 # the main job on embedded defaults (CPU-sized)
+    captioning demo                                 # the main job on embedded defaults: shards, then training
     captioning caption photo.jpg --checkpoint ckpt.pt   # beam-search captions (a folder: JSON lines)
 
 Every subcommand that takes ``--recipe`` also takes dotted overrides (``--data.min_word_freq=3``).
@@ -99,6 +99,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job on embedded defaults (synthetic data, CPU-sized)")
     _add_recipe(p, "demo")
+    p.add_argument("--prepare-only", action="store_true", help="build the shards, do not train")
+    p.add_argument("--output", help="run folder (default: {storage.run_dir}/{recipe}-{time})")
 
     p = sub.add_parser(
         "caption",
@@ -260,6 +262,43 @@ def _cmd_demo(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     print(
         f"[demo] inspect them: captioning inspect {cfg.data.shard_dir} -n 2 ({time.perf_counter() - start:.1f} s)"
     )
+    if args.prepare_only:
+        return 0
+    output = args.output or f"{cfg.storage.run_dir}/{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return train_with_torchrun(args.recipe, overrides, output, cfg.train.nproc_per_node, prefix="[demo] ")
+
+
+def train_with_torchrun(
+    recipe: str, overrides: Sequence[str], output: str, nproc_per_node: int, *, prefix: str = ""
+) -> int:
+    """``torchrun -m captioning.train`` on this node, then the test scores of every stage."""
+    import os
+    import subprocess
+
+    from captioning import storage
+    from captioning.evaluation.metrics import METRICS
+
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}",
+        "-m", "captioning.train", "--config", recipe, "--output", output, *overrides,
+    ]  # fmt: skip
+    print(f"{prefix}training: torchrun {' '.join(cmd[3:])}", flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    start = time.perf_counter()
+    code = subprocess.run(cmd, env=env).returncode
+    if code != 0:
+        print(
+            f"{prefix}training failed (exit {code}); resume it with the same command and --resume",
+            file=sys.stderr,
+        )
+        return code
+    summary = storage.read_json(storage.join(output, "summary.json"))
+    print(f"{prefix}test scores ({(time.perf_counter() - start) / 60:.1f} min of training, {output}):")
+    print(f"{prefix}{'stage':<10}" + "".join(f"{m:>9}" for m in METRICS))
+    for stage in summary["stages"]:
+        print(f"{prefix}{stage['name']:<10}" + "".join(f"{stage['test_scores'][m]:>9.4f}" for m in METRICS))
+    print(f"{prefix}final model: {summary['final_checkpoint']}")
+    print(f"{prefix}caption an image: captioning caption IMAGE --checkpoint {summary['final_checkpoint']}")
     return 0
 
 

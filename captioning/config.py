@@ -243,7 +243,9 @@ class TrainConfig:
     stages: tuple[Literal["xe", "finetune", "scst"], ...] = setting(
         ("xe", "finetune", "scst"), "Stages to run, in order."
     )
-    precision: Literal["fp32", "bf16"] = setting("bf16", "Mixed precision on GPU (CPU always runs fp32).")
+    precision: Literal["fp32", "bf16", "fp16"] = setting(
+        "bf16", "Mixed precision on GPU: bf16, or fp16 with a gradient scaler (CPU always runs fp32)."
+    )
     nproc_per_node: int = setting(1, "torchrun processes per node (GPUs per node on GPU).", min=1)
     checkpoint_every_steps: int = setting(
         1000, "Steps between periodic checkpoints (0: epoch ends only).", min=0

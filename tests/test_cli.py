@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -89,7 +90,7 @@ def small_dirs(tmp_path: Path) -> list[str]:
 
 
 def test_demo_builds_shards_and_reruns_as_a_no_op(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["demo", *SMALL, *small_dirs(tmp_path)]
+    argv = ["demo", "--prepare-only", *SMALL, *small_dirs(tmp_path)]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "[demo] shards: 3 built, 0 already complete" in out
@@ -97,6 +98,30 @@ def test_demo_builds_shards_and_reruns_as_a_no_op(tmp_path: Path, capsys: pytest
     assert (tmp_path / "shards" / "sizes.json").is_file()
     assert main(argv) == 0
     assert "[demo] shards: 0 built, 3 already complete" in capsys.readouterr().out
+
+
+def test_demo_trains_under_torchrun_and_prints_the_scores(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    tiny = [
+        "--train.nproc_per_node=1",
+        "--train.stages=xe",
+        "--train.xe.epochs=1",
+        "--data.loader.batch_size=10",
+        "--model.decoder_dim=16",
+        "--eval.beam_size=1",
+        "--eval.max_len=6",
+    ]
+    run = tmp_path / "run"
+    assert main(["demo", *SMALL, *small_dirs(tmp_path), *tiny, "--output", str(run)]) == 0
+    out = capfd.readouterr().out
+    assert "[demo] training: torchrun --nproc-per-node=1 -m captioning.train --config demo" in out
+    assert re.search(r"\[demo\] xe +[0-9.]+ +[0-9.]+", out), out[-3000:]
+    assert f"[demo] final model: {run / 'xe' / 'best.pt'}" in out
+    assert (run / "summary.json").is_file()
+    # A second run into the same folder is refused by the trainer, and the demo reports it.
+    assert main(["demo", *SMALL, *small_dirs(tmp_path), *tiny, "--output", str(run)]) != 0
+    assert "--resume" in capfd.readouterr().err
 
 
 def test_download_shards_inspect_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -518,3 +518,16 @@ def test_eval_order_is_fixed_and_covers_every_image_once(shards: str) -> None:
     assert ids(0) == VAL_IDS  # one stream: shards in name order, samples in tar order
     with_workers = ids(2)
     assert sorted(with_workers) == VAL_IDS and with_workers == ids(2)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_iterating_leaves_the_global_rng_alone(shards: str, num_workers: int) -> None:
+    """Dropout draws from the global torch RNG: a mid-epoch resume is exact only if loading never does."""
+    loader = build_loader(
+        shards, "train", train=True, batch_size=4, num_workers=num_workers, dist=DistInfo(), image_size=SIDE
+    )
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    for _ in loader:
+        pass
+    assert torch.equal(torch.get_rng_state(), before)

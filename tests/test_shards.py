@@ -28,6 +28,7 @@ from captioning.data.shards import (
     ShardManifest,
     inspect_shards,
     plan_shards,
+    read_references,
     verify_shards,
     write_shards,
 )
@@ -194,6 +195,24 @@ def test_build_completes_and_counts_every_skip_and_conversion(built: tuple[Path,
     for s in stats:
         assert {"shard", "split", "count", "failures", "failed", "sha256", "bytes", "duration_s"} <= s.keys()
         assert s["bytes"] == (out / s["shard"]).stat().st_size
+
+
+def test_references_file_holds_every_stored_image_and_no_skipped_one(
+    built: tuple[Path, ShardManifest],
+) -> None:
+    out, _ = built
+    urls = [str(p) for p in sorted(out.glob("*.tar"))]
+    stored = {s["json"]["image_id"]: s["json"] for s in wds.WebDataset(urls, shardshuffle=False).decode()}
+    for split in ("train", "val", "test"):
+        refs = read_references(str(out), split)
+        expected = {
+            i: [c["ids"][1:-1] for c in m["captions"]] for i, m in stored.items() if m["split"] == split
+        }
+        assert refs == expected
+    with pytest.raises(ValueError, match="no split"):
+        read_references(str(out), "restval")
+    with pytest.raises(FileNotFoundError, match="re-run the shard build"):
+        read_references(str(out / "nowhere"), "train")
 
 
 def test_samples_follow_the_contract(data: Data, built: tuple[Path, ShardManifest]) -> None:

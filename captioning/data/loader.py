@@ -827,6 +827,10 @@ class CaptionLoader:
             worker_init_fn=functools.partial(init_worker, seed=s.seed, epoch=self.epoch, rank=s.dist.rank),
             persistent_workers=False,
             pin_memory=device is not None and device.type == "cuda",
+            # Its own generator: creating an iterator must not draw from the global torch RNG
+            # (dropout's), or a run resumed mid-epoch would see other dropout masks. The value is
+            # unused: init_worker seeds every worker from (seed, epoch, rank, worker).
+            generator=torch.Generator().manual_seed(s.seed),
         )
         expected = len(self)
         count = 0

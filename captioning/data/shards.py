@@ -63,6 +63,7 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 SIZES_FILE, VOCAB_FILE, MANIFEST_FILE = "sizes.json", "vocab.json", "manifest.json"
+REFERENCES_FILE = "references.json"  # split -> image id -> every stored caption's ids (SCST's CIDEr-D corpus)
 Executor = Literal["process", "dask"]
 
 # Fixed tar header fields, so the same samples always give the same bytes.
@@ -71,7 +72,7 @@ _TAR_MODE = 0o444
 # Hidden temporaries a killed build may leave: ".train-000003.tar.<hex>.tmp" (write_shard),
 # ".sizes.json.<random>.tmp" (storage's atomic writes), ".vocab-<random>.tmp" (Vocab.save).
 _TMP_PATTERN = re.compile(
-    r"^\.(?:[a-z]+-\d{6}\.(?:tar|stats\.json)|sizes\.json|manifest\.json|vocab\.json)\..+\.tmp$"
+    r"^\.(?:[a-z]+-\d{6}\.(?:tar|stats\.json)|sizes\.json|manifest\.json|vocab\.json|references\.json)\..+\.tmp$"
     r"|^\.vocab-.+\.tmp$"
 )
 _SHARD_FILE_PATTERN = re.compile(r"^[a-z]+-\d{6}\.(?:tar|stats\.json)$")
@@ -675,6 +676,7 @@ def _finish(
         for split in SPLITS
     }
     _write_json(storage.join(out, SIZES_FILE), sizes)
+    _write_references(out, jobs, stats)
     vocab_sha256 = _save_vocab(vocab, out)
     manifest = ShardManifest(
         out=out,
@@ -693,6 +695,35 @@ def _finish(
     )
     _write_json(storage.join(out, MANIFEST_FILE), manifest.to_json())
     return manifest
+
+
+def _write_references(out: str, jobs: list[ShardJob], stats: dict[str, ShardStats]) -> None:
+    """references.json: per split, each stored image's captions as ids without <start>/<end>.
+
+    SCST's CIDEr-D reward needs every training image's references (and their document
+    frequencies) without opening the image shards; skipped images are left out, as in the tars.
+    """
+    refs: dict[str, dict[str, list[list[int]]]] = {split: {} for split in SPLITS}
+    for job in jobs:
+        skipped = {int(f["image_id"]) for f in stats[job.name].failed}
+        for item in job.items:
+            if item.image_id not in skipped and item.captions:
+                refs[job.split][str(item.image_id)] = [list(c.ids[1:-1]) for c in item.captions]
+    storage.write_json(storage.join(out, REFERENCES_FILE), {"format": "token-ids", "splits": refs})
+
+
+def read_references(out: str, split: str) -> dict[int, list[list[int]]]:
+    """``references.json``'s captions of ``split`` (ids without <start>/<end>), by image id."""
+    uri = storage.join(os.fspath(out), REFERENCES_FILE)
+    try:
+        data = storage.read_json(uri)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"no {REFERENCES_FILE} under {out}: the shards predate it; re-run the shard build"
+        ) from None
+    if not isinstance(data, dict) or split not in data.get("splits", {}):
+        raise ValueError(f"{uri}: no split {split!r}")
+    return {int(k): v for k, v in data["splits"][split].items()}
 
 
 def _save_vocab(vocab: Vocab, out: str) -> str:

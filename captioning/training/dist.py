@@ -18,6 +18,7 @@ for facts; it takes a ``DistInfo``.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -156,3 +157,34 @@ def broadcast_object(dist: DistInfo, obj: Any, src: int = 0) -> Any:
     box = [obj if dist.rank == src else None]
     tdist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_reduce_sum(dist: DistInfo, values: list[float]) -> list[float]:
+    """Element-wise sum of ``values`` over ranks (float64; ``values`` itself at world size 1)."""
+    if not _require_group(dist, "all_reduce_sum"):
+        return [float(v) for v in values]
+    device = dist.device if default_backend() == "nccl" else torch.device("cpu")
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
+    return [float(v) for v in tensor.tolist()]
+
+
+def die_with_launcher() -> bool:
+    """Under torchrun, have the kernel SIGKILL this worker when its launcher dies (Linux).
+
+    torchrun starts each worker in a session of its own, so killing the launcher (SIGKILL, a
+    cancelled orchestration task, a lost node agent) would otherwise leave its workers running:
+    orphans that keep training, writing checkpoints and holding GPUs. Returns True when armed.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return False
+    if os.getppid() == 1:  # the launcher died before the request was armed
+        os.kill(os.getpid(), signal.SIGKILL)
+    return True

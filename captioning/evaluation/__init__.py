@@ -1,0 +1,1 @@
+"""Scoring captions: pycocoevalcap metrics, a fast CIDEr-D, evaluate()."""

@@ -1,0 +1,324 @@
+"""Train Show-Attend-Tell through its stages: ``torchrun -m captioning.train --config RECIPE [overrides]``.
+
+    torchrun --nproc-per-node 2 -m captioning.train --config demo               # xe -> finetune -> scst
+    python -m captioning.train --config demo --train.stages=xe --train.xe.epochs=1   # world size 1
+    torchrun --nproc-per-node 2 -m captioning.train --config demo --resume      # continue a killed run
+    python -m captioning.train --config coco --train.stages=scst --init-from runs/coco/finetune/best.pt
+
+The shards must exist (``captioning shards --recipe RECIPE``). Every stage starts from the previous
+stage's best model (``--init-from`` for the first one; otherwise from scratch), trains with DDP
+(gloo on CPU, nccl on GPU), validates each epoch by beam search scored with pycocoevalcap, and
+ends with a test-split evaluation. Only rank 0 writes files and reports to the tracker.
+
+Output (``--output``, default ``{storage.run_dir}/{recipe}``; local or s3://): ``config.json``,
+one folder per stage (see ``captioning.training.trainer``), ``metrics.jsonl`` with
+``--tracker jsonl``, and ``summary.json`` (written last). ``--resume`` skips finished stages and
+continues an interrupted one from its ``last.pt``; without it an output that already holds a run
+is an error rather than silently overwritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from captioning import storage
+from captioning.cli import split_overrides
+from captioning.config import Config, ConfigError, config_warnings, load_config
+from captioning.data.loader import CaptionLoader, build_loader
+from captioning.data.shards import MANIFEST_FILE, VOCAB_FILE, read_references
+from captioning.data.vocab import Vocab
+from captioning.model.captioner import Captioner
+from captioning.model.checkpoint import captioner_from_checkpoint, load_checkpoint
+from captioning.model.factory import build_captioner, build_embeddings
+from captioning.tracking import JsonlTracker, NullTracker, Tracker
+from captioning.training.dist import (
+    DistInfo,
+    barrier,
+    broadcast_object,
+    destroy_process_group,
+    die_with_launcher,
+    init_process_group,
+)
+from captioning.training.scst import CiderReward
+from captioning.training.trainer import EvalSettings, StageResult, StageSetup, fit_stage
+
+logger = logging.getLogger("captioning.train")
+
+STAGE_ORDER = ("xe", "finetune", "scst")
+
+
+class TrainError(RuntimeError):
+    """A run that cannot start: missing shards, an output holding another run, a bad checkpoint."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="torchrun -m captioning.train",
+        description="Train the captioner's stages with DDP. Dotted overrides (--train.xe.epochs=2) follow.",
+    )
+    p.add_argument(
+        "--config", default="demo", help="recipe name (configs/NAME.toml) or path to a TOML recipe"
+    )
+    p.add_argument("--output", help="run folder or s3:// prefix (default: {storage.run_dir}/{recipe})")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output")
+    p.add_argument("--init-from", help="checkpoint whose weights the first stage starts from")
+    p.add_argument("--tracker", choices=("jsonl", "none"), default="jsonl", help="where metrics go (rank 0)")
+    return p
+
+
+def stage_setup(cfg: Config, name: str, output: str) -> StageSetup:
+    """A stage's plain settings from ``cfg.train``."""
+    t = cfg.train
+    common: dict[str, Any] = dict(
+        name=name,
+        stage_dir=storage.join(output, name),
+        precision=t.precision,
+        checkpoint_every_steps=t.checkpoint_every_steps,
+        log_every_steps=t.log_every_steps,
+        seed=cfg.seed + 10 * STAGE_ORDER.index(name),
+        config=cfg.to_dict(),
+    )
+    if name == "scst":
+        s = t.scst
+        return StageSetup(
+            kind="scst",
+            epochs=s.epochs,
+            lr_decoder=s.lr,
+            lr_encoder=s.lr_encoder,
+            train_encoder=s.lr_encoder > 0,
+            fine_tune_from_block=t.finetune.fine_tune_from_block,
+            grad_clip=s.grad_clip,
+            early_stop_patience=s.early_stop_patience,
+            lr_schedule="constant",
+            num_samples=s.num_samples,
+            baseline=s.baseline,
+            temperature=s.temperature,
+            max_len=s.max_len,
+            **common,
+        )
+    x = getattr(t, name)
+    return StageSetup(
+        kind="xe",
+        epochs=x.epochs,
+        lr_decoder=x.lr_decoder,
+        lr_encoder=x.lr_encoder,
+        train_encoder=x.fine_tune_encoder,
+        fine_tune_from_block=x.fine_tune_from_block,
+        grad_clip=x.grad_clip,
+        early_stop_patience=x.early_stop_patience,
+        lr_schedule=x.lr_schedule,
+        decay_factor=x.decay_factor,
+        decay_patience=x.decay_patience,
+        alpha_c=x.alpha_c,
+        scheduled_sampling=x.scheduled_sampling,
+        **common,
+    )
+
+
+def stage_batch_size(cfg: Config, name: str) -> int:
+    section = cfg.train.scst if name == "scst" else getattr(cfg.train, name)
+    return int(section.batch_size or cfg.data.loader.batch_size)
+
+
+def build_stage_loaders(cfg: Config, name: str, dist: DistInfo, ev: EvalSettings) -> dict[str, CaptionLoader]:
+    """The stage's training loader and the validation and test loaders (exactly-once evaluation)."""
+    lc = cfg.data.loader
+    common: dict[str, Any] = dict(
+        batch_size=stage_batch_size(cfg, name),
+        num_workers=lc.num_workers,
+        dist=dist,
+        image_size=cfg.data.shards.image_size,
+        seed=cfg.seed + 10 * STAGE_ORDER.index(name),
+        device=dist.device,
+    )
+    loaders = {
+        "train": build_loader(
+            cfg.data.shard_dir,
+            "train",
+            train=True,
+            shuffle_buffer=lc.shuffle_buffer,
+            caption_mode=lc.caption_mode,
+            seq_per_img=lc.seq_per_img,
+            augment=lc.augment,
+            **common,
+        )
+    }
+    for split in dict.fromkeys((ev.split, ev.test_split)):
+        loaders[split] = build_loader(
+            cfg.data.shard_dir, split, train=False, seq_per_img=lc.seq_per_img, **common
+        )
+    return loaders
+
+
+def load_vocab(shard_dir: str) -> Vocab:
+    if not storage.exists(storage.join(shard_dir, MANIFEST_FILE)):
+        raise TrainError(
+            f"no finished shard build in {shard_dir} ({MANIFEST_FILE} missing): "
+            "build it first with `captioning shards --recipe RECIPE` (or the prepare-data flow)"
+        )
+    return Vocab.from_json(storage.read_json(storage.join(shard_dir, VOCAB_FILE)))
+
+
+def build_model(cfg: Config, vocab: Vocab, dist: DistInfo, init_from: str | None) -> Captioner:
+    """The model every rank starts from: identical weights (same seed, or the same checkpoint)."""
+    if init_from:
+        model, ckpt_vocab, _ = captioner_from_checkpoint(init_from)
+        if ckpt_vocab.words != vocab.words:
+            raise TrainError(f"{init_from} was trained with another vocabulary than the shards' {VOCAB_FILE}")
+        return model
+    torch.manual_seed(cfg.seed)
+    # ImageNet weights: the first process of each node downloads them; the others then read the cache.
+    if dist.local_rank != 0:
+        barrier(dist)
+    model = build_captioner(cfg.model, len(vocab), embeddings=build_embeddings(cfg.model, vocab.words))
+    if dist.local_rank == 0:
+        barrier(dist)
+    return model
+
+
+def check_output(output: str, stages: Sequence[str], resume: bool) -> None:
+    """Refuse to overwrite a run unless resuming it."""
+    if resume:
+        return
+    existing = [
+        s
+        for s in stages
+        if storage.exists(storage.join(output, s, "last.pt"))
+        or storage.exists(storage.join(output, s, "summary.json"))
+    ]
+    if existing:
+        raise TrainError(
+            f"{output} already holds stages {existing}: pass --resume to continue that run, "
+            "or --output (or --storage.run_dir) for a new one"
+        )
+
+
+def run(
+    cfg: Config,
+    *,
+    output: str,
+    dist: DistInfo,
+    tracker: Tracker,
+    resume: bool = False,
+    init_from: str | None = None,
+) -> dict[str, Any]:
+    """Every stage of ``cfg.train.stages`` in order; returns the run summary (also summary.json)."""
+    start = time.perf_counter()
+    stages = list(cfg.train.stages)
+    unknown = [s for s in stages if s not in STAGE_ORDER]
+    if unknown:
+        raise ConfigError(f"unknown stages {unknown}; valid: {list(STAGE_ORDER)}")
+    vocab = load_vocab(cfg.data.shard_dir)
+    check_output(output, stages, resume)
+    barrier(dist)  # every rank checked before rank 0 writes anything
+    ev = EvalSettings(
+        split=cfg.eval.split,
+        beam_size=cfg.eval.beam_size,
+        max_len=cfg.eval.max_len,
+        length_normalization=cfg.eval.length_normalization,
+        monitor=cfg.eval.monitor,
+        spice=cfg.eval.spice,
+        timeout_s=cfg.eval.java_timeout_s,
+    )
+    model = build_model(cfg, vocab, dist, init_from).to(dist.device)
+    if dist.is_main:
+        storage.write_json(storage.join(output, "config.json"), cfg.to_dict())
+        tracker.set_tags(
+            {"recipe": cfg.recipe, "stages": ",".join(stages), "world_size": str(dist.world_size)}
+        )
+    results: list[StageResult] = []
+    for name in stages:
+        setup = stage_setup(cfg, name, output)
+        if resume and storage.exists(setup.summary_uri):
+            done = StageResult.from_json(storage.read_json(setup.summary_uri))
+            model.load_state_dict(load_checkpoint(done.best_checkpoint)["model"])
+            logger.info("stage %s already finished in %s; using its best model", name, setup.stage_dir)
+            results.append(done)
+            continue
+        stage_tracker = tracker.child(name) if dist.is_main else NullTracker()
+        reward = CiderReward(read_references(cfg.data.shard_dir, "train")) if name == "scst" else None
+        if dist.is_main:
+            stage_tracker.log_params(
+                {f"stage.{k}": v for k, v in dataclasses.asdict(setup).items() if k != "config"}
+            )
+        try:
+            result = fit_stage(
+                setup,
+                model,
+                vocab,
+                build_stage_loaders(cfg, name, dist, ev),
+                dist,
+                stage_tracker,
+                ev,
+                resume=resume,
+                reward=reward,
+            )
+        except BaseException:
+            stage_tracker.close("FAILED")
+            raise
+        stage_tracker.close()
+        results.append(result)
+    summary = {
+        "recipe": cfg.recipe,
+        "output": output,
+        "world_size": dist.world_size,
+        "stages": [r.to_json() for r in results],
+        "final_checkpoint": results[-1].best_checkpoint if results else None,
+        "test_scores": results[-1].test_scores if results else {},
+        "duration_s": round(time.perf_counter() - start, 3),
+    }
+    if dist.is_main:
+        storage.write_json(storage.join(output, "summary.json"), summary)
+    return summary
+
+
+def main(argv: Sequence[str] | None = None, *, tracker: Tracker | None = None) -> dict[str, Any]:
+    """Entry point (every rank runs it); returns the run summary on every rank."""
+    own, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
+    args = build_parser().parse_args(own)
+    dist = DistInfo.from_env()
+    die_with_launcher()  # no orphaned workers when torchrun is killed
+    logging.basicConfig(
+        level=logging.INFO if dist.is_main else logging.WARNING,
+        format=f"%(asctime)s [rank {dist.rank}] %(name)s: %(message)s",
+    )
+    cfg = load_config(args.config, overrides)
+    if dist.is_main:
+        for warning in config_warnings(cfg):
+            logger.warning("config: %s", warning)
+    init_process_group(dist)
+    try:
+        output = args.output or storage.join(cfg.storage.run_dir, cfg.recipe)
+        if tracker is None:
+            if dist.is_main and args.tracker == "jsonl" and not storage.is_s3(output):
+                tracker = JsonlTracker(os.path.join(output, "metrics.jsonl"), run_name="run")
+            else:
+                tracker = NullTracker()
+        summary = run(
+            cfg, output=output, dist=dist, tracker=tracker, resume=args.resume, init_from=args.init_from
+        )
+        tracker.close()
+        return dict(broadcast_object(dist, summary))
+    except BaseException:
+        if tracker is not None:
+            tracker.close("FAILED")
+        raise
+    finally:
+        destroy_process_group(dist)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (TrainError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

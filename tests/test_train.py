@@ -1,0 +1,199 @@
+"""The training entry point: every stage under torchrun with 2 gloo processes, kill-and-resume equivalence.
+
+The shards come from the real pipeline (synthetic dataset -> records -> vocabulary -> shards), small
+enough that a stage takes seconds on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import torch
+from s3server import free_port
+
+from captioning import storage
+from captioning.config import load_config
+from captioning.data.prepare import prepare_data
+from captioning.model.checkpoint import load_checkpoint
+from captioning.tracking import metric_history, read_jsonl
+from captioning.train import TrainError, main
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def data_overrides(root: Path) -> list[str]:
+    return [
+        f"--data.raw_dir={root / 'raw'}",
+        f"--data.shard_dir={root / 'shards'}",
+        "--data.synthetic.num_train=96",
+        "--data.synthetic.num_val=12",
+        "--data.synthetic.num_test=10",
+        "--data.shards.samples_per_shard=24",
+        "--data.shards.num_procs=1",
+    ]
+
+
+TINY = [
+    "--data.loader.batch_size=8",
+    "--data.loader.num_workers=1",
+    "--data.loader.shuffle_buffer=16",
+    "--data.loader.seq_per_img=2",
+    "--model.encoded_image_size=2",
+    "--model.emb_dim=16",
+    "--model.attention_dim=16",
+    "--model.decoder_dim=32",
+    "--train.checkpoint_every_steps=2",
+    "--train.log_every_steps=2",
+    "--train.xe.epochs=1",
+    "--train.finetune.epochs=1",
+    "--train.scst.epochs=1",
+    "--train.scst.num_samples=3",
+    "--train.scst.max_len=8",
+    "--eval.beam_size=2",
+    "--eval.max_len=8",
+    "--eval.java_timeout_s=120",
+]
+
+
+def tiny(*changes: str) -> list[str]:
+    """TINY with some settings replaced (an override may be given only once)."""
+    keys = {c.split("=", 1)[0] for c in changes}
+    return [o for o in TINY if o.split("=", 1)[0] not in keys] + list(changes)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """Data overrides of a prepared synthetic dataset (96 train images in 4 shards, 12 val, 10 test)."""
+    root = tmp_path_factory.mktemp("train-data")
+    overrides = data_overrides(root)
+    prepare_data(load_config("demo", overrides), progress=False)
+    return overrides
+
+
+def torchrun(args: list[str], **kwargs: Any) -> subprocess.Popen[str]:
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
+        "-m", "captioning.train", *args,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True, **kwargs,
+    )  # fmt: skip
+
+
+def run_to_end(args: list[str], timeout: float = 600) -> str:
+    proc = torchrun(args)
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-6000:]
+    return out
+
+
+def model_state(uri: str) -> dict[str, torch.Tensor]:
+    return load_checkpoint(uri)["model"]
+
+
+def same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], prefix: str = "") -> bool:
+    keys = [k for k in a if k.startswith(prefix)]
+    assert keys and set(keys) == {k for k in b if k.startswith(prefix)}
+    return all(torch.equal(a[k], b[k]) for k in keys)
+
+
+def test_world_one_runs_xe_then_scst_and_refuses_to_overwrite(data: list[str], tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ["--config", "demo", "--output", str(out), *data, *TINY, "--train.stages=xe,scst"]
+    summary = main(args)
+    assert [s["name"] for s in summary["stages"]] == ["xe", "scst"]
+    assert summary["world_size"] == 1
+    assert set(summary["test_scores"]) >= {"BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}
+    for stage in ("xe", "scst"):
+        for name in ("last.pt", "best.pt", "summary.json", "test-captions.json", "val/epoch-001.json"):
+            assert (out / stage / name).exists(), f"{stage}/{name}"
+    captions = storage.read_json(str(out / "scst" / "test-captions.json"))
+    assert len(captions) == 10 and len({c["image_id"] for c in captions}) == 10
+    records = read_jsonl(out / "metrics.jsonl")
+    assert metric_history(records, "run/xe", "train/loss")
+    assert metric_history(records, "run/scst", "train/reward")
+    assert metric_history(records, "run/scst", "val/CIDEr")
+    assert metric_history(records, "run/scst", "test/CIDEr")
+    with pytest.raises(TrainError, match="--resume"):
+        main(args)
+    again = main([*args, "--resume"])  # both stages done: nothing retrained, same results
+    assert again["test_scores"] == summary["test_scores"]
+
+
+def test_missing_shards_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(TrainError, match="captioning shards"):
+        main(["--config", "demo", "--output", str(tmp_path / "o"), f"--data.shard_dir={tmp_path / 'none'}"])
+
+
+def test_torchrun_two_processes_runs_all_three_stages(data: list[str], tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    log = run_to_end(["--config", "demo", "--output", str(out), *data, *TINY])
+    summary = storage.read_json(str(out / "summary.json"))
+    assert [s["name"] for s in summary["stages"]] == ["xe", "finetune", "scst"]
+    assert summary["world_size"] == 2
+    assert "[rank 1]" not in log or "INFO" not in log.split("[rank 1]")[1][:20]  # rank 1 logs warnings only
+    # Stage 1 keeps the encoder frozen, stage 2 trains it, stage 3 (lr_encoder 0) keeps it again.
+    from captioning.data.vocab import Vocab
+    from captioning.model import build_captioner
+
+    vocab = Vocab.from_json(storage.read_json(str(Path(data[1].split("=", 1)[1]) / "vocab.json")))
+    torch.manual_seed(load_config("demo").seed)
+    initial = build_captioner(load_config("demo", TINY).model, len(vocab)).state_dict()
+    xe, ft, scst = (model_state(str(out / s / "best.pt")) for s in ("xe", "finetune", "scst"))
+    assert same_tensors(initial, xe, "encoder.")
+    assert not same_tensors(initial, xe, "decoder.")
+    assert not same_tensors(xe, ft, "encoder.backbone.layer1.")  # demo fine-tunes from block 1
+    assert same_tensors(ft, scst, "encoder.")
+    assert not same_tensors(ft, scst, "decoder.")
+    for stage in summary["stages"]:
+        assert stage["epochs"] == 1 and stage["steps"] == 6  # 96 images / (2 ranks x 8)
+        assert set(stage["test_scores"]) >= {"BLEU-4", "CIDEr", "METEOR", "ROUGE-L"}
+    records = read_jsonl(out / "metrics.jsonl")
+    rewards = metric_history(records, "run/scst", "train/reward")
+    assert len(rewards) == 3 and all(0.0 <= r <= 10.0 for _, r in rewards)
+
+
+def test_killed_stage_resumes_to_the_same_result(data: list[str], tmp_path: Path) -> None:
+    common = [*data, *tiny("--train.stages=xe", "--train.xe.epochs=2", "--train.checkpoint_every_steps=1")]
+    straight = tmp_path / "straight"
+    run_to_end(["--config", "demo", "--output", str(straight), *common])
+
+    killed = tmp_path / "killed"
+    proc = torchrun(["--config", "demo", "--output", str(killed), *common])
+    last = killed / "xe" / "last.pt"
+    deadline = time.monotonic() + 300
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # a few more steps, so the kill lands in the middle of the run
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher's group; its workers have sessions of their own
+    proc.communicate(timeout=60)  # returns once every holder of the output pipe (the workers) is gone
+    assert not [
+        p for p in psutil.process_iter(["cmdline"]) if str(killed) in " ".join(p.info["cmdline"] or [])
+    ]
+    assert last.exists(), "no checkpoint was written before the kill"
+    assert not (killed / "xe" / "summary.json").exists(), "the run finished before it was killed"
+    step_at_kill = load_checkpoint(str(last))["train_state"]
+    assert step_at_kill["step"] < 12
+
+    run_to_end(["--config", "demo", "--output", str(killed), *common, "--resume"])
+    a, b = (load_checkpoint(str(d / "xe" / "last.pt")) for d in (straight, killed))
+    assert a["train_state"]["step"] == b["train_state"]["step"] == 12
+    assert same_tensors(a["model"], b["model"])
+    assert a["train_state"]["history"] == b["train_state"]["history"]
+    sa, sb = (storage.read_json(str(d / "xe" / "summary.json")) for d in (straight, killed))
+    assert sa["test_scores"] == sb["test_scores"]
+    assert storage.read_json(str(straight / "xe" / "test-captions.json")) == storage.read_json(
+        str(killed / "xe" / "test-captions.json")
+    )
