@@ -49,3 +49,21 @@ def one_torch_thread() -> _Iterator[None]:
 
 
 # --- end torch threads ------------------------------------------------------------------------------
+
+
+# --- MLflow: a real `mlflow server` on loopback (captioning/mlflow_server.py) -----------------------
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> _Iterator[object]:
+    """One MLflow server (SQLite, local artifacts) for the session; ``.url`` is its tracking URI."""
+    from s3server import free_port
+
+    from captioning.mlflow_server import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"), port=free_port()).start()
+    yield server
+    server.stop()
+
+
+# --- end MLflow -------------------------------------------------------------------------------------

@@ -1,0 +1,155 @@
+"""A local MLflow tracking server on loopback: SQLite backend, local or S3 artifacts.
+
+    server = MlflowServer(state_dir="demo-data/mlflow", port=5000).start()   # waits until /health is OK
+    server.url                                                                 # http://127.0.0.1:5000
+    server.stop()
+
+    captioning mlflow start [--port 5000] [--state-dir DIR] [--artifacts s3://bucket/mlflow]
+    captioning mlflow ui                                                      # print (and open) the UI URL
+    captioning mlflow stop
+
+The server runs ``mlflow server --workers 1`` with job execution off (MLflow 3.17 otherwise starts
+job consumers that outlive it) in a session of its own, so ``stop`` takes its whole process group.
+State under ``state_dir``: ``mlflow.db`` (runs, metrics, registry), ``artifacts/`` (unless an
+``s3://`` destination is given; then ``MLFLOW_S3_ENDPOINT_URL`` and AWS credentials come from the
+environment), ``server.log`` and ``server.pid``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+DEFAULT_PORT = 5000
+READY_TIMEOUT_S = 90.0
+
+
+class MlflowServerError(RuntimeError):
+    """The server did not start, or a stale one is in the way."""
+
+
+def port_is_open(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def is_healthy(url: str, timeout_s: float = 2.0) -> bool:
+    """True when ``{url}/health`` answers OK."""
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout_s) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+class MlflowServer:
+    """One ``mlflow server`` process and its state folder."""
+
+    def __init__(
+        self,
+        state_dir: str | os.PathLike[str],
+        *,
+        host: str = "127.0.0.1",
+        port: int = DEFAULT_PORT,
+        artifacts_destination: str | None = None,
+    ) -> None:
+        self.state_dir = Path(state_dir).resolve()
+        self.host = host
+        self.port = port
+        self.artifacts_destination = artifacts_destination or (self.state_dir / "artifacts").as_uri()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def backend_store_uri(self) -> str:
+        return f"sqlite:///{self.state_dir / 'mlflow.db'}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.state_dir / "server.log"
+
+    @property
+    def pid_path(self) -> Path:
+        return self.state_dir / "server.pid"
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "mlflow", "server",
+            "--backend-store-uri", self.backend_store_uri,
+            "--artifacts-destination", self.artifacts_destination,
+            "--host", self.host, "--port", str(self.port), "--workers", "1",
+        ]  # fmt: skip
+
+    def start(self, timeout_s: float = READY_TIMEOUT_S) -> MlflowServer:
+        """Start the server and wait for /health; an already-running one of ours is reused."""
+        if self.running_pid() is not None and is_healthy(self.url):
+            return self
+        if port_is_open(self.host, self.port):
+            raise MlflowServerError(
+                f"port {self.port} on {self.host} is taken by another process: choose --port or stop it"
+            )
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                self.command(), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+        self.pid_path.write_text(str(self.process.pid))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                tail = self.log_path.read_text(errors="replace")[-3000:]
+                raise MlflowServerError(f"mlflow server exited with {self.process.returncode}:\n{tail}")
+            if is_healthy(self.url):
+                return self
+            time.sleep(0.25)
+        self.stop()
+        raise MlflowServerError(
+            f"mlflow server not healthy at {self.url} after {timeout_s:.0f} s; see {self.log_path}"
+        )
+
+    def running_pid(self) -> int | None:
+        """The pid in server.pid when that process is alive."""
+        try:
+            pid = int(self.pid_path.read_text().strip())
+            os.kill(pid, 0)
+        except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+            return None
+        return pid
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """SIGTERM the server's process group, SIGKILL what is left after ``timeout_s``."""
+        pid = self.process.pid if self.process is not None else self.running_pid()
+        if pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process is not None:
+                if self.process.poll() is not None:
+                    break
+            else:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+            time.sleep(0.1)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)  # job consumers or workers that ignored SIGTERM
+        if self.process is not None:
+            self.process.wait(timeout=10)
+        self.pid_path.unlink(missing_ok=True)
+        self.process = None
