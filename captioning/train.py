@@ -24,6 +24,7 @@ import dataclasses
 import logging
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -36,6 +37,7 @@ from captioning.config import Config, ConfigError, config_warnings, load_config
 from captioning.data.loader import CaptionLoader, build_loader
 from captioning.data.shards import MANIFEST_FILE, VOCAB_FILE, read_references
 from captioning.data.vocab import Vocab
+from captioning.evaluation.evaluate import EvalResult
 from captioning.model.captioner import Captioner
 from captioning.model.checkpoint import captioner_from_checkpoint, load_checkpoint
 from captioning.model.factory import build_captioner, build_embeddings
@@ -48,10 +50,15 @@ from captioning.training.dist import (
     die_with_launcher,
     init_process_group,
 )
+from captioning.training.reporting import fixed_images, plot_history, write_attention_sheets, write_samples
 from captioning.training.scst import CiderReward
+from captioning.training.state import TrainState
 from captioning.training.trainer import EvalSettings, StageResult, StageSetup, fit_stage
 
 logger = logging.getLogger("captioning.train")
+
+NUM_ATTENTION_IMAGES = 4  # validation images whose attention is drawn at every evaluation
+NUM_SAMPLE_CAPTIONS = 25  # test images in the sample-captions table
 
 STAGE_ORDER = ("xe", "finetune", "scst")
 
@@ -185,6 +192,62 @@ def build_model(cfg: Config, vocab: Vocab, dist: DistInfo, init_from: str | None
     return model
 
 
+class TrackerReporter:
+    """Rank 0: after each validation, attention overlays of fixed images; after the test evaluation,
+    a child run with the test scores, sample captions, curves, the captions file and checkpoints."""
+
+    def __init__(
+        self,
+        tracker: Tracker,
+        model: Captioner,
+        vocab: Vocab,
+        loaders: dict[str, CaptionLoader],
+        ev: EvalSettings,
+    ) -> None:
+        self.tracker, self.model, self.vocab, self.loaders, self.ev = tracker, model, vocab, loaders, ev
+        self.fixed: tuple[torch.Tensor, list[int]] | None = None
+        self.scratch = tempfile.mkdtemp(prefix="captioning-report-")
+
+    def validated(self, setup: StageSetup, state: TrainState, result: EvalResult) -> None:
+        if self.fixed is None:
+            self.fixed = fixed_images(self.loaders[self.ev.split], NUM_ATTENTION_IMAGES)
+        images, ids = self.fixed
+        folder = os.path.join(self.scratch, setup.name, "attention", f"epoch-{state.epoch + 1:03d}")
+        paths = write_attention_sheets(
+            self.model, images, ids, self.vocab, folder, beam_size=self.ev.beam_size, max_len=self.ev.max_len
+        )
+        if paths:
+            self.tracker.log_artifact(folder, "attention")
+        self._log_if_local(storage.join(setup.stage_dir, "val", f"epoch-{state.epoch + 1:03d}.json"), "val")
+
+    def tested(self, setup: StageSetup, state: TrainState, result: EvalResult) -> None:
+        folder = os.path.join(self.scratch, setup.name, "report")
+        samples_html, samples_json = write_samples(
+            os.path.join(folder, "samples.html"), result.captions, result.references, NUM_SAMPLE_CAPTIONS
+        )
+        curves = plot_history(
+            os.path.join(folder, "curves.png"),
+            state.history,
+            ["train/loss", "train/reward", f"val/{self.ev.monitor}", "val/BLEU-4"],
+        )
+        evaluation = self.tracker.child(f"{setup.name}-test")
+        evaluation.set_tags({"stage": setup.name, "split": self.ev.test_split, "kind": "evaluation"})
+        evaluation.log_metrics(dict(result.scores), step=state.step)
+        for path in (samples_html, samples_json):
+            evaluation.log_artifact(str(path))
+        self._log_if_local(storage.join(setup.stage_dir, "test-captions.json"), None, evaluation)
+        evaluation.close()
+        if curves is not None:
+            self.tracker.log_artifact(str(curves), "plots")
+        for name in ("best.pt", "last.pt"):
+            self._log_if_local(storage.join(setup.stage_dir, name), "checkpoints")
+
+    def _log_if_local(self, uri: str, artifact_path: str | None, tracker: Tracker | None = None) -> None:
+        """Local files become artifacts; s3:// ones are already durable and are named in the summary."""
+        if not storage.is_s3(uri) and os.path.exists(uri):
+            (tracker or self.tracker).log_artifact(uri, artifact_path)
+
+
 def check_output(output: str, stages: Sequence[str], resume: bool) -> None:
     """Refuse to overwrite a run unless resuming it."""
     if resume:
@@ -250,17 +313,20 @@ def run(
             stage_tracker.log_params(
                 {f"stage.{k}": v for k, v in dataclasses.asdict(setup).items() if k != "config"}
             )
+        loaders = build_stage_loaders(cfg, name, dist, ev)
+        reporter = TrackerReporter(stage_tracker, model, vocab, loaders, ev) if dist.is_main else None
         try:
             result = fit_stage(
                 setup,
                 model,
                 vocab,
-                build_stage_loaders(cfg, name, dist, ev),
+                loaders,
                 dist,
                 stage_tracker,
                 ev,
                 resume=resume,
                 reward=reward,
+                reporter=reporter,
             )
         except BaseException:
             stage_tracker.close("FAILED")

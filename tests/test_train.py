@@ -17,6 +17,7 @@ from typing import Any
 import psutil
 import pytest
 import torch
+from PIL import Image
 from s3server import free_port
 
 from captioning import storage
@@ -126,6 +127,16 @@ def test_world_one_runs_xe_then_scst_and_refuses_to_overwrite(data: list[str], t
     assert metric_history(records, "run/scst", "train/reward")
     assert metric_history(records, "run/scst", "val/CIDEr")
     assert metric_history(records, "run/scst", "test/CIDEr")
+    artifacts = out / "artifacts" / "run"
+    sheets = sorted((artifacts / "xe" / "attention" / "epoch-001").glob("*.png"))
+    assert len(sheets) == 4 and all(Image.open(p).size[0] > 100 for p in sheets)
+    assert (artifacts / "xe" / "checkpoints" / "best.pt").is_file()
+    assert (artifacts / "scst" / "plots" / "curves.png").is_file()
+    assert (artifacts / "scst" / "val" / "epoch-001.json").is_file()
+    test_run = artifacts / "scst" / "scst-test"
+    assert "<table" in (test_run / "samples.html").read_text()
+    assert len(storage.read_json(str(test_run / "test-captions.json"))) == 10
+    assert metric_history(records, "run/scst/scst-test", "CIDEr")
     with pytest.raises(TrainError, match="--resume"):
         main(args)
     again = main([*args, "--resume"])  # both stages done: nothing retrained, same results

@@ -27,7 +27,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
@@ -49,6 +49,14 @@ from captioning.training.state import TrainState, capture_rng, restore_rng
 logger = logging.getLogger(__name__)
 
 StageKind = Literal["xe", "scst"]
+
+
+class StageReporter(Protocol):
+    """Rank 0's hooks for what a stage shows besides metrics (attention overlays, samples, plots)."""
+
+    def validated(self, setup: StageSetup, state: TrainState, result: EvalResult) -> None: ...
+
+    def tested(self, setup: StageSetup, state: TrainState, result: EvalResult) -> None: ...
 
 
 # --------------------------------------------------------------------------------------------------
@@ -330,11 +338,15 @@ def train_one_epoch(
     *,
     log_every_steps: int,
     on_step: Callable[[], None] = lambda: None,
-) -> None:
-    """Train on the epoch ``state.epoch``, resuming after ``state.batch_in_epoch`` batches."""
+) -> dict[str, float]:
+    """Train on the epoch ``state.epoch``, resuming after ``state.batch_in_epoch`` batches.
+
+    Returns the means over the epoch's logged windows (pooled over ranks) of the training metrics.
+    """
     loader.set_epoch(state.epoch)
     skip = state.batch_in_epoch
     window = MetricWindow()
+    logged: list[dict[str, float]] = []
     batches: Iterator[Batch] = iter(loader)
     for index, batch in enumerate(batches):
         if index < skip:
@@ -345,12 +357,14 @@ def train_one_epoch(
         state.batch_in_epoch = index + 1
         if state.step % log_every_steps == 0 or state.batch_in_epoch == len(loader):
             pooled = window.pooled(dist)
+            logged.append(pooled)
             if dist.is_main:
                 tracker.log_metrics(
                     {f"train/{k}": v for k, v in pooled.items()} | {"epoch": state.epoch}, step=state.step
                 )
             window = MetricWindow()
         on_step()
+    return {f"train/{k}": sum(w[k] for w in logged) / len(logged) for k in (logged[0] if logged else {})}
 
 
 def validate(
@@ -465,6 +479,7 @@ def fit_stage(
     *,
     resume: bool = False,
     reward: CiderReward | None = None,
+    reporter: StageReporter | None = None,
 ) -> StageResult:
     """Train ``model`` (already on ``dist.device``, with the previous stage's weights) through one stage.
 
@@ -538,7 +553,7 @@ def fit_stage(
         if isinstance(step_fn, XeStep) and setup.scheduled_sampling > 0:
             step_fn.scheduled_sampling = setup.scheduled_sampling * state.epoch / max(1, setup.epochs - 1)
         model.train()
-        train_one_epoch(
+        epoch_means = train_one_epoch(
             step_fn,
             train_loader,
             state,
@@ -560,11 +575,17 @@ def fit_stage(
         score = result.scores[ev.monitor]
         improved = state.improved(score)
         decayed = opt.schedule.step_epoch(state.epochs_since_improvement)
-        record = {"epoch": float(state.epoch), **{f"val/{k}": v for k, v in result.scores.items()}}
+        record = {
+            "epoch": float(state.epoch),
+            **epoch_means,
+            **{f"val/{k}": v for k, v in result.scores.items()},
+        }
         state.history.append(record)
         if dist.is_main:
             if improved:
                 save_best(setup, model, vocab, state, result.scores)
+            if reporter is not None:
+                reporter.validated(setup, state, result)
             tracker.log_metrics(
                 {
                     **{f"val/{k}": v for k, v in result.scores.items()},
@@ -590,7 +611,7 @@ def fit_stage(
             state.stopped_early = True
         save_training_checkpoint(setup, model, vocab, opt, state, dist, generator)
 
-    return finish_stage(setup, model, vocab, loaders, dist, tracker, ev, state, start)
+    return finish_stage(setup, model, vocab, loaders, dist, tracker, ev, state, start, reporter)
 
 
 def finish_stage(
@@ -603,6 +624,7 @@ def finish_stage(
     ev: EvalSettings,
     state: TrainState,
     start: float,
+    reporter: StageReporter | None = None,
 ) -> StageResult:
     """Load the best weights (saving the current ones as best when no epoch ran), score the test split."""
     if state.best_score is None:
@@ -635,6 +657,8 @@ def finish_stage(
     )
     if dist.is_main:
         tracker.log_metrics({f"test/{k}": v for k, v in test.scores.items()}, step=state.step)
+        if reporter is not None:
+            reporter.tested(setup, state, test)
         storage.write_json(setup.summary_uri, result.to_json())  # last: the stage is done
     barrier(dist)
     if not all(math.isfinite(v) for v in test.scores.values()):
