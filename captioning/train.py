@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import json
 import logging
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -192,6 +195,63 @@ def build_model(cfg: Config, vocab: Vocab, dist: DistInfo, init_from: str | None
     return model
 
 
+def git_commit() -> str:
+    """The source tree's commit (with ``-dirty`` when it has local changes), or ``unknown``."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{commit}-dirty" if dirty else commit
+
+
+def describe_run(tracker: Tracker, cfg: Config, stages: Sequence[str], dist: DistInfo) -> None:
+    """Rank 0: the run's tags (recipe, stages, commit, dataset manifest hash), the flattened config
+    as parameters, and the config, vocabulary and dataset manifest as artifacts."""
+    manifest = storage.read_bytes(storage.join(cfg.data.shard_dir, MANIFEST_FILE))
+    tracker.set_tags(
+        {
+            "recipe": cfg.recipe,
+            "stages": ",".join(stages),
+            "world_size": str(dist.world_size),
+            "git_commit": git_commit(),
+            "dataset_manifest_sha256": hashlib.sha256(manifest).hexdigest(),
+            "dataset": cfg.data.dataset,
+        }
+    )
+    tracker.log_params(flatten_config(cfg.to_dict()))
+    folder = tempfile.mkdtemp(prefix="captioning-run-")
+    for name, data in (
+        ("config.json", json.dumps(cfg.to_dict(), indent=1).encode()),
+        (VOCAB_FILE, storage.read_bytes(storage.join(cfg.data.shard_dir, VOCAB_FILE))),
+        (MANIFEST_FILE, manifest),
+    ):
+        path = os.path.join(folder, name)
+        with open(path, "wb") as f:
+            f.write(data)
+        tracker.log_artifact(path, "run")
+
+
+def flatten_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"xe": {"epochs": 2}}} -> {"train.xe.epochs": 2}."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 class TrackerReporter:
     """Rank 0: after each validation, attention overlays of fixed images; after the test evaluation,
     a child run with the test scores, sample captions, curves, the captions file and checkpoints."""
@@ -295,9 +355,7 @@ def run(
     model = build_model(cfg, vocab, dist, init_from).to(dist.device)
     if dist.is_main:
         storage.write_json(storage.join(output, "config.json"), cfg.to_dict())
-        tracker.set_tags(
-            {"recipe": cfg.recipe, "stages": ",".join(stages), "world_size": str(dist.world_size)}
-        )
+        describe_run(tracker, cfg, stages, dist)
     results: list[StageResult] = []
     for name in stages:
         setup = stage_setup(cfg, name, output)

@@ -128,6 +128,14 @@ def test_world_one_runs_xe_then_scst_and_refuses_to_overwrite(data: list[str], t
     assert metric_history(records, "run/scst", "val/CIDEr")
     assert metric_history(records, "run/scst", "test/CIDEr")
     artifacts = out / "artifacts" / "run"
+    for name in ("config.json", "vocab.json", "manifest.json"):
+        assert (artifacts / "run" / name).is_file()
+    params = {
+        k: v for r in records if r["kind"] == "params" and r["run"] == "run" for k, v in r["params"].items()
+    }
+    assert params["train.scst.num_samples"] == "3" and params["model.decoder_dim"] == "32"
+    tags = {k: v for r in records if r["kind"] == "tags" and r["run"] == "run" for k, v in r["tags"].items()}
+    assert tags["recipe"] == "demo" and len(tags["dataset_manifest_sha256"]) == 64 and tags["git_commit"]
     sheets = sorted((artifacts / "xe" / "attention" / "epoch-001").glob("*.png"))
     assert len(sheets) == 4 and all(Image.open(p).size[0] > 100 for p in sheets)
     assert (artifacts / "xe" / "checkpoints" / "best.pt").is_file()
