@@ -1,0 +1,163 @@
+"""Registered model versions and the champion gate: a new version replaces the champion only if it scores higher.
+
+    version = register_model(client, "sat-captioner", source, run_id, tags={"git_sha": sha})
+    promotion = promote_if_better(client, "sat-captioner", version, 1.12)   # metric="test_CIDEr"
+    promotion.alias                        # "champion" (promoted) or "challenger"
+    champion(client, "sat-captioner")      # ("3", 1.12), or None before any promotion
+    mlflow.pyfunc.load_model("models:/sat-captioner@champion")
+
+Everything goes through an explicit ``MlflowClient`` (never the fluent run state). Aliases, not
+stages (deprecated in MLflow 3): ``champion`` is the version to serve, ``challenger`` the latest one
+that did not beat it. A version's score lives in a version tag named after the metric, so the gate
+compares like with like and the UI shows every version's score.
+
+The gate: no champion yet -> the new version becomes champion; otherwise it becomes champion only
+when its score is strictly greater than the champion's tag (a tie keeps the incumbent, so
+re-running the gate is deterministic), else it takes the ``challenger`` alias. A champion with no
+tag for the metric (set by hand, or scored on another metric) is never replaced automatically:
+the gate fails closed and logs a warning. Two gates running at once for the same model can both
+see the same champion; run promotions for one model from one place (the flow).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+DEFAULT_METRIC = "test_CIDEr"
+READY_TIMEOUT_S = 300.0
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """What the gate decided for ``version``: the alias it now holds and the champion it was compared with."""
+
+    name: str
+    version: str
+    alias: str  # CHAMPION or CHALLENGER
+    score: float
+    previous_champion: str | None  # the champion before the gate ran (None: there was none)
+    previous_score: float | None  # its score (None: no champion, or it has no tag for the metric)
+    metric: str
+
+    @property
+    def promoted(self) -> bool:
+        return self.alias == CHAMPION
+
+
+def register_model(
+    client: MlflowClient,
+    name: str,
+    source: str,
+    run_id: str,
+    *,
+    tags: Mapping[str, str],
+    timeout_s: float = READY_TIMEOUT_S,
+) -> str:
+    """Create version N of registered model ``name`` (created if missing) from ``source``; N once READY.
+
+    ``source`` is a model URI such as ``runs:/<run_id>/model`` (``captioning.serving.log_pyfunc``);
+    the server only accepts a run-relative source whose run is ``run_id``.
+    """
+    try:
+        client.create_registered_model(name)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":  # another registration got there first: fine
+            raise
+    created = client.create_model_version(
+        name, source, run_id=run_id, tags={k: str(v) for k, v in tags.items()}, await_creation_for=0
+    )
+    version = str(created.version)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        current = client.get_model_version(name, version)
+        if current.status == "READY":
+            return version
+        if current.status == "FAILED_REGISTRATION":
+            raise RuntimeError(f"{name} version {version} failed to register: {current.status_message}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{name} version {version} still {current.status} after {timeout_s:.0f} s")
+        time.sleep(0.5)
+
+
+def _score_tag(client: MlflowClient, name: str, version: str, metric: str) -> float | None:
+    value = client.get_model_version(name, version).tags.get(metric)
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        log.warning("%s version %s: tag %s=%r is not a number", name, version, metric, value)
+        return None
+
+
+def _aliases(client: MlflowClient, name: str) -> dict[str, str]:
+    """alias -> version of registered model ``name``; empty when the model does not exist."""
+    try:
+        aliases = client.get_registered_model(name).aliases
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return {}
+        raise
+    return {str(alias): str(version) for alias, version in aliases.items()}
+
+
+def promote_if_better(
+    client: MlflowClient, name: str, version: str, score: float, *, metric: str = DEFAULT_METRIC
+) -> Promotion:
+    """Tag ``version`` with its score and move ``champion`` to it if it beats the champion (see the module doc)."""
+    score = float(score)
+    if not math.isfinite(score):
+        raise ValueError(f"{name} version {version}: {metric} must be finite to compare, got {score}")
+    version = str(version)
+    client.set_model_version_tag(name, version, metric, repr(score))
+    aliases = _aliases(client, name)
+    previous = aliases.get(CHAMPION)
+    previous_score = None if previous is None else _score_tag(client, name, previous, metric)
+    if previous is None or previous == version:
+        promoted = True
+    elif previous_score is None:
+        log.warning(
+            "%s: champion version %s has no numeric %s tag; not replacing it with version %s",
+            name, previous, metric, version,
+        )  # fmt: skip
+        promoted = False
+    else:
+        promoted = score > previous_score  # strictly: a tie keeps the incumbent
+    alias = CHAMPION if promoted else CHALLENGER
+    client.set_registered_model_alias(name, alias, version)
+    if promoted and aliases.get(CHALLENGER) == version:  # a challenger that now wins is no longer one
+        client.delete_registered_model_alias(name, CHALLENGER)
+    return Promotion(
+        name=name,
+        version=version,
+        alias=alias,
+        score=score,
+        previous_champion=previous,
+        previous_score=previous_score,
+        metric=metric,
+    )
+
+
+def champion(client: MlflowClient, name: str, *, metric: str = DEFAULT_METRIC) -> tuple[str, float] | None:
+    """(version, score) of the version holding ``champion``; None when there is none (or no such model).
+
+    Raises ValueError when the champion has no numeric tag for ``metric``.
+    """
+    version = _aliases(client, name).get(CHAMPION)
+    if version is None:
+        return None
+    score = _score_tag(client, name, version, metric)
+    if score is None:
+        raise ValueError(f"{name}: champion version {version} has no numeric {metric!r} tag")
+    return version, score

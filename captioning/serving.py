@@ -1,0 +1,265 @@
+"""The captioner as a servable MLflow pyfunc model: images in, one caption per image out.
+
+    save_pyfunc("runs/demo/best.pt", "exported/model")            # a local MLflow model folder
+    source = log_pyfunc(client, run_id, "s3://bucket/run/best.pt")  # runs:/<run_id>/model
+    model = mlflow.pyfunc.load_model(source)
+    model.predict(pd.DataFrame({"image": [jpeg_bytes]}), params={"beam_size": 5})  # column "caption"
+
+    python -m mlflow models serve -m exported/model --env-manager local -p 5001
+    curl -d '{"dataframe_split": {"columns": ["image"], "data": [["<base64>"]]},
+              "params": {"beam_size": 2}}' -H 'Content-Type: application/json' localhost:5001/invocations
+
+The model folder holds the checkpoint (artifact ``checkpoint``), a copy of the ``captioning``
+package (``code/``, put on ``sys.path`` by the loader, so the model loads where the project is not
+installed), pinned pip requirements and a signature: one ``image`` column of strings (base64, what
+JSON serving sends, or a file path) or raw bytes, and the ``beam_size`` / ``max_len`` params.
+
+An image goes through the project's own preprocessing, exactly as in ``captioning.caption``
+(``load_image``: the shard writer's ``prepare_image`` then the eval loader's decode and resize, then
+``normalize_images``), and beam search without length normalisation, so a caption equals
+``caption_images(...)[i]["caption"]`` for the same checkpoint, beam size and max_len. An image that
+cannot be read or decoded fails the whole request with a ValueError naming its row: a serving
+client must not mistake an empty caption for an answer. File-path cells are read on the machine
+that serves the model: expose the server only to clients trusted with its files.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import pandas as pd
+import torch
+from mlflow import MlflowClient
+from mlflow.models import ModelSignature
+from mlflow.pyfunc.model import PythonModel
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+from PIL import Image
+
+from captioning import storage
+from captioning.caption import image_settings, load_image
+from captioning.data.images import ImageSettings, ImageSkipped
+from captioning.data.loader import normalize_images, stack_planes
+from captioning.data.vocab import Vocab
+from captioning.model.captioner import Captioner
+from captioning.model.checkpoint import captioner_from_checkpoint, load_checkpoint
+from captioning.model.search import beam_search
+
+IMAGE_COLUMN = "image"
+CAPTION_COLUMN = "caption"
+CHECKPOINT_ARTIFACT = "checkpoint"
+DEFAULT_BEAM_SIZE = 3
+DEFAULT_MAX_LEN = 20
+BATCH_SIZE = 16  # images per beam search, as caption_images' default; captions do not depend on it
+# Distributions the loaded model imports (webdataset: captioning.data.loader imports it at the top).
+# The project itself travels as code (code_paths), not as a requirement.
+REQUIREMENTS = ("torch", "torchvision", "pillow", "numpy", "webdataset")
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def image_bytes(value: Any, row: int) -> bytes:
+    """One ``image`` cell -> encoded image bytes.
+
+    bytes (raw), ``os.PathLike`` (a file), or str: an existing file's path, else base64. JPEG's
+    base64 starts with ``/9j/``, which reads like an absolute path, so a string is a path only when
+    that file exists. Raises ValueError naming the row.
+    """
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if isinstance(value, str):
+        if os.path.isfile(value):  # never raises (long base64 strings are ENAMETOOLONG)
+            try:
+                return Path(value).read_bytes()
+            except OSError as e:
+                raise ValueError(f"row {row}: cannot read {value!r}: {e.strerror or e}") from None
+        try:
+            return base64.b64decode("".join(value.split()), validate=True)
+        except (binascii.Error, ValueError):
+            shown = value if len(value) <= 200 else value[:197] + "..."
+            raise ValueError(f"row {row}: {shown!r} is neither an existing file nor base64") from None
+    if value is None or (isinstance(value, float) and value != value):  # None or NaN: a missing cell
+        raise ValueError(f"row {row}: no image (empty cell)")
+    raise ValueError(f"row {row}: expected image bytes, base64 or a file path, got {type(value).__name__}")
+
+
+def image_cells(model_input: Any) -> list[Any]:
+    """The ``image`` cells of a DataFrame (or Series), or the items of a list, in order."""
+    if isinstance(model_input, pd.DataFrame):
+        if IMAGE_COLUMN not in model_input.columns:
+            raise ValueError(
+                f"the input needs a column {IMAGE_COLUMN!r}; got columns {list(model_input.columns)}"
+            )
+        return list(model_input[IMAGE_COLUMN])
+    if isinstance(model_input, pd.Series):
+        return list(model_input)
+    if isinstance(model_input, list | tuple):
+        return list(model_input)
+    raise ValueError(
+        f"expected a DataFrame with an {IMAGE_COLUMN!r} column or a list of images, "
+        f"got {type(model_input).__name__}"
+    )
+
+
+def _positive_int(params: Mapping[str, Any], name: str, default: int) -> int:
+    value = params.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"param {name} must be an int >= 1, got {value!r}")
+    try:
+        number = int(value)
+    except (ValueError, OverflowError):  # "2.5", nan, inf
+        raise ValueError(f"param {name} must be an int >= 1, got {value!r}") from None
+    if number < 1 or number != float(value):
+        raise ValueError(f"param {name} must be an int >= 1, got {value!r}")
+    return number
+
+
+class CaptionPyfunc(PythonModel):
+    """Rebuilds the captioner from the ``checkpoint`` artifact; ``predict`` captions a batch of images.
+
+    ``model_input``: a DataFrame with an ``image`` column, or a list of cells (see ``image_bytes``).
+    Through ``mlflow.pyfunc.load_model`` give a DataFrame or a Series named ``image``: MLflow's
+    schema enforcement turns a bare list into a column named ``0`` before ``predict`` sees it.
+    ``params``: ``beam_size`` (default 3) and ``max_len`` (default 20). Returns a DataFrame with one
+    ``caption`` per input row, in order.
+    """
+
+    def __init__(self) -> None:
+        self.model: Captioner | None = None
+        self.vocab: Vocab | None = None
+        self.settings: ImageSettings | None = None
+        self.device = torch.device("cpu")
+
+    def load_context(self, context: Any) -> None:
+        self.load(context.artifacts[CHECKPOINT_ARTIFACT])
+
+    def load(self, checkpoint_path: str, device: str | torch.device | None = None) -> None:
+        """What ``load_context`` does, from a local checkpoint path (CUDA when available)."""
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model, vocab, ckpt = captioner_from_checkpoint(checkpoint_path)
+        self.model = model.eval().to(self.device)
+        self.vocab = vocab
+        self.settings = image_settings(ckpt.get("config") or {})
+
+    # model_input is annotated DataFrame only: MLflow inspects the hint, and warns on a Union.
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
+        if self.model is None or self.vocab is None or self.settings is None:
+            raise RuntimeError("the model is not loaded: load it with mlflow.pyfunc.load_model")
+        beam_size = _positive_int(params or {}, "beam_size", DEFAULT_BEAM_SIZE)
+        max_len = _positive_int(params or {}, "max_len", DEFAULT_MAX_LEN)
+        images = self._preprocess(image_cells(model_input))
+        captions: list[str] = []
+        for start in range(0, len(images), BATCH_SIZE):
+            captions += self._caption(images[start : start + BATCH_SIZE], beam_size, max_len)
+        return pd.DataFrame({CAPTION_COLUMN: pd.Series(captions, dtype=object)})
+
+    def _preprocess(self, cells: Sequence[Any]) -> list[Image.Image]:
+        """Every cell decoded as in training, or one ValueError naming all the bad rows."""
+        assert self.settings is not None
+        images: list[Image.Image] = []
+        errors: list[str] = []
+        for row, cell in enumerate(cells):
+            try:
+                images.append(load_image(image_bytes(cell, row), self.settings))
+            except ImageSkipped as e:
+                errors.append(f"row {row}: cannot decode the image ({e})")
+            except ValueError as e:
+                errors.append(str(e))
+        if errors:
+            more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+            raise ValueError(
+                f"{len(errors)} of {len(cells)} images unusable: " + "; ".join(errors[:5]) + more
+            )
+        return images
+
+    @torch.no_grad()
+    def _caption(self, images: Sequence[Image.Image], beam_size: int, max_len: int) -> list[str]:
+        assert self.model is not None and self.vocab is not None
+        batch = normalize_images(stack_planes(images)).to(self.device)  # (B, 3, H, W)
+        features = self.model.encode(batch)  # (B, P, E)
+        result = beam_search(self.model, features, beam_size=beam_size, max_len=max_len)
+        return [
+            " ".join(self.vocab.decode(result.tokens[row, : int(result.lengths[row])].tolist()))
+            for row in range(len(images))
+        ]
+
+
+def signature() -> ModelSignature:
+    """``image`` (string: base64 or a path; raw bytes pass too) -> ``caption``; beam_size, max_len."""
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", IMAGE_COLUMN)]),
+        outputs=Schema([ColSpec("string", CAPTION_COLUMN)]),
+        params=ParamSchema(
+            [
+                ParamSpec("beam_size", "long", DEFAULT_BEAM_SIZE),
+                ParamSpec("max_len", "long", DEFAULT_MAX_LEN),
+            ]
+        ),
+    )
+
+
+def pip_requirements() -> list[str]:
+    """``name==version`` of the installed REQUIREMENTS, without local labels (2.13.0+cpu -> 2.13.0)."""
+    return [f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in REQUIREMENTS]
+
+
+def _copy_package(target: Path) -> Path:
+    """The ``captioning`` package without bytecode, as ``target/captioning``."""
+    dest = target / _PACKAGE_DIR.name
+    shutil.copytree(_PACKAGE_DIR, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return dest
+
+
+def save_pyfunc(checkpoint_uri: str, path: str | os.PathLike[str]) -> None:
+    """Write the MLflow model folder for the checkpoint at ``checkpoint_uri`` (local or s3://) to ``path``.
+
+    ``path`` must not exist or be empty. The checkpoint is checked (format, ``data.shards``) first.
+    """
+    with tempfile.TemporaryDirectory(prefix="caption-pyfunc-") as tmp:
+        local = os.fspath(checkpoint_uri)
+        if storage.is_s3(local):
+            local = os.path.join(tmp, "checkpoint.pt")
+            storage.download_file(checkpoint_uri, local)
+        ckpt = load_checkpoint(local)
+        settings = image_settings(ckpt.get("config") or {})
+        package = _copy_package(Path(tmp) / "code")
+        mlflow.pyfunc.save_model(
+            os.fspath(path),
+            python_model=CaptionPyfunc(),
+            artifacts={CHECKPOINT_ARTIFACT: local},
+            code_paths=[os.fspath(package)],
+            signature=signature(),
+            pip_requirements=pip_requirements(),
+            metadata={
+                "checkpoint_uri": os.fspath(checkpoint_uri),
+                "checkpoint_step": int(ckpt.get("step", 0)),
+                "image_size": settings.size,
+                "vocab_size": len(Vocab.from_json(ckpt["vocab"])),
+            },
+        )
+
+
+def log_pyfunc(client: MlflowClient, run_id: str, checkpoint_uri: str, artifact_path: str = "model") -> str:
+    """Save the pyfunc model and upload it as ``artifact_path`` of run ``run_id``; its ``runs:/`` URI.
+
+    The URI works for ``mlflow.pyfunc.load_model`` and as the ``source`` of a registered version
+    (with the same ``run_id``).
+    """
+    with tempfile.TemporaryDirectory(prefix="caption-pyfunc-") as tmp:
+        folder = os.path.join(tmp, "model")
+        save_pyfunc(checkpoint_uri, folder)
+        client.log_artifacts(run_id, folder, artifact_path)
+    return f"runs:/{run_id}/{artifact_path}"

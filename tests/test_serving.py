@@ -1,0 +1,275 @@
+"""The pyfunc model: same captions as ``caption_images``, every input form, params, bad rows, serving.
+
+The checkpoint is a random-weights Show-Attend-Tell (ResNet-18, tiny decoder) with the demo config
+(64 px squash images). Its decoder weights are scaled up so that captions differ between images
+and between beam sizes (at initial scale every caption is the same word repeated).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow import MlflowClient
+from PIL import Image
+from s3server import free_port
+
+from captioning.caption import caption_images
+from captioning.config import load_config
+from captioning.data.vocab import SPECIALS, Vocab
+from captioning.mlflow_server import MlflowServer
+from captioning.model.checkpoint import save_checkpoint
+from captioning.model.factory import build_captioner
+from captioning.registry import promote_if_better, register_model
+from captioning.serving import CaptionPyfunc, log_pyfunc, pip_requirements, save_pyfunc
+
+WORDS = ("a", "red", "blue", "circle", "square", "on", "the", "left", "right", "small", "big")
+SIZES = ((80, 60), (50, 90), (200, 100))  # (width, height): landscape, portrait, wide
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
+    cfg = load_config("demo")
+    model_cfg = dataclasses.replace(
+        cfg.model, encoder_weights=None, emb_dim=16, attention_dim=16, decoder_dim=24, dropout=0.0
+    )
+    torch.manual_seed(0)
+    vocab = Vocab(SPECIALS + WORDS, (0,) * len(SPECIALS) + (5,) * len(WORDS), min_word_freq=1)
+    model = build_captioner(model_cfg, len(vocab))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.startswith("decoder."):
+                param.mul_(4.0)
+    config = dataclasses.replace(cfg, model=model_cfg).to_dict()
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    save_checkpoint(str(path), model=model, vocab=vocab, config=config, step=7)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    folder = tmp_path_factory.mktemp("images")
+    paths = []
+    for i, (width, height) in enumerate(SIZES):
+        rng = np.random.default_rng(10 + i)
+        path = folder / f"{i}.png"
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def model_dir(checkpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("pyfunc") / "model"
+    save_pyfunc(checkpoint, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(model_dir: Path) -> Any:
+    return mlflow.pyfunc.load_model(str(model_dir))
+
+
+def reference(checkpoint: str, paths: list[str], beam_size: int, max_len: int = 20) -> list[str]:
+    results = caption_images(paths, checkpoint, beam_size=beam_size, max_len=max_len, device="cpu")
+    return [r["caption"] for r in results]
+
+
+def b64(path: str) -> str:
+    return base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def test_bytes_base64_and_paths_give_the_captions_of_caption_images(
+    model: Any, checkpoint: str, images: list[str]
+) -> None:
+    expected = reference(checkpoint, images, beam_size=3)
+    assert len(set(expected)) > 1  # the model tells the images apart, so order is checked too
+    raw = [Path(p).read_bytes() for p in images]
+    for cells in (raw, [b64(p) for p in images], images, [raw[0], b64(images[1]), images[2]]):
+        out = model.predict(pd.DataFrame({"image": cells}))
+        assert list(out.columns) == ["caption"]
+        assert list(out["caption"]) == expected
+
+
+def test_params_set_beam_size_and_max_len(model: Any, checkpoint: str, images: list[str]) -> None:
+    greedy = reference(checkpoint, images, beam_size=1, max_len=8)
+    beam = reference(checkpoint, images, beam_size=3, max_len=8)
+    assert greedy != beam  # otherwise this test could not tell the beam sizes apart
+    frame = pd.DataFrame({"image": images})
+    assert list(model.predict(frame, params={"beam_size": 1, "max_len": 8})["caption"]) == greedy
+    assert list(model.predict(frame, params={"beam_size": 3, "max_len": 8})["caption"]) == beam
+    short = model.predict(frame, params={"max_len": 2})["caption"]
+    assert all(1 <= len(caption.split()) <= 2 for caption in short)
+    with pytest.raises(ValueError, match="beam_size"):
+        model.predict(frame, params={"beam_size": 0})
+
+
+def test_a_bad_image_fails_the_request_naming_its_row(model: Any, images: list[str], tmp_path: Path) -> None:
+    frame = pd.DataFrame({"image": [images[0], b"not an image", str(tmp_path / "missing.jpg")]})
+    with pytest.raises(
+        ValueError, match=r"2 of 3 images unusable: row 1: cannot decode.*; row 2: '.*missing\.jpg'"
+    ):
+        model.predict(frame)
+    with pytest.raises(ValueError, match=r"row 0: .*neither an existing file nor base64"):
+        model.predict(pd.DataFrame({"image": ["***"]}))
+
+
+def test_series_and_plain_lists(model: Any, checkpoint: str, images: list[str]) -> None:
+    expected = reference(checkpoint, images, beam_size=3)
+    # Through the loaded model a Series named "image" works; MLflow's schema enforcement turns a
+    # bare list into a column named 0, so lists go to the python model itself.
+    assert list(model.predict(pd.Series(images, name="image"))["caption"]) == expected
+    python_model = model.unwrap_python_model()
+    assert isinstance(python_model, CaptionPyfunc)
+    cells = [Path(images[0]).read_bytes(), b64(images[1]), images[2]]
+    assert list(python_model.predict(None, cells)["caption"]) == expected
+
+
+def test_model_folder_has_checkpoint_code_requirements_and_signature(model_dir: Path) -> None:
+    assert (model_dir / "artifacts" / "model.pt").is_file()
+    assert (model_dir / "code" / "captioning" / "serving.py").is_file()
+    assert not list((model_dir / "code").rglob("__pycache__"))
+    requirements = (model_dir / "requirements.txt").read_text().split()
+    assert set(pip_requirements()) <= set(requirements)
+    assert {r.split("==")[0] for r in pip_requirements()} >= {"torch", "torchvision", "pillow", "numpy"}
+    assert not any(r.startswith("sat-captioning") for r in requirements)  # the project is code
+    meta = mlflow.models.Model.load(str(model_dir))
+    assert meta.signature is not None and meta.signature.params is not None
+    assert meta.signature.inputs.input_names() == ["image"]
+    assert {p.name: p.default for p in meta.signature.params.params} == {"beam_size": 3, "max_len": 20}
+    assert meta.metadata is not None and meta.metadata["checkpoint_step"] == 7
+
+
+def test_loads_from_its_own_code_where_captioning_is_not_installed(
+    model_dir: Path, checkpoint: str, images: list[str], tmp_path: Path
+) -> None:
+    # A fresh interpreter in an unrelated folder, with the editable install's finder removed:
+    # `captioning` must come from the model's code/ folder.
+    script = textwrap.dedent(
+        f"""
+        import importlib.util, json, sys
+        sys.meta_path[:] = [
+            f for f in sys.meta_path
+            if not (f.__module__ if isinstance(f, type) else type(f).__module__).startswith("__editable__")
+        ]
+        assert importlib.util.find_spec("captioning") is None, "captioning is importable without the model"
+        import mlflow.pyfunc, pandas as pd
+        model = mlflow.pyfunc.load_model({str(model_dir)!r})
+        out = model.predict(pd.DataFrame({{"image": {images!r}}}))
+        print(json.dumps({{"file": sys.modules["captioning"].__file__, "captions": list(out["caption"])}}))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert Path(result["file"]).is_relative_to(model_dir / "code")
+    assert result["captions"] == reference(checkpoint, images, beam_size=3)
+
+
+def test_logged_to_a_run_loads_registers_and_serves_by_alias(
+    mlflow_server: MlflowServer,
+    checkpoint: str,
+    images: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client = MlflowClient(mlflow_server.url)
+    experiment = client.create_experiment(f"serving-{uuid.uuid4().hex[:8]}")
+    run_id = client.create_run(experiment).info.run_id
+    source = log_pyfunc(client, run_id, checkpoint)
+    assert source == f"runs:/{run_id}/model"
+    assert "model/MLmodel" in {f.path for f in client.list_artifacts(run_id, "model")}
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)  # load_model resolves URIs through it
+    assert mlflow.get_tracking_uri() == mlflow_server.url
+    expected = reference(checkpoint, images, beam_size=3)
+    assert (
+        list(mlflow.pyfunc.load_model(source).predict(pd.DataFrame({"image": images}))["caption"]) == expected
+    )
+
+    name = f"captioner-{uuid.uuid4().hex[:8]}"
+    version = register_model(client, name, source, run_id, tags={"checkpoint": checkpoint})
+    assert promote_if_better(client, name, version, 0.5).promoted
+    by_alias = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    assert list(by_alias.predict(pd.DataFrame({"image": images[:1]}))["caption"]) == expected[:1]
+
+
+def _post_json(url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_invocations_with_params(
+    model_dir: Path, checkpoint: str, images: list[str], tmp_path: Path
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    # `mlflow models serve` execs `uvicorn` from PATH: put this venv's bin first.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model_dir),
+             "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port)],
+            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert process.poll() is None, log_path.read_text(errors="replace")[-3000:]
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "no /ping after 180 s:\n" + log_path.read_text()[-3000:]
+            time.sleep(0.25)
+
+        frame = {"columns": ["image"], "data": [[b64(images[0])]]}
+        status, body = _post_json(
+            f"{url}/invocations", {"dataframe_split": frame, "params": {"beam_size": 2}}
+        )
+        assert status == 200, body
+        assert body == {"predictions": [{"caption": reference(checkpoint, images[:1], beam_size=2)[0]}]}
+
+        bad = {"columns": ["image"], "data": [[b64(images[0])], ["not base64!"]]}
+        status, body = _post_json(f"{url}/invocations", {"dataframe_split": bad})
+        assert status == 400 and "row 1" in body["message"] + body.get("stack_trace", "")
+    finally:  # the whole session: the CLI and the uvicorn it started
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=20)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
