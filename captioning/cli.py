@@ -11,6 +11,7 @@
     captioning verify data/coco/shards              # every shard against its manifest sha256
     captioning demo                                 # the main job on embedded defaults: shards, then training
     captioning caption photo.jpg --checkpoint ckpt.pt   # beam-search captions (a folder: JSON lines)
+    captioning mlflow start                         # a local MLflow server in the background; stop|status|ui
 
 Every subcommand that takes ``--recipe`` also takes dotted overrides (``--data.min_word_freq=3``).
 ``main(argv)`` returns the exit code, so tests call it directly.
@@ -21,6 +22,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -39,6 +42,7 @@ from captioning.config import (
 
 if TYPE_CHECKING:
     from captioning.data.shards import ShardManifest
+    from captioning.mlflow_server import MlflowServer
 from captioning.data.shards import ShardManifest
 
 
@@ -121,6 +125,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--visualize", type=Path, metavar="DIR", help="write attention overlays DIR/<stem>.png")
     p.add_argument("--json", action="store_true", help="JSON lines even for single images")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
+
+    _add_mlflow_parser(sub)
     return parser
 
 
@@ -357,6 +363,228 @@ def _cmd_caption(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     return 1 if failed else 0
 
 
+# --- captioning mlflow: a local tracking server (captioning/mlflow_server.py) -------------------------
+
+MLFLOW_STATE_DIR = "demo-data/mlflow"
+
+MLFLOW_EPILOG = """\
+Remote servers need no code changes: MLflow clients (the training included) log wherever
+MLFLOW_TRACKING_URI points (http://host:5000, https://..., databricks). Artifacts in S3 (or an
+S3-compatible store) need MLFLOW_S3_ENDPOINT_URL (when not AWS) and the usual AWS credentials
+(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) in the environment of whoever writes them: with
+`start --artifacts s3://...` that is this server, which proxies artifact uploads for its clients.
+
+  captioning mlflow start --port 5000      # prints the URL and the export line
+  export MLFLOW_TRACKING_URI=http://127.0.0.1:5000
+  captioning mlflow ui --open               # the UI in a browser
+  captioning mlflow stop
+"""
+
+
+def _add_mlflow_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--state-dir",
+        type=Path,
+        help=f"the server's folder: mlflow.db, artifacts/, server.log, server.pid (default: {MLFLOW_STATE_DIR})",
+    )
+    p = sub.add_parser(
+        "mlflow",
+        help="start, stop, check or open a local MLflow tracking server",
+        description="A local `mlflow server` (SQLite, local or S3 artifacts) that runs in the background "
+        "until stopped; the state folder's pid file names it.",
+        epilog=MLFLOW_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    actions = p.add_subparsers(dest="mlflow_command", required=True, metavar="ACTION")
+    start = actions.add_parser(
+        "start", parents=[common], help="start the server in the background (a running one is reused)"
+    )
+    start.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+    start.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; the server has no auth)"
+    )
+    start.add_argument(
+        "--artifacts",
+        metavar="URI",
+        help="artifact destination, e.g. s3://bucket/mlflow (default: STATE_DIR/artifacts)",
+    )
+    actions.add_parser("stop", parents=[common], help="stop the server named in the state folder's pid file")
+    actions.add_parser(
+        "status", parents=[common], help="exit 0 when the server is running and healthy, 1 otherwise"
+    )
+    ui = actions.add_parser(
+        "ui",
+        parents=[common],
+        help="print the UI URL: $MLFLOW_TRACKING_URI when it is http(s) and no --state-dir is "
+        "given, else the state folder's server",
+    )
+    ui.add_argument("--open", action="store_true", help="also open it in a web browser")
+
+
+def _recorded_mlflow_server(state_dir: Path) -> tuple[MlflowServer, int | None]:
+    """The server named by ``state_dir``'s pid file, with its real host and port, and its pid.
+
+    The pid is None when the process is gone, a zombie, or not an ``mlflow server`` on this state
+    folder (a recycled pid): stopping must never signal somebody else's process group.
+    """
+    import psutil
+
+    from captioning.mlflow_server import MlflowServer
+
+    server = MlflowServer(state_dir)
+    pid = server.running_pid()
+    if pid is None:
+        return server, None
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return server, None
+        cmd = process.cmdline()
+    except psutil.Error:
+        return server, None
+    if server.backend_store_uri not in cmd or "--port" not in cmd:
+        return server, None
+    host = cmd[cmd.index("--host") + 1] if "--host" in cmd else server.host
+    port = int(cmd[cmd.index("--port") + 1])
+    return MlflowServer(state_dir, host=host, port=port), pid
+
+
+def _group_alive(pgid: int) -> bool:
+    """True while any process of group ``pgid`` is alive (zombies do not count)."""
+    import psutil
+
+    for process in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(process.pid) == pgid and process.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return False
+
+
+def stop_process_group(pgid: int, timeout_s: float = 20.0) -> None:
+    """SIGTERM group ``pgid``, SIGKILL what is left after ``timeout_s``; waits until none is alive.
+
+    Zombies count as gone: a detached server's parent is init, which may not reap them (some
+    container inits do not), and ``os.kill(pid, 0)`` succeeds on a zombie.
+    """
+    for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if not _group_alive(pgid):
+                return
+            time.sleep(0.1)
+
+
+def _mlflow_start(args: argparse.Namespace, state_dir: Path) -> int:
+    from captioning.mlflow_server import MlflowServer, is_healthy
+
+    running, pid = _recorded_mlflow_server(state_dir)
+    if pid is not None:
+        if not is_healthy(running.url):
+            print(
+                f"captioning mlflow start: pid {pid} of {state_dir} is alive but {running.url}/health does "
+                f"not answer; see {running.log_path}, or `captioning mlflow stop --state-dir {state_dir}`",
+                file=sys.stderr,
+            )
+            return 1
+        moved = f" (not port {args.port}: stop it first to move it)" if running.port != args.port else ""
+        print(f"MLflow server already running at {running.url}{moved} (pid {pid}, state {state_dir})")
+        print(f"export MLFLOW_TRACKING_URI={running.url}")
+        return 0
+    server = MlflowServer(state_dir, host=args.host, port=args.port, artifacts_destination=args.artifacts)
+    start = time.perf_counter()
+    server.start()
+    assert server.process is not None
+    print(
+        f"MLflow server started at {server.url} in {time.perf_counter() - start:.1f} s "
+        f"(pid {server.process.pid}, state {state_dir}, log {server.log_path})"
+    )
+    print(f"export MLFLOW_TRACKING_URI={server.url}")
+    print(f"stop it with: captioning mlflow stop --state-dir {state_dir}")
+    return 0
+
+
+def _mlflow_stop(state_dir: Path) -> int:
+    server, pid = _recorded_mlflow_server(state_dir)
+    if pid is None:
+        stale = server.pid_path.is_file()
+        server.pid_path.unlink(missing_ok=True)
+        print(f"no MLflow server running for {state_dir}" + (" (removed a stale pid file)" if stale else ""))
+        return 0
+    stop_process_group(pid)
+    server.pid_path.unlink(missing_ok=True)
+    print(f"stopped the MLflow server at {server.url} (pid {pid})")
+    return 0
+
+
+def _mlflow_status(state_dir: Path) -> int:
+    from captioning.mlflow_server import is_healthy
+
+    server, pid = _recorded_mlflow_server(state_dir)
+    if pid is None:
+        print(f"not running: no live MLflow server recorded in {server.pid_path}")
+        return 1
+    if not is_healthy(server.url):
+        print(
+            f"not healthy: pid {pid} is alive but {server.url}/health does not answer; see {server.log_path}"
+        )
+        return 1
+    print(f"running: {server.url} is healthy (pid {pid}, state {state_dir})")
+    return 0
+
+
+def _mlflow_ui(args: argparse.Namespace) -> int:
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if args.state_dir is None and uri.startswith(("http://", "https://")):
+        url = uri
+    else:
+        state_dir = args.state_dir or Path(MLFLOW_STATE_DIR)
+        server, pid = _recorded_mlflow_server(state_dir)
+        if pid is None:
+            print(
+                f"captioning mlflow ui: no MLflow server running for {state_dir}; "
+                f"start one with `captioning mlflow start --state-dir {state_dir}`",
+                file=sys.stderr,
+            )
+            return 1
+        url = server.url
+    print(url)
+    if args.open:
+        import webbrowser
+
+        if not webbrowser.open(url):
+            print(f"captioning mlflow ui: no web browser found; open {url} yourself", file=sys.stderr)
+    return 0
+
+
+def _cmd_mlflow(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    from captioning.mlflow_server import MlflowServerError
+
+    if overrides:
+        raise ConfigError(f"mlflow takes no config overrides: {' '.join(overrides)}")
+    state_dir = args.state_dir or Path(MLFLOW_STATE_DIR)
+    try:
+        if args.mlflow_command == "start":
+            return _mlflow_start(args, state_dir)
+        if args.mlflow_command == "stop":
+            return _mlflow_stop(state_dir)
+        if args.mlflow_command == "status":
+            return _mlflow_status(state_dir)
+        return _mlflow_ui(args)
+    except MlflowServerError as exc:
+        print(f"captioning mlflow {args.mlflow_command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+# --- end captioning mlflow ----------------------------------------------------------------------------
+
+
 _COMMANDS = {
     "config": _cmd_config,
     "synth": _cmd_synth,
@@ -368,6 +596,7 @@ _COMMANDS = {
     "verify": _cmd_verify,
     "demo": _cmd_demo,
     "caption": _cmd_caption,
+    "mlflow": _cmd_mlflow,
 }
 
 

@@ -51,6 +51,16 @@ def is_healthy(url: str, timeout_s: float = 2.0) -> bool:
         return False
 
 
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie (exited, not yet reaped by whoever adopted it) counts as gone."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 class MlflowServer:
     """One ``mlflow server`` process and its state folder."""
 
@@ -124,10 +134,9 @@ class MlflowServer:
         """The pid in server.pid when that process is alive."""
         try:
             pid = int(self.pid_path.read_text().strip())
-            os.kill(pid, 0)
-        except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+        except (FileNotFoundError, ValueError):
             return None
-        return pid
+        return pid if _alive(pid) else None
 
     def stop(self, timeout_s: float = 20.0) -> None:
         """SIGTERM the server's process group, SIGKILL what is left after ``timeout_s``."""
@@ -141,11 +150,8 @@ class MlflowServer:
             if self.process is not None:
                 if self.process.poll() is not None:
                     break
-            else:
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    break
+            elif not _alive(pid):
+                break
             time.sleep(0.1)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)  # job consumers or workers that ignored SIGTERM

@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -81,7 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="run folder or s3:// prefix (default: {storage.run_dir}/{recipe})")
     p.add_argument("--resume", action="store_true", help="continue the run in --output")
     p.add_argument("--init-from", help="checkpoint whose weights the first stage starts from")
-    p.add_argument("--tracker", choices=("jsonl", "none"), default="jsonl", help="where metrics go (rank 0)")
+    p.add_argument(
+        "--tracker",
+        choices=("auto", "mlflow", "jsonl", "none"),
+        default="auto",
+        help="where rank 0 reports: auto = mlflow when tracking.tracking_uri or MLFLOW_TRACKING_URI is set, "
+        "else OUTPUT/metrics.jsonl",
+    )
+    p.add_argument("--parent-run-id", help="MLflow run to report under (the orchestrator's pipeline run)")
+    p.add_argument(
+        "--no-register",
+        action="store_true",
+        help="MLflow: do not register each stage's model or move aliases",
+    )
     return p
 
 
@@ -333,6 +345,7 @@ def run(
     tracker: Tracker,
     resume: bool = False,
     init_from: str | None = None,
+    registrar: Callable[[Tracker, StageResult], dict[str, Any] | None] | None = None,
 ) -> dict[str, Any]:
     """Every stage of ``cfg.train.stages`` in order; returns the run summary (also summary.json)."""
     start = time.perf_counter()
@@ -357,6 +370,7 @@ def run(
         storage.write_json(storage.join(output, "config.json"), cfg.to_dict())
         describe_run(tracker, cfg, stages, dist)
     results: list[StageResult] = []
+    registrations: dict[str, Any] = {}
     for name in stages:
         setup = stage_setup(cfg, name, output)
         if resume and storage.exists(setup.summary_uri):
@@ -389,6 +403,8 @@ def run(
         except BaseException:
             stage_tracker.close("FAILED")
             raise
+        if registrar is not None and dist.is_main:
+            registrations[name] = registrar(stage_tracker, result)
         stage_tracker.close()
         results.append(result)
     summary = {
@@ -398,11 +414,93 @@ def run(
         "stages": [r.to_json() for r in results],
         "final_checkpoint": results[-1].best_checkpoint if results else None,
         "test_scores": results[-1].test_scores if results else {},
+        "registered": registrations,
+        "tracking_run_id": getattr(tracker, "run_id", None),
         "duration_s": round(time.perf_counter() - start, 3),
     }
     if dist.is_main:
         storage.write_json(storage.join(output, "summary.json"), summary)
     return summary
+
+
+class Registrar:
+    """Rank 0, MLflow: each finished stage's best model as a pyfunc version of the registered model;
+    the ``champion`` alias moves only when its test CIDEr-D beats the champion's (else ``challenger``)."""
+
+    def __init__(self, client: Any, model_name: str, recipe: str) -> None:
+        self.client, self.model_name, self.recipe = client, model_name, recipe
+
+    def __call__(self, stage_tracker: Tracker, result: StageResult) -> dict[str, Any] | None:
+        from captioning.registry import promote_if_better, register_model
+        from captioning.serving import log_pyfunc
+
+        run_id = getattr(stage_tracker, "run_id", None)
+        score = result.test_scores.get("CIDEr")
+        if run_id is None or score is None:
+            logger.warning("stage %s: not registered (no MLflow run id or no test CIDEr)", result.name)
+            return None
+        try:
+            source = log_pyfunc(self.client, run_id, result.best_checkpoint)
+            version = register_model(
+                self.client,
+                self.model_name,
+                source,
+                run_id,
+                tags={"stage": result.name, "recipe": self.recipe},
+            )
+            promotion = promote_if_better(self.client, self.model_name, version, score, metric="test_CIDEr")
+        except (
+            Exception
+        ) as exc:  # the server went away: training results stay on disk, registration can be redone
+            logger.warning("stage %s: registration failed (%s: %s)", result.name, type(exc).__name__, exc)
+            return {"error": f"{type(exc).__name__}: {exc}"}
+        logger.info(
+            "registered %s version %s (test CIDEr %.4f): %s", self.model_name, version, score, promotion.alias
+        )
+        return dataclasses.asdict(promotion)
+
+
+def open_tracker(
+    args: argparse.Namespace, cfg: Config, output: str, dist: DistInfo
+) -> tuple[Tracker, Registrar | None]:
+    """Rank 0's tracker (and, with MLflow, the registrar); every other rank gets a NullTracker.
+
+    An unreachable MLflow server is a TrainError here, before any training starts.
+    """
+    if not dist.is_main:
+        return NullTracker(), None
+    uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    kind = args.tracker
+    if kind == "auto":
+        kind = "mlflow" if uri else "jsonl"
+    if kind == "none":
+        return NullTracker(), None
+    local = not storage.is_s3(output)
+    if kind == "jsonl":
+        if not local:
+            logger.warning(
+                "--tracker jsonl needs a local --output; %s is not: metrics are not recorded", output
+            )
+            return NullTracker(), None
+        return JsonlTracker(os.path.join(output, "metrics.jsonl"), run_name="run"), None
+    from captioning.mlflow_tracker import MlflowTracker, TrackingUnavailable, connect
+
+    try:
+        client = connect(uri)
+    except TrackingUnavailable as exc:
+        raise TrainError(str(exc)) from None
+    settings: dict[str, Any] = dict(
+        fallback_dir=output if local else tempfile.mkdtemp(prefix="mlflow-fallback-"),
+        system_metrics=cfg.tracking.system_metrics,
+    )
+    if args.parent_run_id:
+        tracker = MlflowTracker.attach(client, args.parent_run_id, **settings)
+    else:
+        run_name = f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+        tracker = MlflowTracker.start_run(client, cfg.tracking.experiment, run_name, **settings)
+    logger.info("MLflow: run %s at %s", tracker.run_id, client.tracking_uri)
+    registrar = None if args.no_register else Registrar(client, cfg.tracking.registered_model, cfg.recipe)
+    return tracker, registrar
 
 
 def main(argv: Sequence[str] | None = None, *, tracker: Tracker | None = None) -> dict[str, Any]:
@@ -419,16 +517,20 @@ def main(argv: Sequence[str] | None = None, *, tracker: Tracker | None = None) -
     if dist.is_main:
         for warning in config_warnings(cfg):
             logger.warning("config: %s", warning)
+    output = args.output or storage.join(cfg.storage.run_dir, cfg.recipe)
+    registrar = None
+    if tracker is None:
+        tracker, registrar = open_tracker(args, cfg, output, dist)  # before the process group: fail fast
     init_process_group(dist)
     try:
-        output = args.output or storage.join(cfg.storage.run_dir, cfg.recipe)
-        if tracker is None:
-            if dist.is_main and args.tracker == "jsonl" and not storage.is_s3(output):
-                tracker = JsonlTracker(os.path.join(output, "metrics.jsonl"), run_name="run")
-            else:
-                tracker = NullTracker()
         summary = run(
-            cfg, output=output, dist=dist, tracker=tracker, resume=args.resume, init_from=args.init_from
+            cfg,
+            output=output,
+            dist=dist,
+            tracker=tracker,
+            resume=args.resume,
+            init_from=args.init_from,
+            registrar=registrar,
         )
         tracker.close()
         return dict(broadcast_object(dist, summary))

@@ -25,6 +25,22 @@ if ! command -v java >/dev/null 2>&1; then
     fi
 fi
 
+# Chromium, optional: infra/ui_check.py renders the MLflow UI headless. Without it that check (and
+# tests/test_ui_check.py) skips, so failing to install it is a note, not an error.
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1 \
+    && ! command -v google-chrome >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "setup: no chromium found; installing Debian's chromium with apt-get (for the MLflow UI check)"
+        if ! { apt-get update -qq \
+            && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }; then
+            echo "setup: note: could not install chromium; the MLflow UI check (tests/test_ui_check.py) will skip" >&2
+        fi
+    else
+        echo "setup: note: no chromium on PATH and no root apt-get to install it; the MLflow UI check" \
+            "(tests/test_ui_check.py) will skip. To run it: apt-get install chromium" >&2
+    fi
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi

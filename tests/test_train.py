@@ -6,14 +6,18 @@ enough that a stage takes seconds on 2 CPU cores.
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
+import mlflow
+import pandas as pd
 import psutil
 import pytest
 import torch
@@ -156,9 +160,14 @@ def test_missing_shards_is_a_clear_error(tmp_path: Path) -> None:
         main(["--config", "demo", "--output", str(tmp_path / "o"), f"--data.shard_dir={tmp_path / 'none'}"])
 
 
-def test_torchrun_two_processes_runs_all_three_stages(data: list[str], tmp_path: Path) -> None:
+def test_torchrun_two_processes_runs_all_three_stages_into_mlflow(
+    data: list[str], tmp_path: Path, mlflow_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "run"
-    log = run_to_end(["--config", "demo", "--output", str(out), *data, *TINY])
+    name = f"sat-{uuid.uuid4().hex[:8]}"
+    tracking = [f"--tracking.tracking_uri={mlflow_server.url}", f"--tracking.experiment={name}"]
+    tracking.append(f"--tracking.registered_model={name}")
+    log = run_to_end(["--config", "demo", "--output", str(out), *data, *TINY, *tracking])
     summary = storage.read_json(str(out / "summary.json"))
     assert [s["name"] for s in summary["stages"]] == ["xe", "finetune", "scst"]
     assert summary["world_size"] == 2
@@ -179,9 +188,60 @@ def test_torchrun_two_processes_runs_all_three_stages(data: list[str], tmp_path:
     for stage in summary["stages"]:
         assert stage["epochs"] == 1 and stage["steps"] == 6  # 96 images / (2 ranks x 8)
         assert set(stage["test_scores"]) >= {"BLEU-4", "CIDEr", "METEOR", "ROUGE-L"}
-    records = read_jsonl(out / "metrics.jsonl")
-    rewards = metric_history(records, "run/scst", "train/reward")
-    assert len(rewards) == 3 and all(0.0 <= r <= 10.0 for _, r in rewards)
+    # MLflow: one pipeline run with a child per stage and one per test evaluation (rank 0 only: no run per process).
+    client = mlflow.MlflowClient(mlflow_server.url)
+    experiment = client.get_experiment_by_name(name)
+    assert experiment is not None
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    parent = runs.pop(next(n for n, r in runs.items() if "mlflow.parentRunId" not in r.data.tags))
+    assert summary["tracking_run_id"] == parent.info.run_id
+    assert sorted(runs) == ["finetune", "finetune-test", "scst", "scst-test", "xe", "xe-test"]
+    for stage in ("xe", "finetune", "scst"):
+        assert runs[stage].data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert runs[f"{stage}-test"].data.tags["mlflow.parentRunId"] == runs[stage].info.run_id
+        assert runs[stage].info.status == "FINISHED"
+    assert parent.data.params["train.scst.num_samples"] == "3"
+    assert parent.data.tags["recipe"] == "demo" and len(parent.data.tags["dataset_manifest_sha256"]) == 64
+    scst_id = runs["scst"].info.run_id
+    rewards = client.get_metric_history(scst_id, "train/reward")
+    assert [m.step for m in rewards] == [2, 4, 6] and all(0.0 <= m.value <= 10.0 for m in rewards)
+    assert client.get_metric_history(runs["scst-test"].info.run_id, "CIDEr")
+    artifacts = {f.path for f in client.list_artifacts(scst_id)}
+    assert {"attention", "checkpoints", "model", "plots", "val"} <= artifacts
+    assert {f.path for f in client.list_artifacts(parent.info.run_id, "run")} >= {
+        "run/config.json",
+        "run/vocab.json",
+    }
+    # Every stage registered; the champion is the best test CIDEr so far, each later version a challenger or champion.
+    versions = sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
+    assert [v.tags["stage"] for v in versions] == ["xe", "finetune", "scst"]
+    scores = [s["test_scores"]["CIDEr"] for s in summary["stages"]]
+    best = max(range(3), key=lambda i: (scores[i], -i))
+    assert client.get_model_version_by_alias(name, "champion").version == versions[best].version
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)  # models:/ URIs resolve through it
+    captioner = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(buffer, format="JPEG")
+    image = buffer.getvalue()
+    caption = captioner.predict(pd.DataFrame({"image": [image]}))["caption"][0]
+    assert isinstance(caption, str) and caption
+
+
+def test_unreachable_tracking_server_stops_the_run_before_training(data: list[str], tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    with pytest.raises(TrainError, match="captioning mlflow start"):
+        main(
+            [
+                "--config",
+                "demo",
+                "--output",
+                str(out),
+                *data,
+                *TINY,
+                f"--tracking.tracking_uri=http://127.0.0.1:{free_port()}",
+            ]
+        )
+    assert not (out / "xe").exists()
 
 
 def test_killed_stage_resumes_to_the_same_result(data: list[str], tmp_path: Path) -> None:
