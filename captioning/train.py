@@ -10,6 +10,10 @@ stage's best model (``--init-from`` for the first one; otherwise from scratch), 
 (gloo on CPU, nccl on GPU), validates each epoch by beam search scored with pycocoevalcap, and
 ends with a test-split evaluation. Only rank 0 writes files and reports to the tracker.
 
+Tracking (rank 0 only): MLflow when ``tracking.tracking_uri`` or ``MLFLOW_TRACKING_URI`` is set (a
+parent run, or ``--parent-run-id``; a child per stage and per test evaluation; each stage's model
+registered with the champion gate unless ``--no-register``), else ``OUTPUT/metrics.jsonl``.
+
 Output (``--output``, default ``{storage.run_dir}/{recipe}``; local or s3://): ``config.json``,
 one folder per stage (see ``captioning.training.trainer``), ``metrics.jsonl`` with
 ``--tracker jsonl``, and ``summary.json`` (written last). ``--resume`` skips finished stages and
