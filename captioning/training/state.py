@@ -32,6 +32,7 @@ class TrainState:
     epochs_since_improvement: int = 0
     stopped_early: bool = False
     history: list[dict[str, float]] = field(default_factory=list)  # per finished epoch
+    epoch_windows: list[dict[str, float]] = field(default_factory=list)  # the epoch's logged windows so far
 
     def improved(self, score: float) -> bool:
         """Record an epoch's validation score; True when it is the new best."""

@@ -337,16 +337,21 @@ def train_one_epoch(
     tracker: Tracker,
     *,
     log_every_steps: int,
+    checkpoint_every_steps: int = 0,
     on_step: Callable[[], None] = lambda: None,
 ) -> dict[str, float]:
     """Train on the epoch ``state.epoch``, resuming after ``state.batch_in_epoch`` batches.
 
-    Returns the means over the epoch's logged windows (pooled over ranks) of the training metrics.
+    Metrics are pooled and logged every ``log_every_steps``, at the epoch's end and at every
+    periodic checkpoint (so that no half-filled window is lost to a resume). Returns the epoch's
+    step-weighted means of the logged windows (kept in ``state.epoch_windows``, so a resumed epoch
+    reports what an uninterrupted one would).
     """
     loader.set_epoch(state.epoch)
     skip = state.batch_in_epoch
+    if skip == 0:
+        state.epoch_windows = []
     window = MetricWindow()
-    logged: list[dict[str, float]] = []
     batches: Iterator[Batch] = iter(loader)
     for index, batch in enumerate(batches):
         if index < skip:
@@ -355,16 +360,23 @@ def train_one_epoch(
         window.add(metrics)
         state.step += 1
         state.batch_in_epoch = index + 1
-        if state.step % log_every_steps == 0 or state.batch_in_epoch == len(loader):
+        checkpoint_due = checkpoint_every_steps > 0 and state.step % checkpoint_every_steps == 0
+        if state.step % log_every_steps == 0 or state.batch_in_epoch == len(loader) or checkpoint_due:
             pooled = window.pooled(dist)
-            logged.append(pooled)
+            steps = float(window.steps)
+            state.epoch_windows.append(
+                {k: v for k, v in pooled.items() if k != "images_per_s"} | {"steps": steps}
+            )
             if dist.is_main:
                 tracker.log_metrics(
                     {f"train/{k}": v for k, v in pooled.items()} | {"epoch": state.epoch}, step=state.step
                 )
             window = MetricWindow()
         on_step()
-    return {f"train/{k}": sum(w[k] for w in logged) / len(logged) for k in (logged[0] if logged else {})}
+    windows = state.epoch_windows
+    total = sum(w["steps"] for w in windows) or 1.0
+    keys = [k for k in (windows[0] if windows else {}) if k != "steps"]
+    return {f"train/{k}": sum(w[k] * w["steps"] for w in windows) / total for k in keys}
 
 
 def validate(
@@ -560,6 +572,7 @@ def fit_stage(
             dist,
             tracker,
             log_every_steps=setup.log_every_steps,
+            checkpoint_every_steps=setup.checkpoint_every_steps,
             on_step=on_step,
         )
         result = validate(
