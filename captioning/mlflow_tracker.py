@@ -370,43 +370,19 @@ class MlflowTracker:
     run_id: str | None
     fallback_path: str | None
 
-    def __init__(
-        self,
-        client: MlflowClient,
-        run_id: str,
-        *,
-        fallback_dir: str | None = None,
-        system_metrics: bool = False,
-        node_id: str | None = None,
-        flush_interval_s: float = 2.0,
-        system_interval_s: float = 10.0,
-        request_timeout_s: float = 10.0,
-        close_timeout_s: float = 60.0,
-        artifact_attempts: int = 3,
-        terminate_on_close: bool = True,
-    ) -> None:
+    def __init__(self, client: MlflowClient, run_id: str, **settings: Any) -> None:
         """Track the existing run ``run_id`` (its params are read once, so re-logging them is a no-op).
 
-        ``fallback_dir``: where unsent data and staged artifacts go (default ``<tmp>/mlflow-unsent``).
-        ``request_timeout_s``: per HTTP request of the flusher; ``close_timeout_s``: how long ``close()``
-        waits for the queues; ``terminate_on_close=False`` leaves the run's status to its owner.
+        ``settings``: the keywords of ``_settings_from`` (fallback_dir, system_metrics, node_id,
+        flush_interval_s, system_interval_s, request_timeout_s, close_timeout_s, artifact_attempts,
+        terminate_on_close), with its defaults; ``start_run`` and ``attach`` take the same.
         """
-        settings = _settings_from(
-            fallback_dir=fallback_dir,
-            system_metrics=system_metrics,
-            node_id=node_id,
-            flush_interval_s=flush_interval_s,
-            system_interval_s=system_interval_s,
-            request_timeout_s=request_timeout_s,
-            close_timeout_s=close_timeout_s,
-            artifact_attempts=artifact_attempts,
-            terminate_on_close=terminate_on_close,
-        )
+        resolved = _settings_from(**settings)
         run = client.get_run(run_id)
         self._status_at_start = str(run.info.status)
         self._setup(
             client,
-            settings,
+            resolved,
             run_id=run_id,
             experiment_id=str(run.info.experiment_id),
             run_name=str(run.info.run_name or ""),
@@ -930,9 +906,11 @@ def _settings_from(
     artifact_attempts: int = 3,
     terminate_on_close: bool = True,
 ) -> _Settings:
-    """The constructor's settings with its defaults (``start_run`` has no run to read first).
+    """A tracker's settings, the one place their defaults live.
 
-    Keep the defaults in step with ``MlflowTracker.__init__``.
+    ``fallback_dir``: where unsent data and staged artifacts go (default ``<tmp>/mlflow-unsent``).
+    ``request_timeout_s``: per HTTP request of the flusher; ``close_timeout_s``: how long ``close()``
+    waits for the queues; ``terminate_on_close=False`` leaves the run's status to its owner.
     """
     return _Settings(
         fallback_dir=os.path.abspath(fallback_dir or os.path.join(tempfile.gettempdir(), "mlflow-unsent")),

@@ -79,6 +79,14 @@ class CaptionObjective:
         )
 
 
+def encode_images(model: Captioner, images: torch.Tensor, *, train_encoder: bool) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, P, E), once per image; a frozen encoder runs without building a graph."""
+    if train_encoder:
+        return model.encode(images)
+    with torch.no_grad():
+        return model.encode(images)
+
+
 class XeForward(nn.Module):
     """What DDP wraps in stages 1-2: images -> features (once per image) -> teacher-forced outputs.
 
@@ -99,11 +107,7 @@ class XeForward(nn.Module):
         scheduled_sampling: float = 0.0,
         generator: torch.Generator | None = None,
     ) -> CaptionOutput:
-        if self.train_encoder:
-            features = self.model.encode(images)  # (B, P, E)
-        else:
-            with torch.no_grad():
-                features = self.model.encode(images)  # (B, P, E): frozen, no graph kept
+        features = encode_images(self.model, images, train_encoder=self.train_encoder)  # (B, P, E)
         if scheduled_sampling > 0:
             return scheduled_sampling_forward(
                 self.model, features, captions, lengths, scheduled_sampling, generator

@@ -24,6 +24,7 @@ from torch import nn
 from captioning.data.vocab import END_ID, PAD_ID, START_ID
 from captioning.evaluation.cider import CiderD
 from captioning.model.captioner import Captioner, Generation
+from captioning.training.objective import encode_images
 
 _SPECIALS = (PAD_ID, START_ID, END_ID)
 
@@ -98,11 +99,7 @@ class ScstForward(nn.Module):
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
     ) -> tuple[Generation, torch.Tensor]:
-        if self.train_encoder:
-            features = self.model.encode(images)  # (B, P, E)
-        else:
-            with torch.no_grad():
-                features = self.model.encode(images)
+        features = encode_images(self.model, images, train_encoder=self.train_encoder)  # (B, P, E)
         gen = self.model.generate(
             features,
             method="sample",

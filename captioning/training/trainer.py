@@ -338,12 +338,13 @@ def train_one_epoch(
     *,
     log_every_steps: int,
     checkpoint_every_steps: int = 0,
-    on_step: Callable[[], None] = lambda: None,
+    save_checkpoint: Callable[[], None] = lambda: None,
 ) -> dict[str, float]:
     """Train on the epoch ``state.epoch``, resuming after ``state.batch_in_epoch`` batches.
 
-    Metrics are pooled and logged every ``log_every_steps``, at the epoch's end and at every
-    periodic checkpoint (so that no half-filled window is lost to a resume). Returns the epoch's
+    ``save_checkpoint`` runs every ``checkpoint_every_steps`` inside the epoch (its end is the
+    caller's, after validation). Metrics are pooled and logged every ``log_every_steps``, at the
+    epoch's end and at every such checkpoint (so that no half-filled window is lost to a resume). Returns the epoch's
     step-weighted means of the logged windows (kept in ``state.epoch_windows``, so a resumed epoch
     reports what an uninterrupted one would).
     """
@@ -360,8 +361,11 @@ def train_one_epoch(
         window.add(metrics)
         state.step += 1
         state.batch_in_epoch = index + 1
-        checkpoint_due = checkpoint_every_steps > 0 and state.step % checkpoint_every_steps == 0
-        if state.step % log_every_steps == 0 or state.batch_in_epoch == len(loader) or checkpoint_due:
+        epoch_end = state.batch_in_epoch == len(loader)
+        checkpoint_due = (
+            checkpoint_every_steps > 0 and state.step % checkpoint_every_steps == 0 and not epoch_end
+        )
+        if state.step % log_every_steps == 0 or epoch_end or checkpoint_due:
             pooled = window.pooled(dist)
             steps = float(window.steps)
             state.epoch_windows.append(
@@ -372,7 +376,8 @@ def train_one_epoch(
                     {f"train/{k}": v for k, v in pooled.items()} | {"epoch": state.epoch}, step=state.step
                 )
             window = MetricWindow()
-        on_step()
+        if checkpoint_due:
+            save_checkpoint()
     windows = state.epoch_windows
     total = sum(w["steps"] for w in windows) or 1.0
     keys = [k for k in (windows[0] if windows else {}) if k != "steps"]
@@ -556,11 +561,6 @@ def fit_stage(
             generator=generator,
         )
 
-    def on_step() -> None:
-        every = setup.checkpoint_every_steps
-        if every and state.step % every == 0 and state.batch_in_epoch < len(train_loader):
-            save_training_checkpoint(setup, model, vocab, opt, state, dist, generator)
-
     while state.epoch < setup.epochs and not state.stopped_early:
         if isinstance(step_fn, XeStep) and setup.scheduled_sampling > 0:
             step_fn.scheduled_sampling = setup.scheduled_sampling * state.epoch / max(1, setup.epochs - 1)
@@ -573,7 +573,9 @@ def fit_stage(
             tracker,
             log_every_steps=setup.log_every_steps,
             checkpoint_every_steps=setup.checkpoint_every_steps,
-            on_step=on_step,
+            save_checkpoint=lambda: save_training_checkpoint(
+                setup, model, vocab, opt, state, dist, generator
+            ),
         )
         result = validate(
             model,
