@@ -32,8 +32,11 @@ WORDS = ("a", "red", "blue", "circle", "square", "on", "the", "left", "right", "
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
+def write_tiny_checkpoint(path: Path, *, decoder_scale: float = 1.0, step: int = 0) -> str:
+    """A random demo-config captioner (small decoder) over WORDS, saved at ``path``.
+
+    ``decoder_scale`` sharpens the decoder's weights: at 1 every caption repeats one word.
+    """
     cfg = load_config("demo")
     model_cfg = dataclasses.replace(
         cfg.model, encoder_weights=None, emb_dim=16, attention_dim=16, decoder_dim=24, dropout=0.0
@@ -41,10 +44,19 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
     torch.manual_seed(0)
     vocab = Vocab(SPECIALS + WORDS, (0,) * len(SPECIALS) + (5,) * len(WORDS), min_word_freq=1)
     model = build_captioner(model_cfg, len(vocab))
+    if decoder_scale != 1.0:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.startswith("decoder."):
+                    param.mul_(decoder_scale)
     config = dataclasses.replace(cfg, model=model_cfg).to_dict()
-    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    save_checkpoint(str(path), model=model, vocab=vocab, config=config, step=0)
+    save_checkpoint(str(path), model=model, vocab=vocab, config=config, step=step)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.pt")
 
 
 def write_image(path: Path, seed: int, size: tuple[int, int] = (80, 60)) -> Path:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import multiprocessing
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 import torch.multiprocessing as mp
+from gloo import join_gloo
 from s3server import free_port
 from torch import nn
 
@@ -197,19 +197,8 @@ def failing_loader() -> Iterator[Batch]:
 
 
 def eval_rank(rank: int, world: int, port: int, artefacts: Artefacts, out: str) -> None:
-    # As in test_loader: forked DataLoader workers (spawned ones would re-import torch).
-    multiprocessing.set_start_method("fork", force=True)
     torch.set_num_threads(1)
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world),
-    )
-    dist = DistInfo.from_env()
-    D.init_process_group(dist, backend="gloo")
+    dist = join_gloo(rank, world, port)
     try:
         model, vocab, _ = captioner_from_checkpoint(artefacts.checkpoint)
         loader = build_loader(

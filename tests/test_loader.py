@@ -9,8 +9,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import multiprocessing
-import os
 import pickle
 import random
 import subprocess
@@ -25,6 +23,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import webdataset as wds
+from gloo import join_gloo
 from PIL import Image
 from s3server import free_port
 
@@ -396,19 +395,7 @@ def test_build_loaders_reads_the_config_section(shards: str) -> None:
 
 
 def ddp_rank(rank: int, world: int, port: int, location: str, out: str) -> None:
-    # mp.spawn's children default to "spawn", so DataLoader workers would re-import torch (seconds
-    # each); torchrun's ranks are fresh interpreters whose default is fork, as here.
-    multiprocessing.set_start_method("fork", force=True)
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world),
-    )
-    dist = DistInfo.from_env()
-    D.init_process_group(dist, backend="gloo")
+    dist = join_gloo(rank, world, port)
     try:
         result: dict[str, Any] = {}
         train = build_loader(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import dataclasses
 import json
 import os
 import signal
@@ -27,21 +26,16 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from mlflow import MlflowClient
 from PIL import Image
 from s3server import free_port
+from test_caption_cli import write_tiny_checkpoint
 
 from captioning.caption import caption_images
-from captioning.config import load_config
-from captioning.data.vocab import SPECIALS, Vocab
 from captioning.mlflow_server import MlflowServer
-from captioning.model.checkpoint import save_checkpoint
-from captioning.model.factory import build_captioner
 from captioning.registry import promote_if_better, register_model
 from captioning.serving import CaptionPyfunc, log_pyfunc, pip_requirements, save_pyfunc
 
-WORDS = ("a", "red", "blue", "circle", "square", "on", "the", "left", "right", "small", "big")
 SIZES = ((80, 60), (50, 90), (200, 100))  # (width, height): landscape, portrait, wide
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -49,21 +43,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
-    cfg = load_config("demo")
-    model_cfg = dataclasses.replace(
-        cfg.model, encoder_weights=None, emb_dim=16, attention_dim=16, decoder_dim=24, dropout=0.0
-    )
-    torch.manual_seed(0)
-    vocab = Vocab(SPECIALS + WORDS, (0,) * len(SPECIALS) + (5,) * len(WORDS), min_word_freq=1)
-    model = build_captioner(model_cfg, len(vocab))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.startswith("decoder."):
-                param.mul_(4.0)
-    config = dataclasses.replace(cfg, model=model_cfg).to_dict()
-    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    save_checkpoint(str(path), model=model, vocab=vocab, config=config, step=7)
-    return str(path)
+    # Sharpened decoder: at normal scale every caption repeats one word, and beam sizes or image
+    # order could not be told apart.
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.pt", decoder_scale=4.0, step=7)
 
 
 @pytest.fixture(scope="module")
