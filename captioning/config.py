@@ -56,7 +56,7 @@ def section(cls: type[T], doc: str, **overrides: Any) -> Any:
 # Data
 # --------------------------------------------------------------------------------------------------
 
-Dataset = Literal["synthetic", "coco", "flickr8k", "flickr30k"]
+Dataset = Literal["synthetic", "coco", "flickr8k", "flickr30k", "local"]
 Split = Literal["train", "val", "test"]
 
 
@@ -74,6 +74,18 @@ class SyntheticConfig:
         "coco", "Which real download layout (file names, JSON fields, archives) to imitate."
     )
     seed: int = setting(0, "Generator seed: the same seed gives byte-identical files.")
+
+
+@dataclass(frozen=True)
+class LocalDataConfig:
+    """A dataset already on disk: a Karpathy-format split file and its images (new data as a folder)."""
+
+    karpathy_json: str | None = setting(
+        None, "Karpathy-format split file of a dataset already on disk (dataset=local)."
+    )
+    image_dir: str | None = setting(
+        None, "Folder the JSON's image paths are relative to; none = the JSON's folder."
+    )
 
 
 @dataclass(frozen=True)
@@ -134,7 +146,9 @@ class LoaderConfig:
 class DataConfig:
     """Raw data, vocabulary and shards."""
 
-    dataset: Dataset = setting("coco", "Which dataset: coco, flickr8k, flickr30k or synthetic.")
+    dataset: Dataset = setting(
+        "coco", "Which dataset: coco, flickr8k, flickr30k, synthetic, or local (a Karpathy-format folder)."
+    )
     raw_dir: str = setting("data/raw", "Where downloads and extracted files go (local path).")
     shard_dir: str = setting("data/shards", "Where shards go: a local path or s3://bucket/prefix.")
     restval_split: Literal["train", "val", "test"] | None = setting(
@@ -147,6 +161,7 @@ class DataConfig:
     )
     download: DownloadConfig = section(DownloadConfig, "Fetching raw datasets.")
     synthetic: SyntheticConfig = section(SyntheticConfig, "The synthetic dataset (dataset=synthetic).")
+    local: LocalDataConfig = section(LocalDataConfig, "A Karpathy-format dataset on disk (dataset=local).")
     shards: ShardConfig = section(ShardConfig, "Writing WebDataset shards.")
     loader: LoaderConfig = section(LoaderConfig, "Streaming shards to training and evaluation.")
 
@@ -525,6 +540,8 @@ def config_warnings(cfg: Config) -> list[str]:
             warnings.append(f"train.{name}.decay_factor/decay_patience only apply to lr_schedule='plateau'")
     if cfg.data.dataset != "synthetic" and cfg.data.synthetic != defaults.data.synthetic:
         warnings.append("data.synthetic.* is set but data.dataset is not 'synthetic'")
+    if cfg.data.dataset != "local" and cfg.data.local != defaults.data.local:
+        warnings.append("data.local.* is set but data.dataset is not 'local'")
     if cfg.data.dataset != "flickr30k" and cfg.data.download.flickr30k_archive is not None:
         warnings.append("data.download.flickr30k_archive is set but data.dataset is not 'flickr30k'")
     if (

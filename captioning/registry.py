@@ -15,7 +15,9 @@ The gate: no champion yet -> the new version becomes champion; otherwise it beco
 when its score is strictly greater than the champion's tag (a tie keeps the incumbent, so
 re-running the gate is deterministic), else it takes the ``challenger`` alias. A champion with no
 tag for the metric (set by hand, or scored on another metric) is never replaced automatically:
-the gate fails closed and logs a warning. Two gates running at once for the same model can both
+the gate fails closed and logs a warning. When the challenger was scored on other data than the
+champion's tag (retraining on newly landed data), pass ``champion_score``: the champion re-scored on
+the same data, which the gate then compares with instead. Two gates running at once for the same model can both
 see the same champion; run promotions for one model from one place (the flow).
 """
 
@@ -113,9 +115,19 @@ def _aliases(client: MlflowClient, name: str) -> dict[str, str]:
 
 
 def promote_if_better(
-    client: MlflowClient, name: str, version: str, score: float, *, metric: str = DEFAULT_METRIC
+    client: MlflowClient,
+    name: str,
+    version: str,
+    score: float,
+    *,
+    metric: str = DEFAULT_METRIC,
+    champion_score: float | None = None,
 ) -> Promotion:
-    """Tag ``version`` with its score and move ``champion`` to it if it beats the champion (see the module doc)."""
+    """Tag ``version`` with its score and move ``champion`` to it if it beats the champion (see the module doc).
+
+    ``champion_score``: the current champion's score on the same data as ``score``, replacing its tag
+    in the comparison (the champion's tag is left as it is).
+    """
     score = float(score)
     if not math.isfinite(score):
         raise ValueError(f"{name} version {version}: {metric} must be finite to compare, got {score}")
@@ -124,6 +136,8 @@ def promote_if_better(
     aliases = _aliases(client, name)
     previous = aliases.get(CHAMPION)
     previous_score = None if previous is None else _score_tag(client, name, previous, metric)
+    if previous is not None and champion_score is not None:
+        previous_score = float(champion_score)
     if previous is None or previous == version:
         promoted = True
     elif previous_score is None:
@@ -161,3 +175,22 @@ def champion(client: MlflowClient, name: str, *, metric: str = DEFAULT_METRIC) -
     if score is None:
         raise ValueError(f"{name}: champion version {version} has no numeric {metric!r} tag")
     return version, score
+
+
+def register_checkpoint(
+    client: MlflowClient,
+    name: str,
+    run_id: str,
+    checkpoint_uri: str,
+    score: float,
+    *,
+    tags: Mapping[str, str],
+    metric: str = DEFAULT_METRIC,
+    champion_score: float | None = None,
+) -> Promotion:
+    """The checkpoint as a pyfunc model of run ``run_id``, a new version of ``name``, then the gate."""
+    from captioning.serving import log_pyfunc
+
+    source = log_pyfunc(client, run_id, checkpoint_uri)
+    version = register_model(client, name, source, run_id, tags=tags)
+    return promote_if_better(client, name, version, score, metric=metric, champion_score=champion_score)

@@ -230,15 +230,16 @@ def git_commit() -> str:
     return f"{commit}-dirty" if dirty else commit
 
 
-def describe_run(tracker: Tracker, cfg: Config, stages: Sequence[str], dist: DistInfo) -> None:
-    """Rank 0: the run's tags (recipe, stages, commit, dataset manifest hash), the flattened config
-    as parameters, and the config, vocabulary and dataset manifest as artifacts."""
+def describe_run(tracker: Tracker, cfg: Config, stages: Sequence[str], world_size: int) -> None:
+    """The run's tags (recipe, stages, commit, dataset manifest hash), the flattened config as
+    parameters, and the config, vocabulary and dataset manifest as artifacts (rank 0, or the
+    orchestrator that owns the parent run)."""
     manifest = storage.read_bytes(storage.join(cfg.data.shard_dir, MANIFEST_FILE))
     tracker.set_tags(
         {
             "recipe": cfg.recipe,
             "stages": ",".join(stages),
-            "world_size": str(dist.world_size),
+            "world_size": str(world_size),
             "git_commit": git_commit(),
             "dataset_manifest_sha256": hashlib.sha256(manifest).hexdigest(),
             "dataset": cfg.data.dataset,
@@ -350,8 +351,13 @@ def run(
     resume: bool = False,
     init_from: str | None = None,
     registrar: Callable[[Tracker, StageResult], dict[str, Any] | None] | None = None,
+    describe: bool = True,
 ) -> dict[str, Any]:
-    """Every stage of ``cfg.train.stages`` in order; returns the run summary (also summary.json)."""
+    """Every stage of ``cfg.train.stages`` in order; returns the run summary (also summary.json).
+
+    ``describe=False`` leaves the tracker's run undescribed (no config params, tags or artifacts):
+    an orchestrator that owns the run described it once for all its stage launches.
+    """
     start = time.perf_counter()
     stages = list(cfg.train.stages)
     unknown = [s for s in stages if s not in STAGE_ORDER]
@@ -372,9 +378,11 @@ def run(
     model = build_model(cfg, vocab, dist, init_from).to(dist.device)
     if dist.is_main:
         storage.write_json(storage.join(output, "config.json"), cfg.to_dict())
-        describe_run(tracker, cfg, stages, dist)
+        if describe:
+            describe_run(tracker, cfg, stages, dist.world_size)
     results: list[StageResult] = []
     registrations: dict[str, Any] = {}
+    stage_runs: dict[str, str | None] = {}
     for name in stages:
         setup = stage_setup(cfg, name, output)
         if resume and storage.exists(setup.summary_uri):
@@ -384,6 +392,7 @@ def run(
             results.append(done)
             continue
         stage_tracker = tracker.child(name) if dist.is_main else NullTracker()
+        stage_runs[name] = getattr(stage_tracker, "run_id", None)
         reward = CiderReward(read_references(cfg.data.shard_dir, "train")) if name == "scst" else None
         if dist.is_main:
             stage_tracker.log_params(
@@ -420,6 +429,7 @@ def run(
         "test_scores": results[-1].test_scores if results else {},
         "registered": registrations,
         "tracking_run_id": getattr(tracker, "run_id", None),
+        "stage_runs": stage_runs,  # stage -> its MLflow child run (stages finished earlier: absent)
         "duration_s": round(time.perf_counter() - start, 3),
     }
     if dist.is_main:
@@ -435,8 +445,7 @@ class Registrar:
         self.client, self.model_name, self.recipe = client, model_name, recipe
 
     def __call__(self, stage_tracker: Tracker, result: StageResult) -> dict[str, Any] | None:
-        from captioning.registry import promote_if_better, register_model
-        from captioning.serving import log_pyfunc
+        from captioning.registry import register_checkpoint
 
         run_id = getattr(stage_tracker, "run_id", None)
         score = result.test_scores.get("CIDEr")
@@ -444,22 +453,25 @@ class Registrar:
             logger.warning("stage %s: not registered (no MLflow run id or no test CIDEr)", result.name)
             return None
         try:
-            source = log_pyfunc(self.client, run_id, result.best_checkpoint)
-            version = register_model(
+            promotion = register_checkpoint(
                 self.client,
                 self.model_name,
-                source,
                 run_id,
+                result.best_checkpoint,
+                score,
                 tags={"stage": result.name, "recipe": self.recipe},
             )
-            promotion = promote_if_better(self.client, self.model_name, version, score, metric="test_CIDEr")
         except (
             Exception
         ) as exc:  # the server went away: training results stay on disk, registration can be redone
             logger.warning("stage %s: registration failed (%s: %s)", result.name, type(exc).__name__, exc)
             return {"error": f"{type(exc).__name__}: {exc}"}
         logger.info(
-            "registered %s version %s (test CIDEr %.4f): %s", self.model_name, version, score, promotion.alias
+            "registered %s version %s (test CIDEr %.4f): %s",
+            self.model_name,
+            promotion.version,
+            score,
+            promotion.alias,
         )
         return dataclasses.asdict(promotion)
 
@@ -497,8 +509,8 @@ def open_tracker(
         fallback_dir=output if local else tempfile.mkdtemp(prefix="mlflow-fallback-"),
         system_metrics=cfg.tracking.system_metrics,
     )
-    if args.parent_run_id:
-        tracker = MlflowTracker.attach(client, args.parent_run_id, **settings)
+    if args.parent_run_id:  # the orchestrator owns that run: it describes it and ends it
+        tracker = MlflowTracker.attach(client, args.parent_run_id, terminate_on_close=False, **settings)
     else:
         run_name = f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
         tracker = MlflowTracker.start_run(client, cfg.tracking.experiment, run_name, **settings)
@@ -518,7 +530,7 @@ def main(argv: Sequence[str] | None = None, *, tracker: Tracker | None = None) -
         format=f"%(asctime)s [rank {dist.rank}] %(name)s: %(message)s",
     )
     cfg = load_config(args.config, overrides)
-    if dist.is_main:
+    if dist.is_main and not args.parent_run_id:  # an orchestrator warned once for all its launches
         for warning in config_warnings(cfg):
             logger.warning("config: %s", warning)
     output = args.output or storage.join(cfg.storage.run_dir, cfg.recipe)
@@ -535,6 +547,7 @@ def main(argv: Sequence[str] | None = None, *, tracker: Tracker | None = None) -
             resume=args.resume,
             init_from=args.init_from,
             registrar=registrar,
+            describe=not args.parent_run_id,
         )
         tracker.close()
         return dict(broadcast_object(dist, summary))

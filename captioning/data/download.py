@@ -11,6 +11,11 @@ Only the small Karpathy JSON is extracted; the COCO and Flickr8k image zips are 
 (``captioning.data.sources``). Flickr30k has no public URL (it is given out on request), so its
 ``flickr30k-images.tar.gz`` comes from a local path and is extracted, because a tar.gz cannot be
 read at random. ``synthetic`` generates the learnable synthetic dataset under ``raw_dir/synthetic``.
+``local`` fetches nothing: new data that landed as a folder (a Karpathy-format split file and its
+images) is read where it is::
+
+    raw = fetch_dataset("local", "unused", karpathy_json="/data/new/dataset_coco.json")
+    raw.images                                           # DirSource("/data/new"): the JSON's folder
 
 ``download_file`` streams into ``dest.part``, resumes it with ``Range: bytes=N-``, retries
 connection errors, timeouts and 5xx answers with exponential backoff, and renames the file into
@@ -43,7 +48,14 @@ import requests
 import urllib3
 from tqdm import tqdm
 
-from captioning.data.sources import FLICKR30K_FOLDER, SYNTHETIC_FOLDER, ImageSource, source_for
+from captioning.config import ConfigError
+from captioning.data.sources import (
+    FLICKR30K_FOLDER,
+    SYNTHETIC_FOLDER,
+    DirSource,
+    ImageSource,
+    source_for,
+)
 from captioning.data.synthetic import generate_synthetic
 
 if TYPE_CHECKING:
@@ -51,7 +63,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DATASETS: tuple[str, ...] = ("coco", "flickr8k", "flickr30k", "synthetic")
+DATASETS: tuple[str, ...] = ("coco", "flickr8k", "flickr30k", "synthetic", "local")
 
 
 class DownloadError(RuntimeError):
@@ -114,7 +126,7 @@ REMOTE_FILES: dict[str, RemoteFile] = {
 }
 
 # What each downloadable dataset needs, by REMOTE_FILES name. Flickr30k's images come from a local
-# archive (flickr30k_archive); synthetic is generated.
+# archive (flickr30k_archive); synthetic is generated; local is already on disk.
 DATASET_FILES: dict[str, tuple[str, ...]] = {
     "coco": ("caption_datasets.zip", "train2014.zip", "val2014.zip"),
     "flickr8k": ("caption_datasets.zip", "Flickr8k_Dataset.zip"),
@@ -529,6 +541,8 @@ def fetch_dataset(
     progress: bool = True,
     retry_delay_s: float = 1.0,
     synthetic: Mapping[str, Any] | None = None,
+    karpathy_json: str | os.PathLike[str] | None = None,
+    image_dir: str | os.PathLike[str] | None = None,
 ) -> RawDataset:
     """Download (or generate) a dataset under raw_dir and return its split file and image source.
 
@@ -536,12 +550,17 @@ def fetch_dataset(
     URLs' prefix), extract only ``dataset_<name>.json``, read images straight from the zips.
     flickr30k: the Karpathy JSON as above; images from the local (or http[s]) ``flickr30k_archive``,
     extracted to ``raw_dir/flickr30k-images``. synthetic: ``generate_synthetic(raw_dir/synthetic,
-    **synthetic)`` unless the same settings were generated there already. ``verify_checksums=False``
-    ignores the known sizes and MD5s (mirrors serving other bytes, tests).
+    **synthetic)`` unless the same settings were generated there already. local: nothing is fetched
+    (raw_dir is unused); the split file is ``karpathy_json`` and the images are read from
+    ``image_dir`` (default: the JSON's folder), so the records' paths (``filepath/filename`` for
+    COCO-style entries, ``filename`` for Flickr-style ones) must be relative to it.
+    ``verify_checksums=False`` ignores the known sizes and MD5s (mirrors serving other bytes, tests).
     """
     raw = Path(raw_dir)
     if dataset == "synthetic":
         return _generate(raw, dict(synthetic or {}))
+    if dataset == "local":
+        return _local(karpathy_json, image_dir)
     if dataset not in DATASET_FILES:
         raise ValueError(f"unknown dataset {dataset!r}; valid datasets: {', '.join(DATASETS)}")
     if dataset == "flickr30k" and flickr30k_archive is None:
@@ -584,7 +603,7 @@ def fetch_dataset(
 
 
 def build_raw_dataset(cfg: DataConfig, *, progress: bool = True) -> RawDataset:
-    """fetch_dataset with the settings of the ``data`` config section (download and synthetic)."""
+    """fetch_dataset with the settings of the ``data`` config section (download, synthetic, local)."""
     download = cfg.download
     return fetch_dataset(
         cfg.dataset,
@@ -596,6 +615,8 @@ def build_raw_dataset(cfg: DataConfig, *, progress: bool = True) -> RawDataset:
         verify_checksums=download.verify_checksums,
         progress=progress,
         synthetic=dataclasses.asdict(cfg.synthetic),
+        karpathy_json=cfg.local.karpathy_json,
+        image_dir=cfg.local.image_dir,
     )
 
 
@@ -629,3 +650,21 @@ def _generate(raw: Path, settings: dict[str, Any]) -> RawDataset:
     return RawDataset(
         name="synthetic", karpathy_json=json_path, images=source_for("synthetic", raw, synthetic_style=style)
     )
+
+
+def _local(
+    karpathy_json: str | os.PathLike[str] | None, image_dir: str | os.PathLike[str] | None
+) -> RawDataset:
+    """A Karpathy-format dataset already on disk, read in place (absolute paths, for any worker)."""
+    if karpathy_json is None:
+        raise ConfigError(
+            "dataset=local needs data.local.karpathy_json: the path of the folder's Karpathy-format "
+            "split file (e.g. --data.local.karpathy_json=/data/new/dataset_coco.json)"
+        )
+    json_path = Path(karpathy_json).expanduser().absolute()
+    if not json_path.is_file():
+        raise FileNotFoundError(f"data.local.karpathy_json: no file {json_path}")
+    root = json_path.parent if image_dir is None else Path(image_dir).expanduser().absolute()
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.local.image_dir: no folder {root}")
+    return RawDataset(name="local", karpathy_json=json_path, images=DirSource(root))

@@ -6,20 +6,36 @@ the Prefect tasks can wrap them one by one::
 
     cfg = load_config("demo")
     result = prepare_data(cfg)          # re-running on unchanged inputs skips every finished shard
-    print(result.manifest["splits"])
+    print(result.manifest.splits)
+
+``build_shards`` is itself three steps, so a flow can map the middle one over groups of shards::
+
+    plan = plan_shards_for(records, vocab, raw, cfg)
+    results = [write_shard_group_for(group, cfg) for group in plan.groups(4)]   # one task each
+    manifest = finish_shards(plan, vocab, results)
 
 The shard location is ``cfg.data.shard_dir`` (a local folder or ``s3://bucket/prefix``).
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from captioning.config import Config
 from captioning.data.download import RawDataset, build_raw_dataset
 from captioning.data.records import ImageRecord, KarpathyDataset, read_karpathy
-from captioning.data.shards import ShardManifest, write_shards
+from captioning.data.shards import (
+    ShardGroupResult,
+    ShardJob,
+    ShardManifest,
+    ShardPlan,
+    finish_shard_build,
+    plan_shard_build,
+    write_shard_group,
+)
 from captioning.data.vocab import LengthStats, Vocab, apply_length_policy, build_vocab
 
 
@@ -39,11 +55,16 @@ def shard_fingerprint(cfg: Config) -> str:
     ]
     if cfg.data.dataset == "synthetic":
         sections.append("data.synthetic")
+    if cfg.data.dataset == "local":
+        sections.append("data.local")
     return cfg.fingerprint(*sections)
 
 
 def fetch(cfg: Config, *, progress: bool = True) -> RawDataset:
-    """Download (or generate, or take from a local archive) the raw dataset into data.raw_dir."""
+    """Download (or generate, or take from a local archive) the raw dataset into data.raw_dir.
+
+    dataset=local fetches nothing: data.local names a Karpathy-format split file and its images.
+    """
     return build_raw_dataset(cfg.data, progress=progress)
 
 
@@ -60,12 +81,15 @@ def build_vocabulary(dataset: KarpathyDataset, cfg: Config) -> tuple[Vocab, Leng
     return build_vocab(train, min_word_freq=cfg.data.min_word_freq), stats
 
 
-def build_shards(
-    records: list[ImageRecord], vocab: Vocab, raw: RawDataset, cfg: Config, *, progress: bool = True
-) -> ShardManifest:
-    """Write the shards and the manifest (sizes.json, vocab.json, manifest.json) to data.shard_dir."""
+def plan_shards_for(
+    records: list[ImageRecord], vocab: Vocab, raw: RawDataset, cfg: Config, *, config_hash: str | None = None
+) -> ShardPlan:
+    """Plan the shard build into data.shard_dir with data.shards' image settings (see plan_shard_build).
+
+    The manifest records ``config_hash``: ``shard_fingerprint(cfg)`` unless another key is given.
+    """
     sh = cfg.data.shards
-    return write_shards(
+    return plan_shard_build(
         records,
         vocab,
         raw.images,
@@ -77,12 +101,35 @@ def build_shards(
         max_image_pixels=sh.max_image_pixels,
         max_caption_len=cfg.data.max_caption_len,
         overlong=cfg.data.overlong_captions,
-        num_procs=sh.num_procs,
-        executor=sh.executor,
-        dask_address=sh.dask_address,
-        config_hash=shard_fingerprint(cfg),
-        progress=progress,
+        config_hash=shard_fingerprint(cfg) if config_hash is None else config_hash,
     )
+
+
+def write_shard_group_for(
+    jobs: Sequence[ShardJob], cfg: Config, *, progress: bool = True
+) -> ShardGroupResult:
+    """Write one group of a plan's shards with data.shards' num_procs, executor and dask_address."""
+    sh = cfg.data.shards
+    return write_shard_group(
+        jobs, num_procs=sh.num_procs, executor=sh.executor, dask_address=sh.dask_address, progress=progress
+    )
+
+
+def finish_shards(
+    plan: ShardPlan, vocab: Vocab, results: Sequence[ShardGroupResult], *, start: float | None = None
+) -> ShardManifest:
+    """Write sizes.json, references.json, vocab.json and manifest.json once every group is written."""
+    return finish_shard_build(plan, vocab, results, start=start)
+
+
+def build_shards(
+    records: list[ImageRecord], vocab: Vocab, raw: RawDataset, cfg: Config, *, progress: bool = True
+) -> ShardManifest:
+    """Write the shards and the manifest to data.shard_dir: plan, every job as one group, finish."""
+    start = time.perf_counter()
+    plan = plan_shards_for(records, vocab, raw, cfg)
+    result = write_shard_group_for(plan.jobs, cfg, progress=progress)
+    return finish_shards(plan, vocab, [result], start=start)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,13 @@ Usage::
     problems = verify_shards("data/shards")           # [] when every tar matches its sha256
     report = inspect_shards("data/shards", split="val", n=2)
 
+``write_shards`` is three public steps, so an orchestrator can map the middle one over groups of
+shards (one task per group, on any machine that reaches the output location)::
+
+    plan = plan_shard_build(dataset.records, vocab, source, "s3://bucket/shards", image_size=256)
+    results = [write_shard_group(group, num_procs=4) for group in plan.groups(8)]   # picklable
+    manifest = finish_shard_build(plan, vocab, results)   # ShardError if a group is missing
+
 The format (a contract with the loader). One sample per image, key ``f"{image_id:012d}"``, members
 ``KEY.jpg`` (the resized RGB JPEG) and ``KEY.json``::
 
@@ -19,14 +26,15 @@ goes through ``apply_length_policy`` first (overlong captions dropped or truncat
 test keep every reference. Under the output location: ``{split}-{index:06d}.tar`` holding the split's
 records ``[index*n, (index+1)*n)`` in file order (images that fail are skipped, so a shard can hold
 fewer), ``{split}-{index:06d}.stats.json`` next to each, and at the end ``sizes.json``,
-``vocab.json`` and ``manifest.json`` (written last: its presence means the build finished).
+``references.json``, ``vocab.json`` and ``manifest.json`` (written last: its presence means the
+build finished).
 
 Resumable and atomic: a tar is written under a hidden temporary name and renamed, then its stats
 (which carry the tar's sha256 and a hash of the job that made it) are written the same way; a
 shard whose stats match its job and its bytes is not rebuilt, so a build killed at any moment and
 re-run gives the same bytes as an uninterrupted one. Tars are byte-reproducible: fixed member order,
 mtime, owner and mode, and deterministic image bytes (``captioning.data.images``). One build per
-output location at a time.
+output location at a time (the groups of that one build may run at once: they share no file).
 """
 
 from __future__ import annotations
@@ -174,7 +182,7 @@ class SplitSummary:
 
 @dataclass(frozen=True)
 class ShardManifest:
-    """What ``write_shards`` produced; ``to_json()`` is the content of manifest.json."""
+    """What a build (``write_shards``, ``finish_shard_build``) produced; ``to_json()`` is manifest.json."""
 
     out: str
     config_hash: str
@@ -423,6 +431,212 @@ def _job_hash(name: str, items: Sequence[ShardItem], settings: ImageSettings) ->
 # -------------------------------------------------------------------------------------- build
 
 
+@dataclass(frozen=True)
+class ShardPlan:
+    """Every shard job of one build and the settings the manifest records (picklable).
+
+    ``plan_shard_build`` makes it; ``groups(n)`` splits the jobs for ``write_shard_group`` calls that
+    may run anywhere (one Prefect task each); ``finish_shard_build`` turns their results into the
+    manifest.
+    """
+
+    out: str
+    jobs: tuple[ShardJob, ...]
+    settings: ImageSettings
+    samples_per_shard: int
+    length_policy: dict[str, Any]  # applies_to, max_caption_len, overlong, and the LengthStats counts
+    config_hash: str
+
+    def groups(self, num_groups: int) -> list[tuple[ShardJob, ...]]:
+        """The jobs in at most ``num_groups`` contiguous, non-empty groups whose sizes differ by <= 1.
+
+        Deterministic: the same plan and ``num_groups`` always give the same groups, in job order
+        (the first ``len(jobs) % k`` groups hold one job more). No jobs give no groups.
+        """
+        if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+            raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
+        k = min(num_groups, len(self.jobs))
+        if k == 0:
+            return []
+        size, extra = divmod(len(self.jobs), k)
+        groups = []
+        begin = 0
+        for g in range(k):
+            end = begin + size + (1 if g < extra else 0)
+            groups.append(self.jobs[begin:end])
+            begin = end
+        return groups
+
+
+@dataclass(frozen=True)
+class ShardGroupResult:
+    """What ``write_shard_group`` did: the stats of every job of the group, built or found complete."""
+
+    stats: dict[str, ShardStats]  # shard name ("train-000003") -> its stats, in job order
+    num_built: int  # shards written by this call
+    num_skipped: int  # shards found complete and left alone
+
+
+def plan_shard_build(
+    records: Iterable[ImageRecord],
+    vocab: Vocab,
+    source: ImageSource,
+    out: str,
+    *,
+    image_size: int = 256,
+    resize_mode: str = "squash",
+    jpeg_quality: int = 90,
+    samples_per_shard: int = 1000,
+    max_image_pixels: int = 178_956_970,
+    max_caption_len: int = 50,
+    overlong: str = "drop",
+    config_hash: str = "",
+) -> ShardPlan:
+    """Plan a build into ``out`` and make the location ready for ``write_shard_group`` calls.
+
+    Validates the settings, splits the records into shard jobs (``plan_shards``), creates a local
+    output folder and removes what a killed build left there, and removes manifest.json: its
+    presence means "finished", and shards may change underneath it until ``finish_shard_build``.
+    """
+    out = os.fspath(out)
+    settings = ImageSettings(
+        size=image_size, resize_mode=resize_mode, jpeg_quality=jpeg_quality, max_image_pixels=max_image_pixels
+    )
+    jobs, length_stats = plan_shards(
+        records,
+        vocab,
+        source,
+        out,
+        settings=settings,
+        samples_per_shard=samples_per_shard,
+        max_caption_len=max_caption_len,
+        overlong=overlong,
+    )
+    if not storage.is_s3(out):
+        os.makedirs(out, exist_ok=True)
+        _clean_leftovers(out, planned={name for job in jobs for name in (job.tar_name, job.stats_name)})
+    storage.remove(storage.join(out, MANIFEST_FILE))
+    return ShardPlan(
+        out=out,
+        jobs=tuple(jobs),
+        settings=settings,
+        samples_per_shard=samples_per_shard,
+        length_policy={
+            "applies_to": ["train"],
+            "max_caption_len": max_caption_len,
+            "overlong": overlong,
+            **asdict(length_stats),
+        },
+        config_hash=config_hash,
+    )
+
+
+def write_shard_group(
+    jobs: Sequence[ShardJob],
+    *,
+    num_procs: int = 0,
+    executor: Executor = "process",
+    dask_address: str | None = None,
+    progress: bool = True,
+) -> ShardGroupResult:
+    """Write the shards of ``jobs`` (one group of a ``ShardPlan``, or all of it); return their stats.
+
+    Shards already complete (stats present, matching this job, tar sha256 matching) are skipped.
+    The rest run in parallel through ``write_shard``: ``executor="process"`` uses a process pool of
+    ``num_procs`` (0 = all cores; 1 runs in this process), ``"dask"`` a distributed Client at
+    ``dask_address`` or, without one, a LocalCluster of ``num_procs`` single-threaded workers.
+    Raises ShardError naming each failed shard after the group's other shards finished (a re-run
+    resumes). Groups of one plan share nothing but the output location, so they may run at once.
+    """
+    _check_executor(executor, num_procs)
+    jobs = list(jobs)
+    done: dict[str, ShardStats] = {}
+    todo: list[ShardJob] = []
+    for job in jobs:
+        stats = _completed_stats(job)
+        if stats is None:
+            todo.append(job)
+        else:
+            done[job.name] = stats
+    num_skipped = len(done)
+    if num_skipped:
+        outs = ", ".join(sorted({job.out for job in jobs}))
+        logger.info("%d of %d shards already complete in %s; skipping them", num_skipped, len(jobs), outs)
+
+    errors: list[str] = []
+    with tqdm(total=len(jobs), initial=num_skipped, desc="shards", unit="shard", disable=not progress) as bar:
+        for job, result in _run(
+            todo, num_procs=_resolve_procs(num_procs), executor=executor, dask_address=dask_address
+        ):
+            if isinstance(result, BaseException):
+                errors.append(f"{job.tar_name}: {type(result).__name__}: {result}")
+            else:
+                done[job.name] = result
+            bar.update(1)
+    if errors:
+        raise ShardError(
+            f"{len(errors)} of {len(todo)} shards failed (re-run to resume): " + "; ".join(errors)
+        )
+    return ShardGroupResult(
+        stats={job.name: done[job.name] for job in jobs}, num_built=len(todo), num_skipped=num_skipped
+    )
+
+
+def finish_shard_build(
+    plan: ShardPlan, vocab: Vocab, results: Sequence[ShardGroupResult], *, start: float | None = None
+) -> ShardManifest:
+    """Merge the groups' results; write sizes.json, references.json, vocab.json and (last) manifest.json.
+
+    Raises ShardError, writing nothing, when a planned shard has no stats in ``results`` (a group
+    that was not written) or when a result's stats belong to another plan. ``num_built`` and
+    ``num_skipped`` are the groups' sums. ``start`` is a ``time.perf_counter()`` reading taken in
+    this process before planning; without it ``duration_s`` times this step alone.
+    """
+    start = time.perf_counter() if start is None else start
+    planned = {job.name: job for job in plan.jobs}
+    stats: dict[str, ShardStats] = {}
+    foreign: list[str] = []
+    for result in results:
+        for name, shard in result.stats.items():
+            job = planned.get(name)
+            if job is None or shard.job_hash != job.job_hash:
+                foreign.append(name)
+            else:
+                stats[name] = shard
+    if foreign:
+        raise ShardError(
+            f"{len(foreign)} shard results are not part of this plan (another build's groups?): "
+            + _name_list(sorted(set(foreign)))
+        )
+    missing = [job.name for job in plan.jobs if job.name not in stats]
+    if missing:
+        raise ShardError(
+            f"{len(missing)} of {len(plan.jobs)} planned shards have no stats (a group was not "
+            "written?): " + _name_list(missing)
+        )
+    manifest = _finish(
+        plan.out,
+        list(plan.jobs),
+        {job.name: stats[job.name] for job in plan.jobs},
+        vocab,
+        settings=plan.settings,
+        samples_per_shard=plan.samples_per_shard,
+        length_policy=plan.length_policy,
+        config_hash=plan.config_hash,
+        num_built=sum(result.num_built for result in results),
+        num_skipped=sum(result.num_skipped for result in results),
+        start=start,
+    )
+    logger.info(
+        "shards in %s: %d built, %d skipped, %s",
+        plan.out,
+        manifest.num_built,
+        manifest.num_skipped,
+        ", ".join(f"{s}={v.num_samples}" for s, v in manifest.splits.items()),
+    )
+    return manifest
+
+
 def write_shards(
     records: Iterable[ImageRecord],
     vocab: Vocab,
@@ -444,91 +658,43 @@ def write_shards(
 ) -> ShardManifest:
     """Write every split's shards to ``out`` (local folder or s3://bucket/prefix), then the manifest.
 
-    Shards already complete (stats present, matching this job, tar sha256 matching) are skipped.
-    The rest run in parallel through ``write_shard``: ``executor="process"`` uses a process pool of
-    ``num_procs`` (0 = all cores; 1 runs in this process), ``"dask"`` a distributed Client at
-    ``dask_address`` or, without one, a LocalCluster of ``num_procs`` single-threaded workers.
-    Raises ShardError after the other shards finished when some could not be written (a re-run
-    resumes); the manifest is then not written.
+    ``plan_shard_build``, one ``write_shard_group`` over every job, ``finish_shard_build``: complete
+    shards are skipped, the rest written in parallel (see ``write_shard_group`` for ``num_procs``,
+    ``executor`` and ``dask_address``). Raises ShardError after the other shards finished when some
+    could not be written (a re-run resumes); the manifest is then not written.
     """
     start = time.perf_counter()
-    out = os.fspath(out)
-    settings = ImageSettings(
-        size=image_size, resize_mode=resize_mode, jpeg_quality=jpeg_quality, max_image_pixels=max_image_pixels
-    )
-    if executor not in ("process", "dask"):
-        raise ValueError(f"unknown executor {executor!r}; valid: process, dask")
-    if num_procs < 0:
-        raise ValueError(f"num_procs must be >= 0 (0 = all cores), got {num_procs}")
-    jobs, length_stats = plan_shards(
+    _check_executor(executor, num_procs)
+    plan = plan_shard_build(
         records,
         vocab,
         source,
         out,
-        settings=settings,
+        image_size=image_size,
+        resize_mode=resize_mode,
+        jpeg_quality=jpeg_quality,
         samples_per_shard=samples_per_shard,
+        max_image_pixels=max_image_pixels,
         max_caption_len=max_caption_len,
         overlong=overlong,
-    )
-    if not storage.is_s3(out):
-        os.makedirs(out, exist_ok=True)
-        _clean_leftovers(out, planned={name for job in jobs for name in (job.tar_name, job.stats_name)})
-    # A manifest means "finished": drop it while shards may change underneath it.
-    storage.remove(storage.join(out, MANIFEST_FILE))
-
-    stats: dict[str, ShardStats] = {}
-    todo: list[ShardJob] = []
-    for job in jobs:
-        done = _completed_stats(job)
-        if done is None:
-            todo.append(job)
-        else:
-            stats[job.name] = done
-    num_skipped = len(stats)
-    if num_skipped:
-        logger.info("%d of %d shards already complete in %s; skipping them", num_skipped, len(jobs), out)
-
-    errors: list[str] = []
-    with tqdm(total=len(jobs), initial=num_skipped, desc="shards", unit="shard", disable=not progress) as bar:
-        for job, result in _run(
-            todo, num_procs=_resolve_procs(num_procs), executor=executor, dask_address=dask_address
-        ):
-            if isinstance(result, BaseException):
-                errors.append(f"{job.tar_name}: {type(result).__name__}: {result}")
-            else:
-                stats[job.name] = result
-            bar.update(1)
-    if errors:
-        raise ShardError(
-            f"{len(errors)} of {len(todo)} shards failed (re-run to resume): " + "; ".join(errors)
-        )
-
-    manifest = _finish(
-        out,
-        jobs,
-        stats,
-        vocab,
-        settings=settings,
-        samples_per_shard=samples_per_shard,
-        length_policy={
-            "applies_to": ["train"],
-            "max_caption_len": max_caption_len,
-            "overlong": overlong,
-            **asdict(length_stats),
-        },
         config_hash=config_hash,
-        num_built=len(todo),
-        num_skipped=num_skipped,
-        start=start,
     )
-    logger.info(
-        "shards in %s: %d built, %d skipped, %s",
-        out,
-        manifest.num_built,
-        manifest.num_skipped,
-        ", ".join(f"{s}={v.num_samples}" for s, v in manifest.splits.items()),
+    result = write_shard_group(
+        plan.jobs, num_procs=num_procs, executor=executor, dask_address=dask_address, progress=progress
     )
-    return manifest
+    return finish_shard_build(plan, vocab, [result], start=start)
+
+
+def _check_executor(executor: str, num_procs: int) -> None:
+    if executor not in ("process", "dask"):
+        raise ValueError(f"unknown executor {executor!r}; valid: process, dask")
+    if num_procs < 0:
+        raise ValueError(f"num_procs must be >= 0 (0 = all cores), got {num_procs}")
+
+
+def _name_list(names: Sequence[str], limit: int = 20) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
 def _resolve_procs(num_procs: int) -> int:

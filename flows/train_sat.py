@@ -1,0 +1,134 @@
+"""``train-sat``: [prepare-data] -> xe -> finetune -> scst (each a torchrun DDP job, tested on the test
+split) -> register the best stage's model -> champion gate. The flow owns the MLflow parent run.
+
+    prefect deployment run train-sat/demo --watch
+    prefect deployment run train-sat/coco -p stages='["scst"]' -p init_from=s3://bucket/runs/coco/x/finetune/best.pt
+    python -m flows.train_sat --recipe demo --train.xe.epochs=1      # without a deployment
+
+Outputs go to ``{storage.run_dir}/{recipe}/{flow run name}`` unless ``output`` is given; a retried or
+re-run flow with the same output skips finished stages and resumes an interrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+from captioning import pipeline
+from captioning.config import config_warnings
+from flows.prepare_data import prepare_data
+from tasks.tracking import end_tracking_run, register_model, start_tracking_run
+from tasks.training import GPU_LIMIT, train_stage
+
+
+@flow(name="train-sat", log_prints=True)
+def train_sat(
+    recipe: str = "demo",
+    stages: list[str] | None = None,
+    overrides: list[str] | None = None,
+    output: str | None = None,
+    prepare: bool = True,
+    register_best: bool = True,
+    init_from: str | None = None,
+    stage_timeout_s: float | None = None,
+    gpu_limit: str = GPU_LIMIT,
+) -> dict[str, Any]:
+    """Train Show-Attend-Tell with ``recipe`` (configs/NAME.toml) and register the best stage's model.
+
+    ``stages``: default the recipe's ``train.stages``. ``overrides``: dotted settings
+    (``train.xe.epochs=2``). ``prepare``: build the shards first (a no-op when up to date). ``register_best``: register the
+    best stage's model and run the champion gate.
+    ``init_from``: checkpoint the first stage starts from. ``stage_timeout_s``: per-stage limit.
+    """
+    cfg = pipeline.load_recipe_config(recipe, overrides)
+    stages = pipeline.resolve_stages(stages, cfg)
+    tracking_uri = pipeline.tracking_uri_of(cfg)
+    logger = get_run_logger()
+    for warning in config_warnings(cfg):
+        logger.warning("config: %s", warning)
+    if prepare:
+        prepare_data(recipe=recipe, overrides=overrides)
+    run_name = f"{recipe}-{flow_run.get_name() or 'local'}"
+    output = output or pipeline.run_output(cfg, flow_run.get_name() or "local")
+    run_id = start_tracking_run(
+        cfg,
+        stages,
+        run_name,
+        cfg.train.nproc_per_node,
+        tags={"prefect_flow_run_id": str(flow_run.get_id()), "output": output, "orchestrator": "prefect"},
+    )
+    outcomes: list[pipeline.StageOutcome] = []
+    try:
+        init = init_from
+        for stage in stages:
+            outcome = train_stage(
+                recipe,
+                stage,
+                output,
+                pipeline.launch_overrides(overrides),
+                init_from=init,
+                parent_run_id=run_id,
+                timeout_s=stage_timeout_s,
+                gpu_limit=gpu_limit,
+            )
+            outcomes.append(outcome)
+            init = outcome.checkpoint
+        best = pipeline.best_stage(outcomes)
+        promotion = (
+            register_model(best, cfg.tracking.registered_model, recipe, tracking_uri)
+            if register_best
+            else None
+        )
+    except BaseException as exc:
+        pipeline.end_run_after_error(run_id, exc, tracking_uri=tracking_uri)
+        raise
+    end_tracking_run(
+        run_id,
+        "FINISHED",
+        {f"test_{k}": v for k, v in best.test_scores.items()},
+        tracking_uri,
+        tags={"best_stage": best.stage},
+    )
+    table = pipeline.scores_table(pipeline.outcomes_summary(outcomes))
+    create_markdown_artifact(
+        key="test-scores", markdown=table, description=f"{recipe}: test scores per stage"
+    )
+    logger.info("test scores (%s):\n%s", output, table)
+    return {
+        "recipe": recipe,
+        "output": output,
+        "mlflow_run_id": run_id,
+        "stages": [o.to_json() for o in outcomes],
+        "best_stage": best.stage,
+        "test_scores": best.test_scores,
+        "registered": promotion,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(prog="python -m flows.train_sat", description=train_sat.description)
+    p.add_argument("--recipe", default="demo")
+    p.add_argument("--stages", nargs="+")
+    p.add_argument("--output")
+    p.add_argument("--no-prepare", action="store_true")
+    p.add_argument("--no-register", action="store_true")
+    p.add_argument("--init-from")
+    args, overrides = p.parse_known_args(argv)
+    return train_sat(
+        recipe=args.recipe,
+        stages=args.stages,
+        overrides=overrides,
+        output=args.output,
+        prepare=not args.no_prepare,
+        register_best=not args.no_register,
+        init_from=args.init_from,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""MLflow tasks: the pipeline's parent run, registration with the champion gate, evaluation runs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from captioning import pipeline
+from captioning.config import Config
+
+RETRY_DELAYS_S: list[float] = [5, 30, 120]
+
+
+@task(name="start-tracking-run", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=RETRY_DELAYS_S)
+def start_tracking_run(
+    cfg: Config, stages: Sequence[str], run_name: str, world_size: int, tags: Mapping[str, str]
+) -> str:
+    """The MLflow parent run every stage reports under; its id."""
+    return pipeline.start_pipeline_run(cfg, stages, run_name=run_name, world_size=world_size, tags=tags)
+
+
+@task(name="end-tracking-run", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=RETRY_DELAYS_S)
+def end_tracking_run(
+    run_id: str,
+    status: str,
+    metrics: Mapping[str, float],
+    tracking_uri: str,
+    tags: Mapping[str, str] | None = None,
+) -> None:
+    pipeline.end_pipeline_run(run_id, status, metrics=metrics, tags=tags, tracking_uri=tracking_uri)
+
+
+@task(name="register-model", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=RETRY_DELAYS_S)
+def register_model(
+    outcome: pipeline.StageOutcome,
+    model_name: str,
+    recipe: str,
+    tracking_uri: str,
+    champion_score: float | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """A new registered version from the stage's best model, then the champion gate."""
+    return pipeline.register_outcome(
+        outcome,
+        model_name,
+        recipe=recipe,
+        champion_score=champion_score,
+        tags=tags,
+        tracking_uri=tracking_uri,
+    )
+
+
+@task(name="fetch-model", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=RETRY_DELAYS_S)
+def fetch_model(source: str, tracking_uri: str | None) -> str:
+    """A checkpoint path for ``source``: a checkpoint path/URI as is, or a ``models:/``/``runs:/`` model."""
+    if source.startswith(("models:/", "runs:/")):
+        return pipeline.checkpoint_from_model(source, tracking_uri=tracking_uri)
+    return source
+
+
+@task(name="fetch-champion", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=RETRY_DELAYS_S)
+def fetch_champion(model_name: str, tracking_uri: str) -> tuple[str, str]:
+    """(version, local checkpoint) of the registered model's champion."""
+    return pipeline.champion_checkpoint(model_name, tracking_uri=tracking_uri)
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate(checkpoint: str, cfg: Config, split: str, results_uri: str | None = None) -> dict[str, Any]:
+    """Beam-search captions for ``split`` of ``cfg.data.shard_dir``, scored with pycocoevalcap."""
+    return pipeline.evaluate_source(checkpoint, cfg, split=split, results_uri=results_uri)
+
+
+@task(name="log-evaluation", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=RETRY_DELAYS_S)
+def log_evaluation(
+    scores: Mapping[str, float],
+    cfg: Config,
+    run_name: str,
+    tags: Mapping[str, str],
+    results_file: str | None = None,
+    parent_run_id: str | None = None,
+) -> str:
+    return pipeline.log_evaluation(
+        scores,
+        tracking_uri=pipeline.tracking_uri_of(cfg),
+        experiment=cfg.tracking.experiment,
+        run_name=run_name,
+        tags=tags,
+        results_file=results_file,
+        parent_run_id=parent_run_id,
+    )

@@ -1,0 +1,62 @@
+"""Training tasks: one stage as a torchrun process tree, under the GPU concurrency limit.
+
+The task holds a slot of the global concurrency limit ``gpu`` (created with 1 slot when missing)
+for as long as torchrun runs, so two training runs never share one node's GPUs; more GPU sets on
+the work pool's machines = more slots (`prefect gcl update gpu --limit N`). Output lines stream
+into the task's Prefect logs; cancelling the flow run, or the time limit, kills the whole tree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+from captioning import pipeline
+
+GPU_LIMIT = "gpu"
+
+
+def ensure_limit(name: str, slots: int = 1) -> None:
+    """Create the global concurrency limit ``name`` with ``slots`` slots unless it exists."""
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            with contextlib.suppress(ObjectAlreadyExists):
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
+
+
+@task(name="train-stage", task_run_name="train-{stage}", cache_policy=NO_CACHE)
+def train_stage(
+    recipe: str,
+    stage: str,
+    output: str,
+    overrides: Sequence[str] = (),
+    init_from: str | None = None,
+    parent_run_id: str | None = None,
+    nproc_per_node: int | None = None,
+    timeout_s: float | None = None,
+    gpu_limit: str = GPU_LIMIT,
+) -> pipeline.StageOutcome:
+    """torchrun -m captioning.train for ``stage``; returns its best checkpoint and test scores."""
+    logger = get_run_logger()
+    ensure_limit(gpu_limit)
+    with concurrency(gpu_limit, occupy=1, strict=True, raise_on_lease_renewal_failure=False):
+        return pipeline.train_stage(
+            recipe,
+            stage,
+            output,
+            overrides,
+            init_from=init_from,
+            parent_run_id=parent_run_id,
+            nproc_per_node=nproc_per_node,
+            timeout_s=timeout_s,
+            on_line=logger.info,
+        )
