@@ -12,6 +12,7 @@
     captioning demo                                 # the main job on embedded defaults: shards, then training
     captioning caption photo.jpg --checkpoint ckpt.pt   # beam-search captions (a folder: JSON lines)
     captioning mlflow start                         # a local MLflow server in the background; stop|status|ui
+    captioning stack up [--s3]                      # Prefect server + worker, MLflow (+ S3); down|status|env
 
 Every subcommand that takes ``--recipe`` also takes dotted overrides (``--data.min_word_freq=3``).
 ``main(argv)`` returns the exit code, so tests call it directly.
@@ -127,6 +128,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
 
     _add_mlflow_parser(sub)
+    _add_stack_parser(sub)
     return parser
 
 
@@ -585,6 +587,94 @@ def _cmd_mlflow(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 # --- end captioning mlflow ----------------------------------------------------------------------------
 
 
+# --- captioning stack: the local Prefect + MLflow (+ S3) stack (captioning/stack.py) ------------------
+
+STACK_STATE_DIR = "demo-data/stack"
+
+STACK_EPILOG = """\
+Everything binds to 127.0.0.1; pid files, logs, databases and S3 data live in the state folder.
+A later `up` reuses the settings the last one recorded there (STATE_DIR/stack.json) unless given
+again, so `down`, `status` and `env` need only --state-dir.
+
+  captioning stack up --s3                 # prints the Prefect and MLflow UI URLs
+  eval "$(captioning stack env)"           # PREFECT_API_URL, MLFLOW_TRACKING_URI, AWS_* (with --s3)
+  captioning stack status
+  captioning stack down
+"""
+
+
+def _add_stack_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--state-dir",
+        type=Path,
+        help=f"the stack's folder: state, pid files, logs (default: {STACK_STATE_DIR})",
+    )
+    p = sub.add_parser(
+        "stack",
+        help="start, stop or check the local stack: Prefect server + worker, MLflow, optional S3",
+        description="A local Prefect server with a process worker, an MLflow server and optionally an "
+        "S3-compatible server (rclone), each in the background until `captioning stack down`.",
+        epilog=STACK_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    actions = p.add_subparsers(dest="stack_command", required=True, metavar="ACTION")
+    up = actions.add_parser("up", parents=[common], help="start what is not running (running parts are kept)")
+    up.add_argument("--s3", action=argparse.BooleanOptionalAction, help="also an S3 server (default: off)")
+    up.add_argument("--worker", action=argparse.BooleanOptionalAction, help="a process worker (default: on)")
+    up.add_argument("--prefect-port", type=int, help="Prefect server port (default 4200)")
+    up.add_argument("--mlflow-port", type=int, help="MLflow server port (default 5000)")
+    up.add_argument("--s3-port", type=int, help="S3 server port (default 9000)")
+    up.add_argument("--work-pool", help="process work pool name (default captioning-local)")
+    up.add_argument("--gpu-slots", type=int, help="limit of the `gpu` global concurrency limit (default 1)")
+    up.add_argument("--workdir", type=Path, help="the worker's working folder (default: the current one)")
+    actions.add_parser("down", parents=[common], help="stop the worker, then the servers")
+    actions.add_parser("status", parents=[common], help="each component's state; exit 0 when all run")
+    actions.add_parser("env", parents=[common], help="print the export lines for clients")
+
+
+def _cmd_stack(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    from captioning.stack import S3_BUCKET, LocalStack, StackError, export_lines, format_status, load_settings
+
+    if overrides:
+        raise ConfigError(f"stack takes no config overrides: {' '.join(overrides)}")
+    state_dir = args.state_dir or Path(STACK_STATE_DIR)
+    names = ("s3", "worker", "prefect_port", "mlflow_port", "s3_port", "work_pool", "gpu_slots", "workdir")
+    stack = LocalStack(load_settings(state_dir, **{name: getattr(args, name, None) for name in names}))
+    where = f" --state-dir {state_dir}" if args.state_dir else ""
+    try:
+        if args.stack_command == "up":
+            start = time.perf_counter()
+            stack.up()
+            s = stack.settings
+            print(f"local stack up in {time.perf_counter() - start:.1f} s (state {state_dir})")
+            print(f"  Prefect UI: {s.prefect_url}   (work pool {s.work_pool})")
+            print(f"  MLflow UI:  {s.mlflow_url}")
+            if s.s3:
+                print(f"  S3:         {s.s3_url}   (bucket s3://{S3_BUCKET})")
+            print(f'clients: eval "$(captioning stack env{where})"  or  source {stack.env_path}')
+            print(f"stop with: captioning stack down{where}")
+            return 0
+        if args.stack_command == "down":
+            stack.down()
+            print(f"local stack in {state_dir} stopped")
+            return 0
+        if args.stack_command == "status":
+            status = stack.status()
+            print(format_status(status))
+            return 0 if all(c["running"] and c["healthy"] for c in status.values() if c["enabled"]) else 1
+        if not stack.json_path.is_file():
+            raise StackError(f"no stack recorded in {state_dir}: start one with `captioning stack up{where}`")
+        print(export_lines(stack.env()), end="")
+        return 0
+    except StackError as exc:
+        print(f"captioning stack {args.stack_command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+# --- end captioning stack -----------------------------------------------------------------------------
+
+
 _COMMANDS = {
     "config": _cmd_config,
     "synth": _cmd_synth,
@@ -597,6 +687,7 @@ _COMMANDS = {
     "demo": _cmd_demo,
     "caption": _cmd_caption,
     "mlflow": _cmd_mlflow,
+    "stack": _cmd_stack,
 }
 
 

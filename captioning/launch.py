@@ -165,6 +165,9 @@ def run_streaming(
     finally:
         if timer is not None:
             timer.cancel()
+            # A timeout's kill may still be waiting out grace_s on a worker that ignores SIGTERM after
+            # the launcher's output ended: the tree is gone only once it returns.
+            timer.join()
         # Stragglers too: a worker that outlived a launcher which exited on its own.
         if proc.poll() is None or len(_process_tree(proc.pid)) > 0 or _group_alive(proc.pid):
             kill_tree(proc, grace_s=grace_s)

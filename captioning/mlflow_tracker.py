@@ -539,7 +539,8 @@ class MlflowTracker:
             self._cv.notify_all()
 
     def child(self, name: str) -> MlflowTracker:
-        """A nested run ``name`` in the same experiment, with the same settings.
+        """A nested run ``name`` in the same experiment, with the same settings; the child is its own
+        and is always ended by ``close()`` (even when the parent's status belongs to an orchestrator).
 
         Created now when the server answers; otherwise the child queues as usual and its run is created
         when the server is back (``run_id`` None until then). It shares no state with this tracker, so
@@ -560,7 +561,7 @@ class MlflowTracker:
                 )
         child._setup(
             self._client,
-            self._settings,
+            dataclasses.replace(self._settings, terminate_on_close=True),
             run_id=run_id,
             experiment_id=self.experiment_id,
             run_name=name,

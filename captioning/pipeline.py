@@ -83,23 +83,21 @@ def shard_build_key(cfg: Config, karpathy_json: str | os.PathLike[str], vocab: V
 
 def up_to_date_manifest(shard_dir: str, key: str) -> dict[str, Any] | None:
     """The finished build's manifest when it was made with ``key`` and every shard it lists is there
-    with its recorded size (a stat per shard, no hashing); else None."""
-    uri = storage.join(shard_dir, MANIFEST_FILE)
+    with the size its stats file records (a stat and a small read per shard, no hashing); else None."""
     try:
-        manifest = storage.read_json(uri)
+        manifest = storage.read_json(storage.join(shard_dir, MANIFEST_FILE))
     except (FileNotFoundError, ValueError):
         return None
     if not isinstance(manifest, dict) or manifest.get("config_hash") != key:
         return None
-    stats = manifest.get("stats") or {}
-    for split_sizes in (manifest.get("sizes") or {}).values():
-        for tar_name in split_sizes:
-            expected = (stats.get(tar_name.removesuffix(".tar")) or {}).get("bytes")
-            try:
-                if expected is None or storage.size(storage.join(shard_dir, tar_name)) != expected:
-                    return None
-            except FileNotFoundError:
+    for tar_name in manifest.get("shards") or {}:
+        stem = tar_name.removesuffix(".tar")
+        try:
+            recorded = storage.read_json(storage.join(shard_dir, f"{stem}.stats.json")).get("bytes")
+            if storage.size(storage.join(shard_dir, tar_name)) != recorded:
                 return None
+        except (FileNotFoundError, ValueError, AttributeError):
+            return None
     return manifest
 
 
@@ -115,15 +113,19 @@ def group_config(cfg: Config, num_groups: int) -> Config:
     return apply_overrides(cfg, {"data.shards.num_procs": str(max(1, total // num_groups))})
 
 
-def manifest_summary(manifest: Mapping[str, Any], *, rebuilt: bool) -> dict[str, Any]:
-    """What a prepare-data run reports: samples and skipped images per split, shards built or kept."""
+def manifest_summary(
+    shard_dir: str, manifest: Mapping[str, Any], *, num_built: int = 0, num_skipped: int | None = None
+) -> dict[str, Any]:
+    """What a prepare-data run reports: samples and skipped images per split, shards built or kept
+    (``num_skipped`` defaults to every shard: nothing was rebuilt)."""
     splits = manifest.get("splits") or {}
+    kept = len(manifest.get("shards") or {}) if num_skipped is None else num_skipped
     return {
-        "shard_dir": manifest.get("out"),
+        "shard_dir": shard_dir,
         "build_key": manifest.get("config_hash"),
-        "rebuilt": rebuilt,
-        "num_built": manifest.get("num_built", 0) if rebuilt else 0,
-        "num_skipped": manifest.get("num_skipped", 0) if rebuilt else len(manifest.get("shards") or {}),
+        "rebuilt": num_skipped is not None,
+        "num_built": num_built,
+        "num_skipped": kept,
         "samples": {split: v.get("num_samples", 0) for split, v in splits.items()},
         "skipped_images": {split: v.get("failures", {}) for split, v in splits.items()},
     }
@@ -327,6 +329,13 @@ def train_stage(
     )
     storage.write_json(storage.join(output, stage, OUTCOME_FILE), outcome.to_json())
     return outcome
+
+
+def final_metrics(outcomes: Sequence[StageOutcome], best: StageOutcome) -> dict[str, float]:
+    """The parent run's closing metrics: ``<stage>/test_<metric>`` per stage, ``test_<metric>`` of the best."""
+    metrics = {f"{o.stage}/test_{k}": float(v) for o in outcomes for k, v in o.test_scores.items()}
+    metrics.update({f"test_{k}": float(v) for k, v in best.test_scores.items()})
+    return metrics
 
 
 def best_stage(outcomes: Sequence[StageOutcome], metric: str = DEFAULT_METRIC) -> StageOutcome:

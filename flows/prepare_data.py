@@ -45,13 +45,15 @@ def prepare_data(
         get_run_logger().info(
             "shards in %s are up to date (build key %s): nothing to do", cfg.data.shard_dir, key[:12]
         )
-        summary = pipeline.manifest_summary(manifest, rebuilt=False)
+        summary = pipeline.manifest_summary(cfg.data.shard_dir, manifest)
     else:
         plan = data.plan_shards(dataset, vocab, raw, cfg, key)
         groups = plan.groups(num_groups)
         results = data.write_shards.map(groups, cfg=unmapped(pipeline.group_config(cfg, len(groups))))
         built = data.finish_shards(plan, vocab, results)  # type: ignore[arg-type]  # futures resolve to results
-        summary = pipeline.manifest_summary(built.to_json(), rebuilt=True)
+        summary = pipeline.manifest_summary(
+            cfg.data.shard_dir, built.to_json(), num_built=built.num_built, num_skipped=built.num_skipped
+        )
     if publish_to:
         summary["published"] = data.publish_shards(cfg.data.shard_dir, publish_to)
         summary["shard_dir"] = publish_to

@@ -90,7 +90,7 @@ def train_sat(
     end_tracking_run(
         run_id,
         "FINISHED",
-        {f"test_{k}": v for k, v in best.test_scores.items()},
+        pipeline.final_metrics(outcomes, best),
         tracking_uri,
         tags={"best_stage": best.stage},
     )

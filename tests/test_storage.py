@@ -398,3 +398,99 @@ def test_local_atomic_writes_get_the_usual_file_mode(tmp_path: Path) -> None:
     mask = os.umask(0)
     os.umask(mask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+# --- sync_tree ----------------------------------------------------------------------------------------
+
+TREE = {
+    "manifest.json": b'{"config_hash": "k"}',
+    "sizes.json": b'{"train": {}}',
+    "train-000000.tar": b"t" * 3000,
+    "train-000001.tar": b"",
+    "sub/dir/deep.bin": b"deep",
+}
+
+
+def write_tree(base: str, files: dict[str, bytes]) -> None:
+    for rel, data in files.items():
+        storage.write_bytes(storage.join(base, *rel.split("/")), data)
+
+
+def read_tree(base: str) -> dict[str, bytes]:
+    """Relative path -> bytes of every file under `base`."""
+    prefix = base.rstrip("/") + "/"
+    return {
+        (uri[len(prefix) :] if uri.startswith(prefix) else os.path.relpath(uri, base)): storage.read_bytes(
+            uri
+        )
+        for uri in storage.list_files(base)
+    }
+
+
+@pytest.fixture
+def copies(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """(src, dst) of every storage.copy call, in order; the copies themselves still happen."""
+    calls: list[tuple[str, str]] = []
+    real_copy = storage.copy
+
+    def spy(src: Any, dst: Any, **kwargs: Any) -> None:
+        calls.append((str(src), str(dst)))
+        real_copy(src, dst, **kwargs)
+
+    monkeypatch.setattr(storage, "copy", spy)
+    return calls
+
+
+def test_sync_tree_copies_all_then_only_what_changed(
+    root: str, tmp_path: Path, copies: list[tuple[str, str]]
+) -> None:
+    src = str(tmp_path / "shards")
+    write_tree(src, TREE)
+    dst = storage.join(root, "published", "shards")
+    counts = storage.sync_tree(src, dst)
+    assert counts == {"copied": 5, "skipped": 0, "bytes": sum(len(b) for b in TREE.values())}
+    assert read_tree(dst) == TREE
+
+    # Again: every file is there with its size; only the `last` files are copied again.
+    copies.clear()
+    assert storage.sync_tree(src, dst) == {"copied": 1, "skipped": 4, "bytes": len(TREE["manifest.json"])}
+    assert [os.path.basename(s) for s, _ in copies] == ["manifest.json"]
+
+    # A file whose size changed is copied; one of the same size is taken as the finished one.
+    (tmp_path / "shards" / "train-000001.tar").write_bytes(b"now longer")
+    (tmp_path / "shards" / "sub" / "dir" / "deep.bin").write_bytes(b"DEEP")
+    copies.clear()
+    assert storage.sync_tree(src, dst)["copied"] == 2
+    assert sorted(os.path.basename(s) for s, _ in copies) == ["manifest.json", "train-000001.tar"]
+    assert read_tree(dst) == {**TREE, "train-000001.tar": b"now longer"}
+
+
+def test_sync_tree_copies_the_last_files_after_all_others(
+    s3_env: str, tmp_path: Path, copies: list[tuple[str, str]]
+) -> None:
+    src = str(tmp_path / "out")
+    files = {**TREE, "a/manifest.json": b"{}", "zz.tar": b"z", "a/sizes.json": b"{}"}
+    write_tree(src, files)
+    dst = storage.join(s3_env, "out")
+    storage.sync_tree(src, dst, last=("sizes.json", "manifest.json"))
+    names = [os.path.relpath(s, src) for s, _ in copies]
+    assert sorted(names) == sorted(files)
+    firsts = {"train-000000.tar", "train-000001.tar", "sub/dir/deep.bin", "zz.tar"}
+    assert set(names[:4]) == firsts and set(names[4:]) == set(files) - firsts
+    assert [d for _, d in copies] == [storage.join(dst, *n.split("/")) for n in names]
+
+
+def test_sync_tree_between_s3_folders_and_back(s3_env: str, tmp_path: Path) -> None:
+    write_tree(storage.join(s3_env, "a"), TREE)
+    assert storage.sync_tree(storage.join(s3_env, "a") + "/", storage.join(s3_env, "b"))["copied"] == 5
+    assert storage.sync_tree(storage.join(s3_env, "b"), str(tmp_path / "local"))["copied"] == 5
+    assert read_tree(str(tmp_path / "local")) == TREE
+
+
+def test_sync_tree_needs_files_to_copy(root: str, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for src in (str(empty), str(tmp_path / "missing"), storage.join(root, "nothing-here")):
+        with pytest.raises(FileNotFoundError, match="nothing to copy"):
+            storage.sync_tree(src, storage.join(root, "dst"))
+    assert not storage.exists(storage.join(root, "dst"))

@@ -1,0 +1,715 @@
+"""The local stack: a Prefect server and process worker, an MLflow server and (optionally) an S3 server.
+
+    captioning stack up [--s3]             # starts what is not running yet; prints the URLs
+    eval "$(captioning stack env)"         # PREFECT_API_URL, MLFLOW_TRACKING_URI (and AWS_* with --s3)
+    captioning stack status
+    captioning stack down                  # the worker first (SIGINT), then the servers
+
+    stack = LocalStack(StackSettings(state_dir=Path("demo-data/stack"), s3=True))
+    env = stack.up()                       # what a client needs, as a dict
+    stack.down()
+
+Everything binds to 127.0.0.1 and keeps its state in one folder (default ``demo-data/stack``):
+
+    stack.json             the settings of the last ``up`` (a later ``up`` reuses them), URLs, S3 keys
+    env.sh                 ``export`` lines for clients (``captioning stack env`` prints the same)
+    pids/{prefect-server,worker,s3}.pid     logs/{prefect-server,worker,s3}.log
+    prefect/               PREFECT_HOME: the server's SQLite database, profiles, UI build
+    mlflow/                the MLflow server's state (captioning/mlflow_server.py): mlflow.db,
+                           artifacts/, and its own server.pid and server.log
+    s3/                    the S3 root: each folder is a bucket (``captioning`` is made by default)
+    rclone.conf            an empty rclone config, so a user's own never leaks in
+
+Each component runs in a session of its own (``start_new_session``), so it outlives ``captioning stack
+up`` and no terminal signal reaches it, and stopping takes its whole process group (a worker's flow-run
+processes, a server's workers). A pid file counts only while its process is alive and is this stack's
+(its command line or ``PREFECT_HOME`` names the state folder), so a recycled pid is never signalled.
+Prefect is driven through its CLI and REST API as subprocesses: the library never imports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import http.client
+import json
+import os
+import secrets
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from captioning.mlflow_server import MlflowServer, MlflowServerError, is_healthy
+from captioning.s3_server import S3Server
+
+PREFECT_SERVER, WORKER, MLFLOW, S3 = "prefect-server", "worker", "mlflow", "s3"
+COMPONENTS = (PREFECT_SERVER, WORKER, MLFLOW, S3)
+S3_BUCKET = "captioning"
+GPU_LIMIT = "gpu"
+LOG_TAIL_LINES = 20
+WORKER_GRACE_S = 20.0  # after SIGINT, a worker stops polling and waits for its flow runs
+PORT_OPTIONS = {"prefect_port": "--prefect-port", "mlflow_port": "--mlflow-port", "s3_port": "--s3-port"}
+
+
+class StackError(RuntimeError):
+    """The stack could not start (a taken port, a component that died) or is in an unexpected state."""
+
+
+@dataclass
+class StackSettings:
+    """Where the stack keeps its state, which ports it binds, and what runs."""
+
+    state_dir: Path = Path("demo-data/stack")
+    host: str = "127.0.0.1"
+    prefect_port: int = 4200
+    mlflow_port: int = 5000
+    s3: bool = False
+    s3_port: int = 9000
+    work_pool: str = "captioning-local"
+    gpu_slots: int = 1
+    worker: bool = True
+    workdir: Path = field(default_factory=Path.cwd)  # the worker's cwd: flow runs pull their code here
+
+    @property
+    def prefect_url(self) -> str:
+        return f"http://{self.host}:{self.prefect_port}"
+
+    @property
+    def api_url(self) -> str:
+        return f"{self.prefect_url}/api"
+
+    @property
+    def mlflow_url(self) -> str:
+        return f"http://{self.host}:{self.mlflow_port}"
+
+    @property
+    def s3_url(self) -> str:
+        return f"http://{self.host}:{self.s3_port}"
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["state_dir"] = str(Path(self.state_dir).resolve())
+        data["workdir"] = str(Path(self.workdir).resolve())
+        return data
+
+
+def load_settings(state_dir: str | os.PathLike[str], **given: Any) -> StackSettings:
+    """Settings recorded by the last ``up`` in ``state_dir/stack.json`` (else the defaults), overridden by
+    the ``given`` fields that are not None: what the command line passes."""
+    state_dir = Path(state_dir)
+    recorded = _read_json(state_dir / "stack.json").get("settings", {})
+    names = {f.name for f in dataclasses.fields(StackSettings)}
+    unknown = set(given) - names
+    if unknown:
+        raise TypeError(f"unknown stack settings: {sorted(unknown)}; valid: {sorted(names)}")
+    values = {k: v for k, v in recorded.items() if k in names}
+    values.update({k: v for k, v in given.items() if v is not None})
+    values["state_dir"] = state_dir
+    if "workdir" in values:
+        values["workdir"] = Path(values["workdir"])
+    return StackSettings(**values)
+
+
+def prefect_env(state_dir: str | os.PathLike[str], api_url: str) -> dict[str, str]:
+    """The environment the Prefect server, its CLI and the worker need: a PREFECT_HOME (and SQLite
+    database) under ``state_dir/prefect``, the API URL, and no analytics."""
+    home = Path(state_dir).resolve() / "prefect"
+    return {
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": api_url,
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+    }
+
+
+def export_lines(env: dict[str, str]) -> str:
+    """Shell ``export`` lines for ``env`` (``eval "$(captioning stack env)"``)."""
+    return "".join(f"export {name}={shlex.quote(value)}\n" for name, value in env.items())
+
+
+def format_status(status: dict[str, dict[str, Any]]) -> str:
+    """One line per component for ``captioning stack status``."""
+    lines = []
+    for name, info in status.items():
+        if not info["enabled"] and not info["running"]:
+            lines.append(f"{name:15} off")
+            continue
+        state = "stopped"
+        if info["running"]:
+            state = "running" if info["healthy"] else "unhealthy"
+        where = info.get("url") or ""
+        pid = f"pid {info['pid']}" if info["pid"] else ""
+        lines.append(
+            f"{name:15} {state:9} {pid:10} {where:28} log {info['log']}  pid file {info['pid_file']}"
+        )
+    return "\n".join(lines)
+
+
+# --- processes ----------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise StackError(f"cannot read {path}: {exc}") from exc
+    return data if isinstance(data, dict) else {}
+
+
+def _port_open(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def _http(
+    method: str, url: str, body: dict[str, Any] | None = None, timeout_s: float = 5.0
+) -> tuple[int, Any]:
+    """(status, parsed JSON or None) of one request; status 0 when nothing answers. http.client, unlike
+    urllib, never goes through an HTTP(S)_PROXY from the environment."""
+    parsed = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parsed.hostname or "127.0.0.1", parsed.port, timeout=timeout_s)
+    try:
+        payload = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json"} if payload is not None else {}
+        conn.request(method, parsed.path or "/", body=payload, headers=headers)
+        response = conn.getresponse()
+        raw = response.read()
+    except OSError:
+        return 0, None
+    finally:
+        conn.close()
+    try:
+        return response.status, json.loads(raw) if raw else None
+    except ValueError:
+        return response.status, None
+
+
+def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return f"(no log at {path})"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _process(pid: int) -> Any:
+    """The live (non-zombie) psutil.Process ``pid``, else None."""
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        return None if process.status() == psutil.STATUS_ZOMBIE else process
+    except psutil.Error:
+        return None
+
+
+def _read_pid(pid_path: Path) -> int | None:
+    try:
+        return int(pid_path.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _spawn(
+    cmd: list[str], *, env: dict[str, str], log_path: Path, pid_path: Path, cwd: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` in a session of its own, output appended to ``log_path``, pid in ``pid_path``."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    pid_path.parent.mkdir(parents=True, exist_ok=True)
+    # A process started in the background by a shell (`captioning stack up &`, make -j) inherits an
+    # ignored SIGINT, and Prefect's worker then ignores the SIGINT that stops it gracefully.
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+            preexec_fn=_default_sigint if ignored else None,
+        )
+    pid_path.write_text(f"{process.pid}\n")
+    return process
+
+
+def _tree(pgid: int, known: dict[int, Any]) -> tuple[dict[int, Any], set[int]]:
+    """Live processes of group ``pgid`` and their descendants, with the groups those lead (a process
+    worker starts each flow run in a session of its own), plus what of ``known`` is still alive.
+    Returns (pid -> psutil.Process, process group ids)."""
+    import psutil
+
+    by_group: dict[int, list[Any]] = {}
+    for process in psutil.process_iter(["status"]):
+        with contextlib.suppress(ProcessLookupError, psutil.Error):
+            if process.info["status"] != psutil.STATUS_ZOMBIE:
+                by_group.setdefault(os.getpgid(process.pid), []).append(process)
+    found = {pid: p for pid, p in known.items() if _process(pid) is not None}
+    groups = {pgid}
+    todo = [pgid]
+    while todo:
+        for process in by_group.get(todo.pop(), []):
+            found[process.pid] = process
+    changed = True
+    while changed:
+        changed = False
+        for process in list(found.values()):
+            with contextlib.suppress(psutil.Error):
+                for child in process.children(recursive=True):
+                    if child.pid not in found and _process(child.pid) is not None:
+                        found[child.pid] = child
+                        changed = True
+        for pid in list(found):
+            if pid in by_group and pid not in groups:  # a descendant that leads a group of its own
+                groups.add(pid)
+                for process in by_group[pid]:
+                    found.setdefault(process.pid, process)
+                changed = True
+    return found, groups
+
+
+def stop_process_group(
+    pgid: int,
+    signals: tuple[tuple[signal.Signals, float], ...] = ((signal.SIGTERM, 15.0),),
+    reap: subprocess.Popen[bytes] | None = None,
+) -> None:
+    """Send each (signal, wait_s) in turn to group ``pgid``, its members' descendants and the groups
+    those lead, until none is alive; SIGKILL what is left. ``reap`` is our Popen of the leader, if any."""
+    import psutil
+
+    members: dict[int, Any] = {}
+    for sig, wait_s in (*signals, (signal.SIGKILL, 5.0)):
+        members, groups = _tree(pgid, members)
+        if not members:
+            break
+        for group in groups:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(group, sig)
+        for process in members.values():
+            with contextlib.suppress(psutil.Error, ProcessLookupError):
+                if os.getpgid(process.pid) not in groups:
+                    process.send_signal(sig)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if reap is not None:
+                reap.poll()
+            if all(_process(pid) is None for pid in members):
+                break
+            time.sleep(0.1)
+    if reap is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            reap.wait(timeout=5)
+
+
+# --- the stack ----------------------------------------------------------------------------------------
+
+
+class LocalStack:
+    """Start, stop and inspect the stack that ``settings.state_dir`` records (module docstring)."""
+
+    def __init__(self, settings: StackSettings) -> None:
+        self.settings = settings
+        self.state_dir = Path(settings.state_dir).resolve()
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}  # what this object started
+        self._mlflow_server: MlflowServer | None = None
+        self._new_credentials: tuple[str, str] | None = None
+
+    # paths ---------------------------------------------------------------------------------------------
+
+    @property
+    def json_path(self) -> Path:
+        return self.state_dir / "stack.json"
+
+    @property
+    def env_path(self) -> Path:
+        return self.state_dir / "env.sh"
+
+    def pid_path(self, component: str) -> Path:
+        if component == MLFLOW:
+            return self._mlflow().pid_path
+        return self.state_dir / "pids" / f"{component}.pid"
+
+    def log_path(self, component: str) -> Path:
+        if component == MLFLOW:
+            return self._mlflow().log_path
+        return self.state_dir / "logs" / f"{component}.log"
+
+    def _mlflow(self) -> MlflowServer:
+        if self._mlflow_server is None:
+            s = self.settings
+            self._mlflow_server = MlflowServer(self.state_dir / "mlflow", host=s.host, port=s.mlflow_port)
+        return self._mlflow_server
+
+    def _s3(self) -> S3Server:
+        access_key, secret_key = self._s3_credentials()
+        return S3Server(
+            self.state_dir / "s3",
+            port=self.settings.s3_port,
+            access_key=access_key,
+            secret_key=secret_key,
+            workdir=self.state_dir,
+            log_path=self.log_path(S3),
+            pid_path=self.pid_path(S3),
+        )
+
+    def _s3_credentials(self) -> tuple[str, str]:
+        """Keys made once per state folder and kept in stack.json, so clients' env stays valid."""
+        recorded = _read_json(self.json_path).get("s3_credentials") or {}
+        if recorded.get("access_key") and recorded.get("secret_key"):
+            return recorded["access_key"], recorded["secret_key"]
+        if self._new_credentials is None:
+            self._new_credentials = (f"stack-{secrets.token_hex(6)}", secrets.token_urlsafe(24))
+        return self._new_credentials
+
+    # identity and health ---------------------------------------------------------------------------------
+
+    def _is_ours(self, component: str, process: Any) -> bool:
+        """Whether a live process is this stack's ``component`` (a pid may have been recycled)."""
+        import psutil
+
+        try:
+            cmdline = process.cmdline()
+            if component == MLFLOW:
+                return self._mlflow().backend_store_uri in cmdline
+            if component == S3:
+                return str(self.state_dir / "s3") in cmdline
+            home = process.environ().get("PREFECT_HOME")
+        except psutil.Error:
+            return False
+        role = ["server", "start"] if component == PREFECT_SERVER else ["worker", "start"]
+        return home == str(self.state_dir / "prefect") and all(word in cmdline for word in role)
+
+    def running_pid(self, component: str) -> int | None:
+        """The pid in ``component``'s pid file when that process is alive and this stack's."""
+        pid = _read_pid(self.pid_path(component))
+        if pid is None:
+            return None
+        process = _process(pid)
+        return pid if process is not None and self._is_ours(component, process) else None
+
+    def _healthy(self, component: str) -> bool:
+        s = self.settings
+        if component == PREFECT_SERVER:
+            return _http("GET", f"{s.api_url}/health", timeout_s=2.0)[0] == 200
+        if component == MLFLOW:
+            return is_healthy(s.mlflow_url)
+        if component == S3:
+            return _http("GET", f"{s.s3_url}/", timeout_s=2.0)[0] != 0  # any answer (403) is serving
+        return self._worker_online()
+
+    def _worker_online(self, since: datetime | None = None) -> bool:
+        status, workers = _http(
+            "POST", f"{self.settings.api_url}/work_pools/{self.settings.work_pool}/workers/filter", {}
+        )
+        if status != 200 or not isinstance(workers, list):
+            return False
+        for worker in workers:
+            if worker.get("name") != self.worker_name or worker.get("status") != "ONLINE":
+                continue
+            beat = worker.get("last_heartbeat_time")
+            if since is None or (beat and datetime.fromisoformat(beat.replace("Z", "+00:00")) >= since):
+                return True
+        return False
+
+    @property
+    def worker_name(self) -> str:
+        return f"{self.settings.work_pool}@{self.settings.host}:{self.settings.prefect_port}"
+
+    def _enabled(self) -> dict[str, bool]:
+        s = self.settings
+        return {PREFECT_SERVER: True, WORKER: s.worker, MLFLOW: True, S3: s.s3}
+
+    # public API ------------------------------------------------------------------------------------------
+
+    def env(self) -> dict[str, str]:
+        """What a client needs: PREFECT_API_URL, MLFLOW_TRACKING_URI, and the AWS_* variables with S3."""
+        s = self.settings
+        env = {"PREFECT_API_URL": s.api_url, "MLFLOW_TRACKING_URI": s.mlflow_url}
+        if s.s3:
+            access_key, secret_key = self._s3_credentials()
+            env.update(
+                {
+                    "AWS_ACCESS_KEY_ID": access_key,
+                    "AWS_SECRET_ACCESS_KEY": secret_key,
+                    "AWS_ENDPOINT_URL_S3": s.s3_url,
+                    "AWS_REGION": "us-east-1",
+                    "AWS_DEFAULT_REGION": "us-east-1",
+                    "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
+                    "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
+                }
+            )
+        return env
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        """Per component: enabled, running (pid alive and ours), healthy, pid, url, log and pid file."""
+        s = self.settings
+        urls = {
+            PREFECT_SERVER: s.prefect_url,
+            WORKER: f"pool {s.work_pool}",
+            MLFLOW: s.mlflow_url,
+            S3: s.s3_url,
+        }
+        enabled = self._enabled()
+        result = {}
+        for name in COMPONENTS:
+            pid = self.running_pid(name)
+            result[name] = {
+                "enabled": enabled[name],
+                "running": pid is not None,
+                "healthy": pid is not None and self._healthy(name),
+                "pid": pid,
+                "url": urls[name],
+                "log": str(self.log_path(name)),
+                "pid_file": str(self.pid_path(name)),
+            }
+        return result
+
+    def up(self, timeout_s: float = 120) -> dict[str, str]:
+        """Start every enabled component that is not running; returns ``env()``.
+
+        Idempotent: a component already running (pid alive and healthy) is kept. Never stops anything
+        it did not start: a running S3 server stays up under ``s3=False``. When a step fails, what this
+        call started is stopped again.
+        """
+        deadline = time.monotonic() + timeout_s
+        running = {name: self.running_pid(name) for name in COMPONENTS}
+        self._check_recorded_ports(running)
+        to_start = [n for n, on in self._enabled().items() if on and running[n] is None]
+        self._check_ports(to_start)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._write_record()
+        started: list[str] = []
+        try:
+            if S3 in to_start:
+                started.append(S3)
+                self._start_s3(deadline)
+            if PREFECT_SERVER in to_start:
+                started.append(PREFECT_SERVER)
+                self._spawn_prefect_server()
+            # MLflow boots while the Prefect server does (each takes several seconds).
+            if MLFLOW in to_start:
+                started.append(MLFLOW)
+                self._start_mlflow(deadline)
+            self._wait_healthy(PREFECT_SERVER, deadline)
+            for name in (MLFLOW, S3):
+                if self._enabled()[name] and name not in to_start:
+                    self._wait_healthy(name, deadline)
+            self._ensure_work_pool()
+            self._ensure_gpu_limit()
+            if WORKER in to_start:
+                started.append(WORKER)
+                self._start_worker(deadline)
+        except BaseException:
+            self._stop(list(reversed(started)), time.monotonic() + 60)
+            raise
+        env = self.env()
+        self.env_path.write_text(
+            f"# the local stack in {self.state_dir}: source this file\n" + export_lines(env)
+        )
+        self.env_path.chmod(0o600)  # it holds the S3 secret
+        return env
+
+    def down(self, timeout_s: float = 60) -> None:
+        """Stop every component that runs: the worker first (SIGINT, then SIGTERM/SIGKILL after a grace
+        period), then MLflow, S3 and the Prefect server; removes the pid files. Idempotent."""
+        self._stop([WORKER, MLFLOW, S3, PREFECT_SERVER], time.monotonic() + timeout_s)
+
+    # steps -----------------------------------------------------------------------------------------------
+
+    def _check_recorded_ports(self, running: dict[str, int | None]) -> None:
+        """A running component keeps the port it was started on: moving it needs a ``down`` first."""
+        keys = {
+            PREFECT_SERVER: ("host", "prefect_port"),
+            WORKER: ("host", "prefect_port", "work_pool"),
+            MLFLOW: ("host", "mlflow_port"),
+            S3: ("host", "s3_port"),
+        }
+        recorded = _read_json(self.json_path).get("settings", {})
+        wanted = self.settings.to_json()
+        for key in sorted({key for name, pid in running.items() if pid is not None for key in keys[name]}):
+            if key in recorded and recorded[key] != wanted[key]:
+                option = PORT_OPTIONS.get(key, f"--{key.replace('_', '-')}")
+                raise StackError(
+                    f"the stack in {self.state_dir} is running with {option} {recorded[key]}, not "
+                    f"{wanted[key]}: stop it first (captioning stack down --state-dir {self.settings.state_dir})"
+                )
+
+    def _check_ports(self, to_start: list[str]) -> None:
+        s = self.settings
+        ports = {PREFECT_SERVER: ("prefect_port", s.prefect_port), MLFLOW: ("mlflow_port", s.mlflow_port)}
+        ports[S3] = ("s3_port", s.s3_port)
+        for name in to_start:
+            if name in ports:
+                key, port = ports[name]
+                if _port_open(s.host, port):
+                    raise StackError(
+                        f"port {port} on {s.host} is taken by another process (not this stack's {name}): "
+                        f"choose another with {PORT_OPTIONS[key]} or stop that process"
+                    )
+
+    def _write_record(self) -> None:
+        access_key, secret_key = self._s3_credentials()
+        s = self.settings
+        record = {
+            "settings": s.to_json(),
+            "urls": {
+                "prefect_ui": s.prefect_url,
+                "prefect_api": s.api_url,
+                "mlflow": s.mlflow_url,
+                **({"s3": s.s3_url} if s.s3 else {}),
+            },
+            "work_pool": s.work_pool,
+            "worker_name": self.worker_name,
+            "s3_credentials": {"access_key": access_key, "secret_key": secret_key},
+        }
+        tmp = self.json_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        tmp.chmod(0o600)  # it holds the S3 secret
+        os.replace(tmp, self.json_path)
+
+    def _start_s3(self, deadline: float) -> None:
+        server = self._s3()
+        server.start_timeout_s = max(1.0, deadline - time.monotonic())
+        (server.root / S3_BUCKET).mkdir(parents=True, exist_ok=True)
+        try:
+            server.start()
+        except (RuntimeError, TimeoutError) as exc:
+            raise StackError(
+                f"the S3 server (rclone) did not start on {self.settings.s3_url}; last lines of "
+                f"{server.log_path}:\n{_log_tail(server.log_path)}"
+            ) from exc
+        if server.process is not None:
+            self._procs[S3] = server.process
+
+    def _spawn_prefect_server(self) -> None:
+        s = self.settings
+        cmd = [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            s.host,
+            "--port",
+            str(s.prefect_port),
+        ]
+        (self.state_dir / "prefect").mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **prefect_env(self.state_dir, s.api_url)}
+        self._procs[PREFECT_SERVER] = _spawn(
+            cmd, env=env, log_path=self.log_path(PREFECT_SERVER), pid_path=self.pid_path(PREFECT_SERVER)
+        )
+
+    def _start_mlflow(self, deadline: float) -> None:
+        server = self._mlflow()
+        try:
+            server.start(timeout_s=max(1.0, deadline - time.monotonic()))
+        except MlflowServerError as exc:
+            raise StackError(
+                f"the MLflow server did not start on {server.url}: {str(exc).splitlines()[0]}\n"
+                f"last lines of {server.log_path}:\n{_log_tail(server.log_path)}"
+            ) from exc
+        if server.process is not None:
+            self._procs[MLFLOW] = server.process
+
+    def _start_worker(self, deadline: float) -> None:
+        s = self.settings
+        cmd = [sys.executable, "-m", "prefect", "worker", "start", "--pool", s.work_pool]
+        cmd += ["--type", "process", "--name", self.worker_name]
+        env = {**os.environ, **prefect_env(self.state_dir, s.api_url), "MLFLOW_TRACKING_URI": s.mlflow_url}
+        if s.s3:
+            env.update(self.env())
+        since = datetime.now(UTC) - timedelta(seconds=2)
+        self._procs[WORKER] = _spawn(
+            cmd, env=env, log_path=self.log_path(WORKER), pid_path=self.pid_path(WORKER), cwd=Path(s.workdir)
+        )
+        self._wait(WORKER, lambda: self._worker_online(since), deadline, "is not online in its work pool")
+
+    def _wait_healthy(self, component: str, deadline: float) -> None:
+        self._wait(component, lambda: self._healthy(component), deadline, "is not healthy")
+
+    def _wait(self, component: str, ready: Callable[[], bool], deadline: float, what: str) -> None:
+        log = self.log_path(component)
+        while True:
+            process = self._procs.get(component)
+            died = process.poll() is not None if process is not None else self.running_pid(component) is None
+            if died:
+                code = f" with exit code {process.returncode}" if process is not None else ""
+                raise StackError(
+                    f"{component} exited{code} while starting; last lines of {log}:\n{_log_tail(log)}"
+                )
+            if ready():
+                return
+            if time.monotonic() > deadline:
+                raise StackError(
+                    f"{component} {what} within the time allowed; last lines of {log}:\n{_log_tail(log)}"
+                )
+            time.sleep(0.25)
+
+    def _prefect_cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, **prefect_env(self.state_dir, self.settings.api_url)}
+        return subprocess.run(
+            [sys.executable, "-m", "prefect", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=120,
+        )
+
+    def _ensure_work_pool(self) -> None:
+        """A process work pool, made through the CLI (which fills in the process worker's job template)."""
+        pool = self.settings.work_pool
+        if _http("GET", f"{self.settings.api_url}/work_pools/{pool}")[0] == 200:
+            return
+        done = self._prefect_cli("work-pool", "create", pool, "--type", "process")
+        if done.returncode != 0 and "already exists" not in done.stdout + done.stderr:
+            raise StackError(f"prefect work-pool create {pool} failed:\n{done.stdout}{done.stderr}")
+
+    def _ensure_gpu_limit(self) -> None:
+        """The global concurrency limit ``gpu`` (slots = GPUs that flows may use at once); an existing
+        one is left as it is."""
+        url = f"{self.settings.api_url}/v2/concurrency_limits/"
+        if _http("GET", f"{url}{GPU_LIMIT}")[0] == 200:
+            return
+        status, answer = _http("POST", url, {"name": GPU_LIMIT, "limit": self.settings.gpu_slots})
+        if status not in (200, 201, 409):
+            raise StackError(f"creating the {GPU_LIMIT!r} concurrency limit failed: HTTP {status} {answer}")
+
+    def _stop(self, components: list[str], deadline: float) -> None:
+        for name in components:
+            process = self._procs.pop(name, None)
+            # Our own child right after the fork has neither its command line nor its environment yet.
+            pid = process.pid if process is not None and process.poll() is None else self.running_pid(name)
+            if pid is not None:
+                left = max(1.0, deadline - time.monotonic())
+                signals: tuple[tuple[signal.Signals, float], ...]
+                if name == WORKER:
+                    signals = ((signal.SIGINT, min(WORKER_GRACE_S, left)), (signal.SIGTERM, 5.0))
+                else:
+                    signals = ((signal.SIGTERM, min(15.0, left)),)
+                stop_process_group(pid, signals, reap=process)
+            elif process is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=5)
+            self.pid_path(name).unlink(missing_ok=True)
+            if name == MLFLOW and self._mlflow_server is not None:
+                self._mlflow_server.process = None

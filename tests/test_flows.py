@@ -1,0 +1,194 @@
+"""The Prefect flows against a real (temporary) Prefect server and a real MLflow server.
+
+train-sat end to end on the synthetic dataset with tiny settings: shards written by mapped tasks,
+three stages each launched as torchrun with 2 gloo processes, scores in MLflow under the flow's
+parent run, the best stage registered as champion; prepare-data again does no work; retrain on a
+newly landed dataset fine-tunes the champion and gates the promotion on the new test split.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mlflow import MlflowClient
+from test_train import TINY, data_overrides
+
+from captioning import storage
+from captioning.data.synthetic import generate_synthetic
+from captioning.pipeline import PipelineError
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def prefect_server() -> Iterator[None]:
+    """A real Prefect server (SQLite in a temporary folder) for the module's flow runs."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def setup(
+    prefect_server: None, mlflow_server: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
+    root = tmp_path_factory.mktemp("flows")
+    name = f"flows-{uuid.uuid4().hex[:8]}"
+    overrides = [
+        *data_overrides(root),
+        *TINY,
+        f"--storage.run_dir={root / 'runs'}",
+        f"--tracking.experiment={name}",
+        f"--tracking.registered_model={name}",
+    ]
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = mlflow_server.url
+    yield {"root": root, "overrides": overrides, "name": name, "client": MlflowClient(mlflow_server.url)}
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+def task_runs(flow_run_id: Any) -> list[Any]:
+    """Task runs of a flow run, as the server recorded them."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+def test_train_sat_end_to_end(setup: dict[str, Any]) -> None:
+    from flows.train_sat import train_sat
+
+    state = train_sat(recipe="demo", overrides=setup["overrides"], return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    setup["train"] = result
+
+    # Shards: written by the prepare-data subflow's mapped write-shards tasks.
+    shard_dir = setup["root"] / "shards"
+    manifest = storage.read_json(str(shard_dir / "manifest.json"))
+    assert manifest["splits"]["train"]["num_samples"] == 96 and len(manifest["shards"]) == 6
+
+    # Three stages, each its own torchrun launch with 2 processes, each tested.
+    assert [s["stage"] for s in result["stages"]] == ["xe", "finetune", "scst"]
+    output = Path(result["output"])
+    for stage in result["stages"]:
+        assert stage["launched"] and Path(stage["checkpoint"]).is_file()
+        assert set(stage["test_scores"]) >= {"BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}
+        assert storage.read_json(str(output / stage["stage"] / "outcome.json"))["run_id"] == stage["run_id"]
+    assert storage.read_json(str(output / "summary.json"))["world_size"] == 2
+    names = [t.name for t in task_runs(state.state_details.flow_run_id)]
+    assert {"train-xe", "train-finetune", "train-scst"} <= set(names)
+    assert any(n.startswith("register-model") for n in names)
+
+    # MLflow: the flow's parent run holds the description and the final scores; one child per stage.
+    client: MlflowClient = setup["client"]
+    parent = client.get_run(result["mlflow_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["recipe"] == "demo" and parent.data.params["train.xe.epochs"] == "1"
+    assert parent.data.tags["best_stage"] == result["best_stage"]
+    assert parent.data.tags["stages"] == "xe,finetune,scst"
+    assert parent.data.metrics["test_CIDEr"] == pytest.approx(result["test_scores"]["CIDEr"])
+    experiment = client.get_experiment_by_name(setup["name"])
+    assert experiment is not None
+    children = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    by_name = {r.info.run_name: r for r in children}
+    assert {"xe", "finetune", "scst"} <= set(by_name)
+    for stage in result["stages"]:
+        assert by_name[stage["stage"]].info.run_id == stage["run_id"]
+        assert by_name[stage["stage"]].info.status == "FINISHED"
+
+    # Registry: the best stage's model is version 1 and, being the first, the champion.
+    registered = result["registered"]
+    assert registered["version"] == "1" and registered["alias"] == "champion" and registered["promoted"]
+    version = client.get_model_version_by_alias(setup["name"], "champion")
+    assert version.run_id == next(s["run_id"] for s in result["stages"] if s["stage"] == result["best_stage"])
+
+
+def test_prepare_data_again_does_no_work(setup: dict[str, Any]) -> None:
+    from flows.prepare_data import prepare_data
+
+    shard_dir = setup["root"] / "shards"
+    before = {p.name: p.stat().st_mtime_ns for p in shard_dir.iterdir()}
+    state = prepare_data(recipe="demo", overrides=setup["overrides"], return_state=True)
+    assert state.is_completed()
+    summary = state.result()
+    assert summary["rebuilt"] is False and summary["num_built"] == 0
+    assert summary["samples"] == {"train": 96, "val": 12, "test": 10}
+    assert {p.name: p.stat().st_mtime_ns for p in shard_dir.iterdir()} == before  # nothing rewritten
+    names = {t.name.rsplit("-", 1)[0] for t in task_runs(state.state_details.flow_run_id)}
+    assert "check-shards" in names and not names & {"plan-shards", "write-shards", "finish-shards"}
+
+    # A shard that went missing is noticed: the build runs again and rebuilds only that shard.
+    (shard_dir / "train-000001.tar").unlink()
+    summary = prepare_data(recipe="demo", overrides=setup["overrides"])
+    assert summary["rebuilt"] is True and summary["num_built"] == 1 and summary["num_skipped"] == 5
+
+
+def test_train_sat_rerun_with_the_same_output_launches_nothing(setup: dict[str, Any]) -> None:
+    from flows.train_sat import train_sat
+
+    first = setup["train"]
+    again = train_sat(
+        recipe="demo",
+        overrides=setup["overrides"],
+        output=first["output"],
+        prepare=False,
+        register_best=False,
+    )
+    assert [s["launched"] for s in again["stages"]] == [False, False, False]
+    assert again["test_scores"] == first["test_scores"] and again["registered"] is None
+
+
+def test_retrain_on_new_data_gates_on_the_new_test_split(setup: dict[str, Any]) -> None:
+    from flows.retrain import retrain
+
+    drop = setup["root"] / "inbox" / "batch-1"
+    generate_synthetic(drop, num_train=48, num_val=8, num_test=8, image_size=64, seed=7, make_archives=False)
+    result = retrain(
+        karpathy_json=str(drop / "dataset_coco.json"),
+        recipe="demo",
+        overrides=setup["overrides"],
+    )
+    assert result["champion_before"] == "1"
+    assert result["data"]["samples"] == {"train": 48, "val": 8, "test": 8}
+    assert result["data"]["shard_dir"] != str(setup["root"] / "shards")
+    registered = result["registered"]
+    assert registered["version"] == "2"
+    # The gate compared with the champion re-scored on the same new test images.
+    assert registered["previous_champion"] == "1"
+    assert registered["previous_score"] == pytest.approx(result["champion_scores"]["CIDEr"])
+    assert registered["alias"] == ("champion" if registered["promoted"] else "challenger")
+    client: MlflowClient = setup["client"]
+    assert client.get_model_version_by_alias(setup["name"], registered["alias"]).version == "2"
+    tags = client.get_model_version(setup["name"], "2").tags
+    assert tags["retrained_from"] == "1" and tags["stage"] == "finetune"
+
+
+def test_retrain_without_a_champion_fails_clearly(setup: dict[str, Any]) -> None:
+    from flows.retrain import retrain
+
+    drop = setup["root"] / "inbox" / "batch-1"
+    state = retrain(
+        karpathy_json=str(drop / "dataset_coco.json"),
+        recipe="demo",
+        overrides=[
+            *[o for o in setup["overrides"] if not o.startswith("--tracking.registered_model")],
+            f"--tracking.registered_model=none-{uuid.uuid4().hex[:6]}",
+        ],
+        return_state=True,
+    )
+    assert state.is_failed()
+    with pytest.raises(PipelineError, match="has no champion"):
+        state.result()
