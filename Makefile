@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup test demo lint clean
+.PHONY: setup test demo demo-local deploy stack-up stack-down lint clean
 
 # Re-run setup when the dependency files change (or the venv is missing).
 $(STAMP): pyproject.toml constraints.txt infra/setup.sh
@@ -15,8 +15,23 @@ setup: $(STAMP)
 test: setup
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+# The main job through the orchestrator: stack up, deploy, prefect deployment run train-sat/demo --watch.
 demo: setup
+	VENV=$(VENV) bash infra/demo.sh
+
+# The same training without Prefect (shards, then torchrun), for a machine with no services.
+demo-local: setup
 	$(BIN)/captioning demo $(DEMO_ARGS)
+
+stack-up: setup
+	$(BIN)/captioning stack up
+
+stack-down: setup
+	$(BIN)/captioning stack down
+
+# Register every deployment of prefect.yaml with the server at PREFECT_API_URL (default: the local stack).
+deploy: setup
+	eval "$$($(BIN)/captioning stack env)" && CAPTIONING_HOME=$(CURDIR) $(BIN)/prefect --no-prompt deploy --all
 
 lint: setup
 	$(BIN)/ruff check .

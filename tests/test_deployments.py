@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -100,7 +101,9 @@ def start_run(stack: dict[str, Any], deployment: str, parameters: dict[str, Any]
         stack, "deployment", "run", deployment, "--params", json.dumps(parameters), timeout=120
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    return next(line.split()[-1] for line in done.stdout.splitlines() if line.strip().startswith("UUID:"))
+    found = re.search(r"UUID:\s*([0-9a-f-]{36})", done.stdout)
+    assert found, done.stdout
+    return found.group(1)
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout_s: float = 300) -> Any:
