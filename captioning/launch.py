@@ -175,8 +175,9 @@ def run_streaming(
             proc.stdout.close()
     duration = time.monotonic() - start
     if timed_out.is_set():
+        # No exit code: the kill reaped the child before Popen could read its status.
         raise LaunchTimeout(
-            f"{' '.join(cmd[:6])} ... ran past its limit of {timeout_s} s and was killed", returncode, tail
+            f"{' '.join(cmd[:6])} ... ran past its limit of {timeout_s} s and was killed", None, tail
         )
     return LaunchResult(returncode=returncode, duration_s=duration, tail=list(tail))
 

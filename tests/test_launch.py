@@ -175,7 +175,7 @@ def test_timeout_kills_the_whole_tree(pids: dict[str, int], tmp_path: Path, deta
     # Dead when the call returns: the grandchild ignored SIGTERM, so the SIGKILL after grace_s did it.
     assert is_dead(pids["child"]) and is_dead(pids["grandchild"])
     assert isinstance(info.value, LaunchError) and isinstance(info.value, TimeoutError)
-    assert "ran past its limit" in str(info.value)
+    assert "ran past its limit" in str(info.value) and info.value.returncode is None
     assert info.value.tail[:1] == [f"child {pids['child']}"]
     assert not (tmp_path / "done").exists()
 
