@@ -452,35 +452,13 @@ def _recorded_mlflow_server(state_dir: Path) -> tuple[MlflowServer, int | None]:
     return MlflowServer(state_dir, host=host, port=port), pid
 
 
-def _group_alive(pgid: int) -> bool:
-    """True while any process of group ``pgid`` is alive (zombies do not count)."""
-    import psutil
-
-    for process in psutil.process_iter(["status"]):
-        try:
-            if os.getpgid(process.pid) == pgid and process.info["status"] != psutil.STATUS_ZOMBIE:
-                return True
-        except (ProcessLookupError, psutil.Error):
-            continue
-    return False
-
-
 def stop_process_group(pgid: int, timeout_s: float = 20.0) -> None:
-    """SIGTERM group ``pgid``, SIGKILL what is left after ``timeout_s``; waits until none is alive.
+    """SIGTERM group ``pgid`` (and its members' descendants), SIGKILL what is left after ``timeout_s``;
+    waits until none is alive (zombies count as gone: a detached server's parent is init, which some
+    container inits do not reap)."""
+    from captioning.launch import stop_process_group as stop_tree
 
-    Zombies count as gone: a detached server's parent is init, which may not reap them (some
-    container inits do not), and ``os.kill(pid, 0)`` succeeds on a zombie.
-    """
-    for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            if not _group_alive(pgid):
-                return
-            time.sleep(0.1)
+    stop_tree(pgid, ((signal.SIGTERM, timeout_s),))
 
 
 def _mlflow_start(args: argparse.Namespace, state_dir: Path) -> int:

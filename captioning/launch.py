@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import psutil
 
@@ -93,28 +94,87 @@ def _process_tree(pid: int) -> list[psutil.Process]:
         return []
 
 
-def kill_tree(proc: subprocess.Popen[bytes], *, grace_s: float = 10.0) -> None:
-    """SIGTERM the child's process group and every descendant, then SIGKILL what is left after grace_s.
+def live_process(pid: int) -> Any:
+    """The live (non-zombie) psutil.Process ``pid``, else None."""
+    try:
+        process = psutil.Process(pid)
+        return None if process.status() == psutil.STATUS_ZOMBIE else process
+    except psutil.Error:
+        return None
 
-    Descendants are collected before signalling: torchrun starts its workers in sessions of their own,
-    so the process group alone would miss them.
+
+def _tree(pgid: int, known: dict[int, Any]) -> tuple[dict[int, Any], set[int]]:
+    """Live processes of group ``pgid`` and their descendants, with the groups those lead (a process
+    worker starts each flow run in a session of its own), plus what of ``known`` is still alive.
+    Returns (pid -> psutil.Process, process group ids)."""
+    by_group: dict[int, list[Any]] = {}
+    for process in psutil.process_iter(["status"]):
+        with contextlib.suppress(ProcessLookupError, psutil.Error):
+            if process.info["status"] != psutil.STATUS_ZOMBIE:
+                by_group.setdefault(os.getpgid(process.pid), []).append(process)
+    found = {pid: p for pid, p in known.items() if live_process(pid) is not None}
+    groups = {pgid}
+    todo = [pgid]
+    while todo:
+        for process in by_group.get(todo.pop(), []):
+            found[process.pid] = process
+    changed = True
+    while changed:
+        changed = False
+        for process in list(found.values()):
+            with contextlib.suppress(psutil.Error):
+                for child in process.children(recursive=True):
+                    if child.pid not in found and live_process(child.pid) is not None:
+                        found[child.pid] = child
+                        changed = True
+        for pid in list(found):
+            if pid in by_group and pid not in groups:  # a descendant that leads a group of its own
+                groups.add(pid)
+                for process in by_group[pid]:
+                    found.setdefault(process.pid, process)
+                changed = True
+    return found, groups
+
+
+def stop_process_group(
+    pgid: int,
+    signals: tuple[tuple[signal.Signals, float], ...] = ((signal.SIGTERM, 15.0),),
+    reap: subprocess.Popen[bytes] | None = None,
+) -> None:
+    """Send each (signal, wait_s) in turn to group ``pgid``, its members' descendants and the groups
+    those lead, until none is alive; SIGKILL what is left. ``reap`` is our Popen of the leader, if any."""
+    members: dict[int, Any] = {}
+    for sig, wait_s in (*signals, (signal.SIGKILL, 5.0)):
+        members, groups = _tree(pgid, members)
+        if not members:
+            break
+        for group in groups:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(group, sig)
+        for process in members.values():
+            with contextlib.suppress(psutil.Error, ProcessLookupError):
+                if os.getpgid(process.pid) not in groups:
+                    process.send_signal(sig)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if reap is not None:
+                reap.poll()
+            if all(live_process(pid) is None for pid in members):
+                break
+            time.sleep(0.1)
+    if reap is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            reap.wait(timeout=5)
+
+
+def kill_tree(proc: subprocess.Popen[bytes], *, grace_s: float = 10.0) -> None:
+    """SIGTERM the child's process group and every descendant (and the groups they lead), then SIGKILL
+    what is left after grace_s; the child is reaped.
+
+    Descendants count: torchrun starts its workers in sessions of their own, so the child's process
+    group alone would miss them.
     """
-    tree = _process_tree(proc.pid)
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-    for p in tree:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(tree, timeout=grace_s)
-    for p in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    psutil.wait_procs(alive, timeout=5.0)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=5.0)
+    stop_process_group(proc.pid, ((signal.SIGTERM, grace_s),), reap=proc)
 
 
 def run_streaming(

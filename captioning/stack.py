@@ -37,7 +37,6 @@ import os
 import secrets
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -48,7 +47,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from captioning.mlflow_server import MlflowServer, MlflowServerError, is_healthy
+from captioning.launch import live_process, stop_process_group
+from captioning.mlflow_server import MlflowServer, MlflowServerError, is_healthy, port_is_open
 from captioning.s3_server import S3Server
 
 PREFECT_SERVER, WORKER, MLFLOW, S3 = "prefect-server", "worker", "mlflow", "s3"
@@ -168,12 +168,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _port_open(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex((host, port)) == 0
-
-
 def _http(
     method: str, url: str, body: dict[str, Any] | None = None, timeout_s: float = 5.0
 ) -> tuple[int, Any]:
@@ -203,17 +197,6 @@ def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     except FileNotFoundError:
         return f"(no log at {path})"
     return "\n".join(text.splitlines()[-lines:])
-
-
-def _process(pid: int) -> Any:
-    """The live (non-zombie) psutil.Process ``pid``, else None."""
-    import psutil
-
-    try:
-        process = psutil.Process(pid)
-        return None if process.status() == psutil.STATUS_ZOMBIE else process
-    except psutil.Error:
-        return None
 
 
 def _read_pid(pid_path: Path) -> int | None:
@@ -249,74 +232,6 @@ def _spawn(
         )
     pid_path.write_text(f"{process.pid}\n")
     return process
-
-
-def _tree(pgid: int, known: dict[int, Any]) -> tuple[dict[int, Any], set[int]]:
-    """Live processes of group ``pgid`` and their descendants, with the groups those lead (a process
-    worker starts each flow run in a session of its own), plus what of ``known`` is still alive.
-    Returns (pid -> psutil.Process, process group ids)."""
-    import psutil
-
-    by_group: dict[int, list[Any]] = {}
-    for process in psutil.process_iter(["status"]):
-        with contextlib.suppress(ProcessLookupError, psutil.Error):
-            if process.info["status"] != psutil.STATUS_ZOMBIE:
-                by_group.setdefault(os.getpgid(process.pid), []).append(process)
-    found = {pid: p for pid, p in known.items() if _process(pid) is not None}
-    groups = {pgid}
-    todo = [pgid]
-    while todo:
-        for process in by_group.get(todo.pop(), []):
-            found[process.pid] = process
-    changed = True
-    while changed:
-        changed = False
-        for process in list(found.values()):
-            with contextlib.suppress(psutil.Error):
-                for child in process.children(recursive=True):
-                    if child.pid not in found and _process(child.pid) is not None:
-                        found[child.pid] = child
-                        changed = True
-        for pid in list(found):
-            if pid in by_group and pid not in groups:  # a descendant that leads a group of its own
-                groups.add(pid)
-                for process in by_group[pid]:
-                    found.setdefault(process.pid, process)
-                changed = True
-    return found, groups
-
-
-def stop_process_group(
-    pgid: int,
-    signals: tuple[tuple[signal.Signals, float], ...] = ((signal.SIGTERM, 15.0),),
-    reap: subprocess.Popen[bytes] | None = None,
-) -> None:
-    """Send each (signal, wait_s) in turn to group ``pgid``, its members' descendants and the groups
-    those lead, until none is alive; SIGKILL what is left. ``reap`` is our Popen of the leader, if any."""
-    import psutil
-
-    members: dict[int, Any] = {}
-    for sig, wait_s in (*signals, (signal.SIGKILL, 5.0)):
-        members, groups = _tree(pgid, members)
-        if not members:
-            break
-        for group in groups:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(group, sig)
-        for process in members.values():
-            with contextlib.suppress(psutil.Error, ProcessLookupError):
-                if os.getpgid(process.pid) not in groups:
-                    process.send_signal(sig)
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            if reap is not None:
-                reap.poll()
-            if all(_process(pid) is None for pid in members):
-                break
-            time.sleep(0.1)
-    if reap is not None:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            reap.wait(timeout=5)
 
 
 # --- the stack ----------------------------------------------------------------------------------------
@@ -402,7 +317,7 @@ class LocalStack:
         pid = _read_pid(self.pid_path(component))
         if pid is None:
             return None
-        process = _process(pid)
+        process = live_process(pid)
         return pid if process is not None and self._is_ours(component, process) else None
 
     def _healthy(self, component: str) -> bool:
@@ -559,7 +474,7 @@ class LocalStack:
         for name in to_start:
             if name in ports:
                 key, port = ports[name]
-                if _port_open(s.host, port):
+                if port_is_open(s.host, port):
                     raise StackError(
                         f"port {port} on {s.host} is taken by another process (not this stack's {name}): "
                         f"choose another with {PORT_OPTIONS[key]} or stop that process"
