@@ -284,7 +284,7 @@ def train_with_torchrun(
     import subprocess
 
     from captioning import storage
-    from captioning.evaluation.metrics import METRICS
+    from captioning.report import format_table
 
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}",
@@ -302,9 +302,9 @@ def train_with_torchrun(
         return code
     summary = storage.read_json(storage.join(output, "summary.json"))
     print(f"{prefix}test scores ({(time.perf_counter() - start) / 60:.1f} min of training, {output}):")
-    print(f"{prefix}{'stage':<10}" + "".join(f"{m:>9}" for m in METRICS))
-    for stage in summary["stages"]:
-        print(f"{prefix}{stage['name']:<10}" + "".join(f"{stage['test_scores'][m]:>9.4f}" for m in METRICS))
+    table = format_table({stage["name"]: stage["test_scores"] for stage in summary["stages"]})
+    for line in table.splitlines():
+        print(f"{prefix}{line}")
     print(f"{prefix}final model: {summary['final_checkpoint']}")
     print(f"{prefix}caption an image: captioning caption IMAGE --checkpoint {summary['final_checkpoint']}")
     return 0

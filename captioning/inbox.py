@@ -11,7 +11,6 @@ announcement (the ``captioning.data.landed`` event, emitted by ``flows/watch.py`
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from captioning.data.records import read_karpathy
+from captioning.data.shards import sha256_file
 
 NEW_DATA_EVENT = "captioning.data.landed"
 READY_FILE = "READY"
@@ -28,6 +28,11 @@ ANNOUNCED_FILE = ".announced.json"
 def _dataset_json(folder: Path) -> Path | None:
     found = sorted(folder.glob("dataset*.json"))
     return found[0] if found else None
+
+
+def dataset_id(karpathy_json: str | os.PathLike[str]) -> str:
+    """A short stable id for a landed dataset: the start of its split file's sha256."""
+    return sha256_file(karpathy_json)[:12]
 
 
 def find_ready(inbox_dir: str | os.PathLike[str]) -> list[Path]:
@@ -65,9 +70,8 @@ def check_dataset(karpathy_json: str | os.PathLike[str], image_dir: str | None =
         captions += len(record.captions)
         if not (images / record.path).is_file():
             missing.append(record.path)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
     return {
-        "id": digest[:12],
+        "id": dataset_id(path),
         "karpathy_json": str(path),
         "image_dir": str(images),
         "counts": counts,

@@ -28,8 +28,9 @@ from typing import Any
 
 from captioning import storage
 from captioning.config import Config, load_config
-from captioning.data.shards import MANIFEST_FILE
+from captioning.data.shards import MANIFEST_FILE, sha256_file
 from captioning.data.vocab import Vocab
+from captioning.inbox import dataset_id
 from captioning.launch import LaunchError, run_streaming, torchrun_command
 
 logger = logging.getLogger(__name__)
@@ -57,14 +58,6 @@ def load_recipe_config(recipe: str, overrides: Sequence[str] | None = None) -> C
 # --------------------------------------------------------------------------------------------------
 
 
-def _sha256_file(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def shard_build_key(cfg: Config, karpathy_json: str | os.PathLike[str], vocab: Vocab) -> str:
     """What decides a shard build: the shard settings, the split file's bytes and the vocabulary.
 
@@ -75,7 +68,7 @@ def shard_build_key(cfg: Config, karpathy_json: str | os.PathLike[str], vocab: V
 
     payload = {
         "settings": shard_fingerprint(cfg),
-        "karpathy_json": _sha256_file(karpathy_json),
+        "karpathy_json": sha256_file(karpathy_json),
         "vocab": hashlib.sha256(json.dumps(vocab.to_json(), sort_keys=True).encode()).hexdigest(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -230,20 +223,15 @@ def outcomes_summary(outcomes: Sequence[StageOutcome]) -> dict[str, dict[str, fl
     return {o.stage: dict(o.test_scores) for o in outcomes}
 
 
-def drop_id(karpathy_json: str | os.PathLike[str]) -> str:
-    """A short stable id for a landed dataset: the hash of its split file."""
-    return _sha256_file(karpathy_json)[:12]
-
-
 def new_data_overrides(
     cfg: Config, karpathy_json: str, image_dir: str | None, overrides: Sequence[str] | None
 ) -> list[str]:
     """The run's overrides plus a ``local`` dataset at ``karpathy_json`` with shards of its own
-    (``{data.shard_dir}-new/{drop id}``), so the original shards stay as they are."""
+    (``{data.shard_dir}-new/{dataset id}``), so the original shards stay as they are."""
     if not os.path.isfile(karpathy_json):
         raise PipelineError(f"new data: no split file at {karpathy_json}")
     images = image_dir or os.path.dirname(os.path.abspath(karpathy_json))
-    shard_dir = f"{cfg.data.shard_dir.rstrip('/')}-new/{drop_id(karpathy_json)}"
+    shard_dir = f"{cfg.data.shard_dir.rstrip('/')}-new/{dataset_id(karpathy_json)}"
     replaced = ("--data.dataset", "--data.shard_dir", "--data.local.")
     kept = [o for o in normalize_overrides(overrides) if not o.split("=", 1)[0].startswith(replaced)]
     return [

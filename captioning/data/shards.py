@@ -726,7 +726,7 @@ def _completed_stats(job: ShardJob) -> ShardStats | None:
     if storage.is_s3(job.out):
         # Remote stats are uploaded only after their tar, so they vouch for it (no download).
         return stats
-    return stats if _sha256_file(tar_uri) == stats.sha256 else None
+    return stats if sha256_file(tar_uri) == stats.sha256 else None
 
 
 def _run(
@@ -897,12 +897,12 @@ def _save_vocab(vocab: Vocab, out: str) -> str:
     if not storage.is_s3(out):
         path = os.path.join(out, VOCAB_FILE)
         vocab.save(path)
-        return _sha256_file(path)
+        return sha256_file(path)
     with tempfile.TemporaryDirectory(prefix="vocab-") as tmp:
         path = os.path.join(tmp, VOCAB_FILE)
         vocab.save(path)
         storage.upload_file(path, storage.join(out, VOCAB_FILE))
-        return _sha256_file(path)
+        return sha256_file(path)
 
 
 def _clean_leftovers(out: str, planned: set[str]) -> None:
@@ -1084,7 +1084,8 @@ def _write_json(uri: str, obj: Any) -> None:
     storage.write_json(uri, obj, indent=1)
 
 
-def _sha256_file(path: str) -> str:
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """sha256 of a local file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_HASH_CHUNK):
@@ -1096,4 +1097,4 @@ def _sha256_uri(uri: str) -> str:
     """sha256 of a local file or S3 object; FileNotFoundError when it does not exist."""
     if storage.is_s3(uri):
         return hashlib.sha256(storage.read_bytes(uri)).hexdigest()
-    return _sha256_file(uri)
+    return sha256_file(uri)
