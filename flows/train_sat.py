@@ -53,8 +53,9 @@ def train_sat(
         logger.warning("config: %s", warning)
     if prepare:
         prepare_data(recipe=recipe, overrides=overrides)
-    run_name = f"{recipe}-{flow_run.get_name() or 'local'}"
-    output = output or pipeline.run_output(cfg, flow_run.get_name() or "local")
+    name = flow_run.get_name() or "local"
+    run_name = f"{recipe}-{name}"
+    output = output or pipeline.run_output(cfg, name)
     run_id = start_tracking_run(
         cfg,
         stages,
