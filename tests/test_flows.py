@@ -204,3 +204,35 @@ def test_retrain_without_a_champion_fails_clearly(setup: dict[str, Any]) -> None
     assert state.is_failed()
     with pytest.raises(PipelineError, match="has no champion"):
         state.result()
+
+
+def test_evaluate_flow_scores_a_registered_model_and_a_checkpoint(setup: dict[str, Any]) -> None:
+    from flows.evaluate import evaluate_model
+
+    best = next(s for s in setup["train"]["stages"] if s["stage"] == setup["train"]["best_stage"])
+    by_model = evaluate_model(
+        source=f"models:/{setup['name']}@champion", recipe="demo", overrides=setup["overrides"]
+    )
+    by_path = evaluate_model(source=best["checkpoint"], recipe="demo", overrides=setup["overrides"])
+    assert by_model["num_images"] == by_path["num_images"] == 10
+    # The registered model packs the best stage's checkpoint: same captions, same scores.
+    assert by_model["scores"] == pytest.approx(by_path["scores"])
+    assert by_path["scores"] == pytest.approx(best["test_scores"])  # as the stage's own test evaluation
+    client: MlflowClient = setup["client"]
+    run = client.get_run(by_model["mlflow_run_id"])
+    assert run.data.tags["kind"] == "evaluation" and run.data.tags["split"] == "test"
+    assert run.data.metrics["CIDEr"] == pytest.approx(by_model["scores"]["CIDEr"])
+
+
+def test_prepare_data_publishes_finished_shards_to_s3(setup: dict[str, Any], s3_env: str) -> None:
+    from flows.prepare_data import prepare_data
+
+    destination = f"{s3_env}/shards"
+    summary = prepare_data(recipe="demo", overrides=setup["overrides"], publish_to=destination)
+    assert summary["rebuilt"] is False and summary["shard_dir"] == destination
+    local = sorted(p.name for p in (setup["root"] / "shards").iterdir() if p.is_file())
+    published = sorted(uri.rsplit("/", 1)[-1] for uri in storage.list_files(destination))
+    assert published == local and summary["published"]["copied"] == len(local)
+    assert storage.read_json(f"{destination}/manifest.json") == storage.read_json(
+        str(setup["root"] / "shards" / "manifest.json")
+    )
