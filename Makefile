@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup test demo demo-local deploy stack-up stack-down lint clean
+.PHONY: setup test test-fast demo demo-local deploy stack-up stack-down lint clean
 
 # Re-run setup when the dependency files change (or the venv is missing).
 $(STAMP): pyproject.toml constraints.txt infra/setup.sh
@@ -14,6 +14,10 @@ setup: $(STAMP)
 
 test: setup
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The unit tier (no servers, no torchrun, no JVM): run it after every edit.
+test-fast: setup
+	$(BIN)/pytest -m "not integration" $(PYTEST_ARGS)
 
 # The main job through the orchestrator: stack up, deploy, prefect deployment run train-sat/demo --watch.
 demo: setup

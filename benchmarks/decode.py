@@ -11,8 +11,9 @@ worst case for both sides. The tests cover images that finish at different steps
 - batched: ``captioning.model.search.beam_search`` on --chunk images per call (the state is
   B*K rows; done images leave the batch); 16 images per call is the fastest on 2 CPU cores
   (larger calls spill the (B*K, P, A) attention energies out of cache);
-- reference: ``captioning.model._reference_search.reference_search_one``, one image at a time,
-  hypotheses in Python lists, the model run on the image's live beams (seed 004's way).
+- reference: ``reference_search_one`` from ``tests/reference_search.py`` (test-only code: this
+  script puts the repository's ``tests/`` folder on ``sys.path`` to import it), one image at a
+  time, hypotheses in Python lists, the model run on the image's live beams (seed 004's way).
 
 Both decode all --num-images images (no extrapolation), chunk by chunk in alternation so that
 other load on the machine hits both alike, and every caption is compared token for token. Last line: ``RESULT beam_speedup=X identical=true|false`` (reference seconds over batched
@@ -26,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,9 +37,12 @@ from torch import nn
 
 from captioning.config import ModelConfig
 from captioning.data.vocab import END_ID
-from captioning.model._reference_search import reference_beam_search
 from captioning.model.factory import build_captioner
 from captioning.model.search import BeamResult, beam_search
+
+# The per-image reference search is test-only code: it lives in tests/, next to its exactness tests.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from reference_search import reference_beam_search
 
 
 def build_model(vocab_size: int, sharpen: float, end_bias: float) -> Any:

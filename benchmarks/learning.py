@@ -1,8 +1,9 @@
 """Does the pipeline learn? The ``demo`` recipe end to end on this machine, against a caption prior.
 
 Steps, all with the project's own code: prepare the demo data (synthetic dataset -> shards; a
-no-op when they exist), then ``torchrun --nproc-per-node 2 -m captioning.train --config demo``:
-stage 1 (cross-entropy, frozen encoder), stage 2 (cross-entropy, encoder fine-tuned: the demo has
+no-op when they exist), then the stage sequence as ``captioning train --recipe demo`` runs it
+(``captioning.stages.train_pipeline``: one ``torchrun --nproc-per-node 2 -m captioning.train --stage
+NAME`` launch per stage, each from the previous stage's best model): stage 1 (cross-entropy, frozen encoder), stage 2 (cross-entropy, encoder fine-tuned: the demo has
 no ImageNet weights, so the encoder must learn), stage 3 (new self-critical on CIDEr-D). Every
 stage is scored on the test split with pycocoevalcap (beam search).
 
@@ -21,20 +22,15 @@ M <= 15, B far above A, C > B. Run::
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import subprocess
-import sys
 import time
 from collections import Counter
-from pathlib import Path
 
-from captioning import storage
 from captioning.config import load_config
 from captioning.data.prepare import build_records, fetch, prepare_data
-from captioning.evaluation.metrics import METRICS, score_captions
-
-REPO = Path(__file__).resolve().parents[1]
+from captioning.evaluation.metrics import score_captions
+from captioning.stages import train_pipeline
+from captioning.tracking.report import scores_table
 
 
 def caption_prior(cfg_overrides: list[str]) -> dict[str, float]:
@@ -60,26 +56,28 @@ def main() -> None:
     baseline = caption_prior(overrides)
 
     shutil.rmtree(args.output, ignore_errors=True)
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}",
-        "-m", "captioning.train", "--config", "demo", "--output", args.output, *overrides,
-    ]  # fmt: skip
-    print("$", " ".join(cmd), flush=True)
     start = time.perf_counter()
-    subprocess.run(cmd, cwd=REPO, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    summary = train_pipeline(
+        "demo",
+        overrides,
+        output=args.output,
+        tracker="jsonl",
+        register=False,
+        nproc_per_node=args.nproc,
+        on_line=lambda line: print(line, flush=True),
+    )
     minutes = (time.perf_counter() - start) / 60
-    summary = storage.read_json(storage.join(args.output, "summary.json"))
-    stages = {s["name"]: s for s in summary["stages"]}
+    stages = {s["stage"]: s for s in summary["stages"]}
 
-    rows = [("caption prior", baseline)]
-    rows += [
-        (f"{name} (epochs {s['epochs']}, {s['duration_s'] / 60:.1f} min)", s["test_scores"])
-        for name, s in stages.items()
-    ]
+    rows = {"caption prior": baseline}
+    rows.update(
+        {
+            f"{name} (epochs {s['epochs']}, {s['duration_s'] / 60:.1f} min)": s["test_scores"]
+            for name, s in stages.items()
+        }
+    )
     print(f"\ntest split, {args.nproc} processes, {minutes:.1f} min in all")
-    print(f"{'model':<36}" + "".join(f"{m:>9}" for m in METRICS))
-    for name, scores in rows:
-        print(f"{name:<36}" + "".join(f"{scores[m]:>9.4f}" for m in METRICS))
+    print(scores_table(rows))
     xe_stage = "finetune" if "finetune" in stages else "xe"
     print(
         f"RESULT baseline_cider={baseline['CIDEr']:.4f} xe_cider={stages[xe_stage]['test_scores']['CIDEr']:.4f} "

@@ -4,9 +4,9 @@ Makes --num-images photo-like 256x256 JPEGs (smooth gradients, low-frequency tex
 quality 90) and writes them as shards in the loader's format with ``webdataset.TarWriter``, in a
 temporary folder. Then measures, alternating, best of --repeats, in images/s:
 
-- loader: ``build_loader(train=True, batch_size=32, num_workers=W)``, one epoch end to end (worker
-  start, tar reading, shuffle buffer, Pillow decode, ImageNet normalisation, caption choice, padding,
-  collation and the hand-over to the main process all included);
+- loader: ``build_loader(LoaderConfig(num_workers=W), ..., train=True, batch_size=32)``, one epoch
+  end to end (worker start, tar reading, shuffle buffer, Pillow decode, ImageNet normalisation,
+  caption choice, padding, collation and the hand-over to the main process all included);
 - bare: a ``multiprocessing.Pool(W)`` over the shards, each task iterating its tar with ``tarfile``,
   Pillow-decoding every JPEG and converting it with torchvision's ``to_tensor``; nothing is sent back.
 
@@ -39,6 +39,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from captioning.config import LoaderConfig
 from captioning.data.loader import build_loader
 from captioning.training.dist import DistInfo
 from captioning.vision import import_torchvision
@@ -124,13 +125,14 @@ def run_bare(root: Path, workers: int) -> tuple[int, float]:
 
 def run_loader(root: Path, workers: int, batch_size: int) -> tuple[int, float]:
     loader = build_loader(
+        LoaderConfig(num_workers=workers),  # data.loader's defaults otherwise (shuffle buffer 1000)
         str(root),
         "train",
         train=True,
-        batch_size=batch_size,
-        num_workers=workers,
         dist=DistInfo(),
         image_size=SIZE,
+        seed=0,
+        batch_size=batch_size,
     )
     start = time.perf_counter()
     count = 0

@@ -36,13 +36,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from captioning.config import DataConfig
 from captioning.data.records import Caption, ImageRecord
-from captioning.data.shards import write_shards
+from captioning.data.shard_build import write_shards
 from captioning.data.sources import DirSource
 from captioning.data.vocab import build_vocab
 
 SIZE = 256
 QUALITY = 90
+DATA = DataConfig()  # the other settings: the config's defaults
 
 
 def make_photo(seed: int, width: int, height: int) -> bytes:
@@ -166,7 +168,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                 resize_mode="squash",
                 jpeg_quality=QUALITY,
                 samples_per_shard=args.samples_per_shard,
+                max_image_pixels=DATA.shards.max_image_pixels,
+                max_caption_len=DATA.max_caption_len,
+                overlong=DATA.overlong_captions,
                 num_procs=num_procs,
+                executor="process",
+                dask_address=None,
                 progress=False,
             )
             seconds = time.perf_counter() - begin

@@ -9,6 +9,7 @@
     captioning shards --recipe coco                 # download -> vocabulary -> WebDataset shards
     captioning inspect data/coco/shards -n 2        # counts per split and decoded samples
     captioning verify data/coco/shards              # every shard against its manifest sha256
+    captioning train --recipe demo                  # the stages, one torchrun each, then registration
     captioning demo                                 # the main job on embedded defaults: shards, then training
     captioning caption photo.jpg --checkpoint ckpt.pt   # beam-search captions (a folder: JSON lines)
     captioning mlflow start                         # a local MLflow server in the background; stop|status|ui
@@ -23,8 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -32,19 +31,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from captioning.config import (
+    STAGES,
     Config,
     ConfigError,
     config_warnings,
     describe_config,
     list_recipes,
     load_config,
-    valid_keys,
+    split_overrides,
 )
+from captioning.services.cli import COMMANDS as SERVICE_COMMANDS
+from captioning.services.cli import add_parsers as add_service_parsers
 
 if TYPE_CHECKING:
-    from captioning.data.shards import ShardManifest
-    from captioning.mlflow_server import MlflowServer
-from captioning.data.shards import ShardManifest
+    from captioning.data.format import ShardManifest
 
 
 def _add_recipe(parser: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -102,10 +102,21 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("location", nargs="?", help="shard location (default: the recipe's data.shard_dir)")
     _add_recipe(p)
 
+    p = sub.add_parser(
+        "train",
+        help="train the stages (one torchrun launch each), then register the best model",
+        description="Every stage (default: the recipe's train.stages) runs as `torchrun -m captioning.train "
+        "--stage NAME` from the previous stage's best model, under one tracking run; with MLflow the best "
+        "stage's model is registered once and gated for the champion alias. The shards must exist "
+        "(`captioning shards`).",
+    )
+    _add_recipe(p, "demo")
+    _add_train_options(p)
+
     p = sub.add_parser("demo", help="the main job on embedded defaults (synthetic data, CPU-sized)")
     _add_recipe(p, "demo")
     p.add_argument("--prepare-only", action="store_true", help="build the shards, do not train")
-    p.add_argument("--output", help="run folder (default: {storage.run_dir}/{recipe}-{time})")
+    _add_train_options(p)
 
     p = sub.add_parser(
         "caption",
@@ -127,9 +138,24 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="JSON lines even for single images")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
 
-    _add_mlflow_parser(sub)
-    _add_stack_parser(sub)
+    add_service_parsers(sub)
     return parser
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", help="run folder or s3:// prefix (default: {storage.run_dir}/{recipe}/{time})")
+    p.add_argument("--stages", nargs="+", choices=STAGES, help="stages to train (default: train.stages)")
+    p.add_argument("--init-from", help="checkpoint the first stage starts from")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output")
+    p.add_argument(
+        "--tracker",
+        choices=("auto", "mlflow", "jsonl", "none"),
+        default="auto",
+        help="auto: MLflow when tracking.tracking_uri or MLFLOW_TRACKING_URI is set, else OUTPUT/metrics.jsonl",
+    )
+    p.add_argument(
+        "--no-register", action="store_true", help="MLflow: do not register the best stage's model"
+    )
 
 
 def _resolve(recipe: str | None, overrides: Sequence[str]) -> Config:
@@ -203,7 +229,7 @@ def _cmd_download(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 
 
 def shard_summary(manifest: ShardManifest) -> dict[str, object]:
-    """The figures a person wants after a shard build."""
+    """The figures a person wants after a shard build (or after finding it up to date)."""
     return {
         "location": manifest.out,
         "built": manifest.num_built,
@@ -230,7 +256,7 @@ def _cmd_shards(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace, overrides: Sequence[str]) -> int:
-    from captioning.data.shards import inspect_shards
+    from captioning.data.shard_check import inspect_shards
 
     location = args.location or _resolve(args.recipe, overrides).data.shard_dir
     print(
@@ -242,7 +268,7 @@ def _cmd_inspect(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace, overrides: Sequence[str]) -> int:
-    from captioning.data.shards import verify_shards
+    from captioning.data.shard_check import verify_shards
 
     location = args.location or _resolve(args.recipe, overrides).data.shard_dir
     problems = verify_shards(location)
@@ -272,41 +298,48 @@ def _cmd_demo(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     )
     if args.prepare_only:
         return 0
-    output = args.output or f"{cfg.storage.run_dir}/{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return train_with_torchrun(args.recipe, overrides, output, cfg.train.nproc_per_node, prefix="[demo] ")
+    return _train(args, overrides, cfg, prefix="[demo] ")
 
 
-def train_with_torchrun(
-    recipe: str, overrides: Sequence[str], output: str, nproc_per_node: int, *, prefix: str = ""
-) -> int:
-    """``torchrun -m captioning.train`` on this node, then the test scores of every stage."""
-    import os
-    import subprocess
+def _cmd_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    return _train(args, overrides, _resolve(args.recipe, overrides))
 
-    from captioning import storage
-    from captioning.report import format_table
 
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}",
-        "-m", "captioning.train", "--config", recipe, "--output", output, *overrides,
-    ]  # fmt: skip
-    print(f"{prefix}training: torchrun {' '.join(cmd[3:])}", flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+def _train(args: argparse.Namespace, overrides: Sequence[str], cfg: Config, *, prefix: str = "") -> int:
+    """The stage sequence (``captioning.stages.train_pipeline``), then every stage's test scores."""
+    from captioning.stages import StageError, train_pipeline
+    from captioning.tracking.report import scores_table
+
+    output = args.output or f"{cfg.storage.run_dir}/{cfg.recipe}/{time.strftime('%Y%m%d-%H%M%S')}"
     start = time.perf_counter()
-    code = subprocess.run(cmd, env=env).returncode
-    if code != 0:
-        print(
-            f"{prefix}training failed (exit {code}); resume it with the same command and --resume",
-            file=sys.stderr,
+    try:
+        summary = train_pipeline(
+            args.recipe,
+            overrides,
+            output=output,
+            stages=args.stages,
+            init_from=args.init_from,
+            tracker=args.tracker,
+            register=not args.no_register,
+            resume=args.resume,
+            on_line=lambda line: print(f"{prefix}{line}", flush=True),
         )
-        return code
-    summary = storage.read_json(storage.join(output, "summary.json"))
-    print(f"{prefix}test scores ({(time.perf_counter() - start) / 60:.1f} min of training, {output}):")
-    table = format_table({stage["name"]: stage["test_scores"] for stage in summary["stages"]})
+    except (StageError, RuntimeError) as exc:
+        print(f"{prefix}training failed: {exc}", file=sys.stderr)
+        print(f"{prefix}continue it with the same command and --resume --output {output}", file=sys.stderr)
+        return 1
+    minutes = (time.perf_counter() - start) / 60
+    print(f"{prefix}test scores ({minutes:.1f} min of training, {output}):")
+    table = scores_table({stage["stage"]: stage["test_scores"] for stage in summary["stages"]})
     for line in table.splitlines():
         print(f"{prefix}{line}")
-    print(f"{prefix}final model: {summary['final_checkpoint']}")
-    print(f"{prefix}caption an image: captioning caption IMAGE --checkpoint {summary['final_checkpoint']}")
+    print(f"{prefix}final model: {summary['checkpoint']} (the best stage, {summary['best_stage']})")
+    registered = summary.get("registered")
+    if registered and "error" not in registered:
+        print(
+            f"{prefix}registered {registered['name']} version {registered['version']}: {registered['alias']}"
+        )
+    print(f"{prefix}caption an image: captioning caption IMAGE --checkpoint {summary['checkpoint']}")
     return 0
 
 
@@ -340,7 +373,7 @@ def _cmd_caption(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     if not paths:
         print("captioning caption: no images found", file=sys.stderr)
         return 1
-    from captioning.caption import caption_images
+    from captioning.inference import caption_images
 
     results = caption_images(
         paths,
@@ -365,294 +398,6 @@ def _cmd_caption(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     return 1 if failed else 0
 
 
-# --- captioning mlflow: a local tracking server (captioning/mlflow_server.py) -------------------------
-
-MLFLOW_STATE_DIR = "demo-data/mlflow"
-
-MLFLOW_EPILOG = """\
-Remote servers need no code changes: MLflow clients (the training included) log wherever
-MLFLOW_TRACKING_URI points (http://host:5000, https://..., databricks). Artifacts in S3 (or an
-S3-compatible store) need MLFLOW_S3_ENDPOINT_URL (when not AWS) and the usual AWS credentials
-(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) in the environment of whoever writes them: with
-`start --artifacts s3://...` that is this server, which proxies artifact uploads for its clients.
-
-  captioning mlflow start --port 5000      # prints the URL and the export line
-  export MLFLOW_TRACKING_URI=http://127.0.0.1:5000
-  captioning mlflow ui --open               # the UI in a browser
-  captioning mlflow stop
-"""
-
-
-def _add_mlflow_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--state-dir",
-        type=Path,
-        help=f"the server's folder: mlflow.db, artifacts/, server.log, server.pid (default: {MLFLOW_STATE_DIR})",
-    )
-    p = sub.add_parser(
-        "mlflow",
-        help="start, stop, check or open a local MLflow tracking server",
-        description="A local `mlflow server` (SQLite, local or S3 artifacts) that runs in the background "
-        "until stopped; the state folder's pid file names it.",
-        epilog=MLFLOW_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    actions = p.add_subparsers(dest="mlflow_command", required=True, metavar="ACTION")
-    start = actions.add_parser(
-        "start", parents=[common], help="start the server in the background (a running one is reused)"
-    )
-    start.add_argument("--port", type=int, default=5000, help="port (default 5000)")
-    start.add_argument(
-        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; the server has no auth)"
-    )
-    start.add_argument(
-        "--artifacts",
-        metavar="URI",
-        help="artifact destination, e.g. s3://bucket/mlflow (default: STATE_DIR/artifacts)",
-    )
-    actions.add_parser("stop", parents=[common], help="stop the server named in the state folder's pid file")
-    actions.add_parser(
-        "status", parents=[common], help="exit 0 when the server is running and healthy, 1 otherwise"
-    )
-    ui = actions.add_parser(
-        "ui",
-        parents=[common],
-        help="print the UI URL: $MLFLOW_TRACKING_URI when it is http(s) and no --state-dir is "
-        "given, else the state folder's server",
-    )
-    ui.add_argument("--open", action="store_true", help="also open it in a web browser")
-
-
-def _recorded_mlflow_server(state_dir: Path) -> tuple[MlflowServer, int | None]:
-    """The server named by ``state_dir``'s pid file, with its real host and port, and its pid.
-
-    The pid is None when the process is gone, a zombie, or not an ``mlflow server`` on this state
-    folder (a recycled pid): stopping must never signal somebody else's process group.
-    """
-    import psutil
-
-    from captioning.mlflow_server import MlflowServer
-
-    server = MlflowServer(state_dir)
-    pid = server.running_pid()
-    if pid is None:
-        return server, None
-    try:
-        process = psutil.Process(pid)
-        if process.status() == psutil.STATUS_ZOMBIE:
-            return server, None
-        cmd = process.cmdline()
-    except psutil.Error:
-        return server, None
-    if server.backend_store_uri not in cmd or "--port" not in cmd:
-        return server, None
-    host = cmd[cmd.index("--host") + 1] if "--host" in cmd else server.host
-    port = int(cmd[cmd.index("--port") + 1])
-    return MlflowServer(state_dir, host=host, port=port), pid
-
-
-def stop_process_group(pgid: int, timeout_s: float = 20.0) -> None:
-    """SIGTERM group ``pgid`` (and its members' descendants), SIGKILL what is left after ``timeout_s``;
-    waits until none is alive (zombies count as gone: a detached server's parent is init, which some
-    container inits do not reap)."""
-    from captioning.launch import stop_process_group as stop_tree
-
-    stop_tree(pgid, ((signal.SIGTERM, timeout_s),))
-
-
-def _mlflow_start(args: argparse.Namespace, state_dir: Path) -> int:
-    from captioning.mlflow_server import MlflowServer, is_healthy
-
-    running, pid = _recorded_mlflow_server(state_dir)
-    if pid is not None:
-        if not is_healthy(running.url):
-            print(
-                f"captioning mlflow start: pid {pid} of {state_dir} is alive but {running.url}/health does "
-                f"not answer; see {running.log_path}, or `captioning mlflow stop --state-dir {state_dir}`",
-                file=sys.stderr,
-            )
-            return 1
-        moved = f" (not port {args.port}: stop it first to move it)" if running.port != args.port else ""
-        print(f"MLflow server already running at {running.url}{moved} (pid {pid}, state {state_dir})")
-        print(f"export MLFLOW_TRACKING_URI={running.url}")
-        return 0
-    server = MlflowServer(state_dir, host=args.host, port=args.port, artifacts_destination=args.artifacts)
-    start = time.perf_counter()
-    server.start()
-    assert server.process is not None
-    print(
-        f"MLflow server started at {server.url} in {time.perf_counter() - start:.1f} s "
-        f"(pid {server.process.pid}, state {state_dir}, log {server.log_path})"
-    )
-    print(f"export MLFLOW_TRACKING_URI={server.url}")
-    print(f"stop it with: captioning mlflow stop --state-dir {state_dir}")
-    return 0
-
-
-def _mlflow_stop(state_dir: Path) -> int:
-    server, pid = _recorded_mlflow_server(state_dir)
-    if pid is None:
-        stale = server.pid_path.is_file()
-        server.pid_path.unlink(missing_ok=True)
-        print(f"no MLflow server running for {state_dir}" + (" (removed a stale pid file)" if stale else ""))
-        return 0
-    stop_process_group(pid)
-    server.pid_path.unlink(missing_ok=True)
-    print(f"stopped the MLflow server at {server.url} (pid {pid})")
-    return 0
-
-
-def _mlflow_status(state_dir: Path) -> int:
-    from captioning.mlflow_server import is_healthy
-
-    server, pid = _recorded_mlflow_server(state_dir)
-    if pid is None:
-        print(f"not running: no live MLflow server recorded in {server.pid_path}")
-        return 1
-    if not is_healthy(server.url):
-        print(
-            f"not healthy: pid {pid} is alive but {server.url}/health does not answer; see {server.log_path}"
-        )
-        return 1
-    print(f"running: {server.url} is healthy (pid {pid}, state {state_dir})")
-    return 0
-
-
-def _mlflow_ui(args: argparse.Namespace) -> int:
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    if args.state_dir is None and uri.startswith(("http://", "https://")):
-        url = uri
-    else:
-        state_dir = args.state_dir or Path(MLFLOW_STATE_DIR)
-        server, pid = _recorded_mlflow_server(state_dir)
-        if pid is None:
-            print(
-                f"captioning mlflow ui: no MLflow server running for {state_dir}; "
-                f"start one with `captioning mlflow start --state-dir {state_dir}`",
-                file=sys.stderr,
-            )
-            return 1
-        url = server.url
-    print(url)
-    if args.open:
-        import webbrowser
-
-        if not webbrowser.open(url):
-            print(f"captioning mlflow ui: no web browser found; open {url} yourself", file=sys.stderr)
-    return 0
-
-
-def _cmd_mlflow(args: argparse.Namespace, overrides: Sequence[str]) -> int:
-    from captioning.mlflow_server import MlflowServerError
-
-    if overrides:
-        raise ConfigError(f"mlflow takes no config overrides: {' '.join(overrides)}")
-    state_dir = args.state_dir or Path(MLFLOW_STATE_DIR)
-    try:
-        if args.mlflow_command == "start":
-            return _mlflow_start(args, state_dir)
-        if args.mlflow_command == "stop":
-            return _mlflow_stop(state_dir)
-        if args.mlflow_command == "status":
-            return _mlflow_status(state_dir)
-        return _mlflow_ui(args)
-    except MlflowServerError as exc:
-        print(f"captioning mlflow {args.mlflow_command}: error: {exc}", file=sys.stderr)
-        return 1
-
-
-# --- end captioning mlflow ----------------------------------------------------------------------------
-
-
-# --- captioning stack: the local Prefect + MLflow (+ S3) stack (captioning/stack.py) ------------------
-
-STACK_STATE_DIR = "demo-data/stack"
-
-STACK_EPILOG = """\
-Everything binds to 127.0.0.1; pid files, logs, databases and S3 data live in the state folder.
-A later `up` reuses the settings the last one recorded there (STATE_DIR/stack.json) unless given
-again, so `down`, `status` and `env` need only --state-dir.
-
-  captioning stack up --s3                 # prints the Prefect and MLflow UI URLs
-  eval "$(captioning stack env)"           # PREFECT_API_URL, MLFLOW_TRACKING_URI, AWS_* (with --s3)
-  captioning stack status
-  captioning stack down
-"""
-
-
-def _add_stack_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--state-dir",
-        type=Path,
-        help=f"the stack's folder: state, pid files, logs (default: {STACK_STATE_DIR})",
-    )
-    p = sub.add_parser(
-        "stack",
-        help="start, stop or check the local stack: Prefect server + worker, MLflow, optional S3",
-        description="A local Prefect server with a process worker, an MLflow server and optionally an "
-        "S3-compatible server (rclone), each in the background until `captioning stack down`.",
-        epilog=STACK_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    actions = p.add_subparsers(dest="stack_command", required=True, metavar="ACTION")
-    up = actions.add_parser("up", parents=[common], help="start what is not running (running parts are kept)")
-    up.add_argument("--s3", action=argparse.BooleanOptionalAction, help="also an S3 server (default: off)")
-    up.add_argument("--worker", action=argparse.BooleanOptionalAction, help="a process worker (default: on)")
-    up.add_argument("--prefect-port", type=int, help="Prefect server port (default 4200)")
-    up.add_argument("--mlflow-port", type=int, help="MLflow server port (default 5000)")
-    up.add_argument("--s3-port", type=int, help="S3 server port (default 9000)")
-    up.add_argument("--work-pool", help="process work pool name (default captioning-local)")
-    up.add_argument("--gpu-slots", type=int, help="limit of the `gpu` global concurrency limit (default 1)")
-    up.add_argument("--workdir", type=Path, help="the worker's working folder (default: the current one)")
-    actions.add_parser("down", parents=[common], help="stop the worker, then the servers")
-    actions.add_parser("status", parents=[common], help="each component's state; exit 0 when all run")
-    actions.add_parser("env", parents=[common], help="print the export lines for clients")
-
-
-def _cmd_stack(args: argparse.Namespace, overrides: Sequence[str]) -> int:
-    from captioning.stack import S3_BUCKET, LocalStack, StackError, export_lines, format_status, load_settings
-
-    if overrides:
-        raise ConfigError(f"stack takes no config overrides: {' '.join(overrides)}")
-    state_dir = args.state_dir or Path(STACK_STATE_DIR)
-    names = ("s3", "worker", "prefect_port", "mlflow_port", "s3_port", "work_pool", "gpu_slots", "workdir")
-    stack = LocalStack(load_settings(state_dir, **{name: getattr(args, name, None) for name in names}))
-    where = f" --state-dir {state_dir}" if args.state_dir else ""
-    try:
-        if args.stack_command == "up":
-            start = time.perf_counter()
-            stack.up()
-            s = stack.settings
-            print(f"local stack up in {time.perf_counter() - start:.1f} s (state {state_dir})")
-            print(f"  Prefect UI: {s.prefect_url}   (work pool {s.work_pool})")
-            print(f"  MLflow UI:  {s.mlflow_url}")
-            if s.s3:
-                print(f"  S3:         {s.s3_url}   (bucket s3://{S3_BUCKET})")
-            print(f'clients: eval "$(captioning stack env{where})"  or  source {stack.env_path}')
-            print(f"stop with: captioning stack down{where}")
-            return 0
-        if args.stack_command == "down":
-            stack.down()
-            print(f"local stack in {state_dir} stopped")
-            return 0
-        if args.stack_command == "status":
-            status = stack.status()
-            print(format_status(status))
-            return 0 if all(c["running"] and c["healthy"] for c in status.values() if c["enabled"]) else 1
-        if not stack.json_path.is_file():
-            raise StackError(f"no stack recorded in {state_dir}: start one with `captioning stack up{where}`")
-        print(export_lines(stack.env()), end="")
-        return 0
-    except StackError as exc:
-        print(f"captioning stack {args.stack_command}: error: {exc}", file=sys.stderr)
-        return 1
-
-
-# --- end captioning stack -----------------------------------------------------------------------------
-
-
 _COMMANDS = {
     "config": _cmd_config,
     "synth": _cmd_synth,
@@ -662,36 +407,11 @@ _COMMANDS = {
     "shards": _cmd_shards,
     "inspect": _cmd_inspect,
     "verify": _cmd_verify,
+    "train": _cmd_train,
     "demo": _cmd_demo,
     "caption": _cmd_caption,
-    "mlflow": _cmd_mlflow,
-    "stack": _cmd_stack,
+    **SERVICE_COMMANDS,
 }
-
-
-def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Separate dotted overrides (``--a.b=1`` or ``--a.b 1``) from the subcommand's own arguments.
-
-    Done before argparse so that an override's value is never taken for a positional argument.
-    Unknown dotted keys are kept as overrides, to fail later with the list of valid keys.
-    """
-    # Top-level config keys (``--seed``) are overrides too; ``--recipe`` is the subcommands' option.
-    top_level = {k for k in valid_keys() if "." not in k} - {"recipe"}
-    own: list[str] = []
-    overrides: list[str] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        key = arg[2:].split("=", 1)[0]
-        if arg.startswith("--") and ("." in key or key in top_level):
-            overrides.append(arg)
-            if "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                overrides.append(argv[i + 1])
-                i += 1
-        else:
-            own.append(arg)
-        i += 1
-    return own, overrides
 
 
 def main(argv: Sequence[str] | None = None) -> int:

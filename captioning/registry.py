@@ -1,5 +1,9 @@
 """Registered model versions and the champion gate: a new version replaces the champion only if it scores higher.
 
+    promotion = register_stage(best, "show-attend-tell", recipe="demo")   # a stage's best model, gated
+    version, path = champion_checkpoint("show-attend-tell")                # the champion's checkpoint file
+    checkpoint_from_model("models:/show-attend-tell@champion")             # any model URI -> checkpoint
+
     version = register_model(client, "sat-captioner", source, run_id, tags={"git_sha": sha})
     promotion = promote_if_better(client, "sat-captioner", version, 1.12)   # metric="test_CIDEr"
     promotion.alias                        # "champion" (promoted) or "challenger"
@@ -23,14 +27,22 @@ see the same champion; run promotions for one model from one place (the flow).
 
 from __future__ import annotations
 
+import dataclasses
+import glob
 import logging
 import math
+import os
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+
+from captioning.tracking.client import connect
+from captioning.training.stage import StageResult
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -38,6 +50,10 @@ DEFAULT_METRIC = "test_CIDEr"
 READY_TIMEOUT_S = 300.0
 
 log = logging.getLogger(__name__)
+
+
+class RegistryError(RuntimeError):
+    """Nothing to register or fetch: a stage without a tracking run or score, a model without a champion."""
 
 
 @dataclass(frozen=True)
@@ -194,3 +210,72 @@ def register_checkpoint(
     source = log_pyfunc(client, run_id, checkpoint_uri)
     version = register_model(client, name, source, run_id, tags=tags)
     return promote_if_better(client, name, version, score, metric=metric, champion_score=champion_score)
+
+
+def register_stage(
+    result: StageResult,
+    model_name: str,
+    *,
+    recipe: str,
+    metric: str = "CIDEr",
+    champion_score: float | None = None,
+    tags: Mapping[str, str] | None = None,
+    tracking_uri: str | None = None,
+) -> dict[str, Any]:
+    """Register a finished stage's best model as a new version of ``model_name`` (a pyfunc logged to
+    the stage's run), then the champion gate on its test ``metric``.
+
+    ``champion_score``: the champion re-scored on the same test data (retraining on new data).
+    Returns the gate's decision as a dict (``Promotion`` plus ``promoted``).
+    """
+    if result.run_id is None:
+        raise RegistryError(f"stage {result.stage} has no MLflow run: cannot register its model")
+    if metric not in result.test_scores:
+        raise RegistryError(f"stage {result.stage} has no test {metric}: {sorted(result.test_scores)}")
+    promotion = register_checkpoint(
+        connect(tracking_uri),
+        model_name,
+        result.run_id,
+        result.checkpoint,
+        result.test_scores[metric],
+        tags={"stage": result.stage, "recipe": recipe, **(tags or {})},
+        metric=f"test_{metric}",
+        champion_score=champion_score,
+    )
+    log.info("registered %s version %s (test %s %.4f): %s", model_name, promotion.version, metric,
+             promotion.score, promotion.alias)  # fmt: skip
+    return {**dataclasses.asdict(promotion), "promoted": promotion.promoted}
+
+
+def checkpoint_from_model(model_uri: str, *, tracking_uri: str | None = None, dst: str | None = None) -> str:
+    """A registered or logged pyfunc model (``models:/name@champion``, ``runs:/id/model``) -> the local
+    path of the checkpoint it packs."""
+    import mlflow.artifacts
+
+    from captioning.serving import CHECKPOINT_ARTIFACT
+
+    connect(tracking_uri)  # fail fast with a clear message when the server is down
+    folder = dst or tempfile.mkdtemp(prefix="captioning-model-")
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=model_uri, dst_path=folder, tracking_uri=tracking_uri
+    )
+    candidates = sorted(glob.glob(os.path.join(local, "artifacts", "**", "*"), recursive=True))
+    files = [c for c in candidates if os.path.isfile(c)]
+    if not files:
+        raise RegistryError(f"{model_uri} holds no {CHECKPOINT_ARTIFACT} artifact (not a captioning model?)")
+    return files[0]
+
+
+def champion_checkpoint(
+    model_name: str, *, tracking_uri: str | None = None, dst: str | None = None
+) -> tuple[str, str]:
+    """(version, local checkpoint path) of ``model_name@champion``; RegistryError when there is none."""
+    found = champion(connect(tracking_uri), model_name)
+    if found is None:
+        raise RegistryError(
+            f"registered model {model_name!r} has no {CHAMPION}: train one first (train-sat flow)"
+        )
+    version, _ = found
+    return version, checkpoint_from_model(
+        f"models:/{model_name}@{CHAMPION}", tracking_uri=tracking_uri, dst=dst
+    )

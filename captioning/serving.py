@@ -14,13 +14,13 @@ package (``code/``, put on ``sys.path`` by the loader, so the model loads where 
 installed), pinned pip requirements and a signature: one ``image`` column of strings (base64, what
 JSON serving sends, or a file path) or raw bytes, and the ``beam_size`` / ``max_len`` params.
 
-An image goes through the project's own preprocessing, exactly as in ``captioning.caption``
-(``load_image``: the shard writer's ``prepare_image`` then the eval loader's decode and resize, then
-``normalize_images``), and beam search without length normalisation, so a caption equals
-``caption_images(...)[i]["caption"]`` for the same checkpoint, beam size and max_len. An image that
-cannot be read or decoded fails the whole request with a ValueError naming its row: a serving
-client must not mistake an empty caption for an answer. File-path cells are read on the machine
-that serves the model: expose the server only to clients trusted with its files.
+The captioning itself is ``captioning.inference.Predictor``, the one ``caption_images`` uses (the
+project's own preprocessing, then beam search without length normalisation), so a caption equals
+``caption_images(...)[i]["caption"]`` for the same checkpoint, beam size and max_len; this module
+holds what is MLflow's: input cells, params, signature, saving and logging. An image that cannot
+be read or decoded fails the whole request with a ValueError naming its row: a serving client must
+not mistake an empty caption for an answer. File-path cells are read on the machine that serves
+the model: expose the server only to clients trusted with its files.
 """
 
 from __future__ import annotations
@@ -45,13 +45,10 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from PIL import Image
 
 from captioning import storage
-from captioning.caption import image_settings, load_image
-from captioning.data.images import ImageSettings, ImageSkipped
-from captioning.data.loader import normalize_images, stack_planes
+from captioning.data.images import ImageSkipped
 from captioning.data.vocab import Vocab
-from captioning.model.captioner import Captioner
-from captioning.model.checkpoint import captioner_from_checkpoint, load_checkpoint
-from captioning.model.search import beam_search
+from captioning.inference import Predictor, image_settings
+from captioning.model.checkpoint import load_checkpoint
 
 IMAGE_COLUMN = "image"
 CAPTION_COLUMN = "caption"
@@ -59,9 +56,9 @@ CHECKPOINT_ARTIFACT = "checkpoint"
 DEFAULT_BEAM_SIZE = 3
 DEFAULT_MAX_LEN = 20
 BATCH_SIZE = 16  # images per beam search, as caption_images' default; captions do not depend on it
-# Distributions the loaded model imports (webdataset: captioning.data.loader imports it at the top).
-# The project itself travels as code (code_paths), not as a requirement.
-REQUIREMENTS = ("torch", "torchvision", "pillow", "numpy", "webdataset")
+# Distributions the loaded model imports (through captioning.inference). The project itself travels
+# as code (code_paths), not as a requirement.
+REQUIREMENTS = ("torch", "torchvision", "pillow", "numpy")
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -136,65 +133,43 @@ class CaptionPyfunc(PythonModel):
     """
 
     def __init__(self) -> None:
-        self.model: Captioner | None = None
-        self.vocab: Vocab | None = None
-        self.settings: ImageSettings | None = None
-        self.device = torch.device("cpu")
+        self.predictor: Predictor | None = None
 
     def load_context(self, context: Any) -> None:
         self.load(context.artifacts[CHECKPOINT_ARTIFACT])
 
     def load(self, checkpoint_path: str, device: str | torch.device | None = None) -> None:
         """What ``load_context`` does, from a local checkpoint path (CUDA when available)."""
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model, vocab, ckpt = captioner_from_checkpoint(checkpoint_path)
-        self.model = model.eval().to(self.device)
-        self.vocab = vocab
-        self.settings = image_settings(ckpt.get("config") or {})
+        self.predictor = Predictor.from_checkpoint(checkpoint_path, device)
 
     # model_input is annotated DataFrame only: MLflow inspects the hint, and warns on a Union.
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
-        if self.model is None or self.vocab is None or self.settings is None:
+        if self.predictor is None:
             raise RuntimeError("the model is not loaded: load it with mlflow.pyfunc.load_model")
         beam_size = _positive_int(params or {}, "beam_size", DEFAULT_BEAM_SIZE)
         max_len = _positive_int(params or {}, "max_len", DEFAULT_MAX_LEN)
-        images = self._preprocess(image_cells(model_input))
-        captions: list[str] = []
-        for start in range(0, len(images), BATCH_SIZE):
-            captions += self._caption(images[start : start + BATCH_SIZE], beam_size, max_len)
-        return pd.DataFrame({CAPTION_COLUMN: pd.Series(captions, dtype=object)})
+        images = _preprocess(self.predictor, image_cells(model_input))
+        captions = self.predictor.caption(images, beam_size=beam_size, max_len=max_len, batch_size=BATCH_SIZE)
+        return pd.DataFrame({CAPTION_COLUMN: pd.Series([c.text for c in captions], dtype=object)})
 
-    def _preprocess(self, cells: Sequence[Any]) -> list[Image.Image]:
-        """Every cell decoded as in training, or one ValueError naming all the bad rows."""
-        assert self.settings is not None
-        images: list[Image.Image] = []
-        errors: list[str] = []
-        for row, cell in enumerate(cells):
-            try:
-                images.append(load_image(image_bytes(cell, row), self.settings))
-            except ImageSkipped as e:
-                errors.append(f"row {row}: cannot decode the image ({e})")
-            except ValueError as e:
-                errors.append(str(e))
-        if errors:
-            more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
-            raise ValueError(
-                f"{len(errors)} of {len(cells)} images unusable: " + "; ".join(errors[:5]) + more
-            )
-        return images
 
-    @torch.no_grad()
-    def _caption(self, images: Sequence[Image.Image], beam_size: int, max_len: int) -> list[str]:
-        assert self.model is not None and self.vocab is not None
-        batch = normalize_images(stack_planes(images)).to(self.device)  # (B, 3, H, W)
-        features = self.model.encode(batch)  # (B, P, E)
-        result = beam_search(self.model, features, beam_size=beam_size, max_len=max_len)
-        return [
-            " ".join(self.vocab.decode(result.tokens[row, : int(result.lengths[row])].tolist()))
-            for row in range(len(images))
-        ]
+def _preprocess(predictor: Predictor, cells: Sequence[Any]) -> list[Image.Image]:
+    """Every cell decoded as in training, or one ValueError naming all the bad rows."""
+    images: list[Image.Image] = []
+    errors: list[str] = []
+    for row, cell in enumerate(cells):
+        try:
+            images.append(predictor.load_image(image_bytes(cell, row)))
+        except ImageSkipped as e:
+            errors.append(f"row {row}: cannot decode the image ({e})")
+        except ValueError as e:
+            errors.append(str(e))
+    if errors:
+        more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+        raise ValueError(f"{len(errors)} of {len(cells)} images unusable: " + "; ".join(errors[:5]) + more)
+    return images
 
 
 def signature() -> ModelSignature:

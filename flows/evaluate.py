@@ -12,7 +12,9 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from captioning import pipeline
+from captioning.config import load_config, normalize_overrides
+from captioning.tracking.report import scores_table
+from captioning.tracking.runs import tracking_uri_of
 from tasks.tracking import evaluate, fetch_model, log_evaluation
 
 
@@ -25,14 +27,14 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Score ``source`` (checkpoint path or s3:// URI, ``models:/NAME@ALIAS``, ``runs:/ID/model``) on
     ``split`` of the recipe's shards with its eval settings; the scores go to a new MLflow run."""
-    cfg = pipeline.load_recipe_config(recipe, overrides)
-    tracking_uri = pipeline.tracking_uri_of(cfg)
+    cfg = load_config(recipe, normalize_overrides(overrides))
+    tracking_uri = tracking_uri_of(cfg)
     checkpoint = fetch_model(source, tracking_uri)
     result = evaluate(checkpoint, cfg, split)
     run_id = log_evaluation(
         result["scores"], cfg, f"evaluate-{split}", tags={"source": source, "split": split, "recipe": recipe}
     )
-    get_run_logger().info("%s on %s:\n%s", source, split, pipeline.scores_table({source: result["scores"]}))
+    get_run_logger().info("%s on %s:\n%s", source, split, scores_table({source: result["scores"]}))
     return {**result, "mlflow_run_id": run_id, "source": source, "split": split}
 
 

@@ -4,8 +4,9 @@
     python -m flows.prepare_data --recipe demo            # the same flow, run here without a deployment
 
 Nothing is redone: downloads keep verified files, the shard build is skipped when the manifest
-already records this build key (shard settings + split file + vocabulary, ``captioning.pipeline
-.shard_build_key``), and a failed build resumes with the shards that were complete.
+already records this build key (shard settings + split file + vocabulary:
+``captioning.data.prepare.build_key``, the same key ``captioning shards`` records), and a failed
+build resumes with the shards that were complete.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Any
 from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_markdown_artifact
 
-from captioning import pipeline
+from captioning.config import load_config, normalize_overrides
+from captioning.data.prepare import data_report, group_config, manifest_summary
 from tasks import data
 
 
@@ -36,7 +38,7 @@ def prepare_data(
     (new data for an existing model) instead of one built from the train split. ``publish_to``: an
     s3:// prefix the finished shards are copied to.
     """
-    cfg = pipeline.load_recipe_config(recipe, overrides)
+    cfg = load_config(recipe, normalize_overrides(overrides))
     raw = data.download_dataset(cfg)
     dataset = data.read_records(raw, cfg)
     vocab = data.vocabulary_of_checkpoint(vocab_from) if vocab_from else data.build_vocabulary(dataset, cfg)
@@ -45,13 +47,13 @@ def prepare_data(
         get_run_logger().info(
             "shards in %s are up to date (build key %s): nothing to do", cfg.data.shard_dir, key[:12]
         )
-        summary = pipeline.manifest_summary(cfg.data.shard_dir, manifest)
+        summary = manifest_summary(cfg.data.shard_dir, manifest)
     else:
         plan = data.plan_shards(dataset, vocab, raw, cfg, key)
         groups = plan.groups(num_groups)
-        results = data.write_shards.map(groups, cfg=unmapped(pipeline.group_config(cfg, len(groups))))
+        results = data.write_shards.map(groups, cfg=unmapped(group_config(cfg, len(groups))))
         built = data.finish_shards(plan, vocab, results)  # type: ignore[arg-type]  # futures resolve to results
-        summary = pipeline.manifest_summary(
+        summary = manifest_summary(
             cfg.data.shard_dir, built.to_json(), num_built=built.num_built, num_skipped=built.num_skipped
         )
     if publish_to:
@@ -59,7 +61,7 @@ def prepare_data(
         summary["shard_dir"] = publish_to
     create_markdown_artifact(
         key="shards",
-        markdown=pipeline.data_report(summary),
+        markdown=data_report(summary),
         description=f"shards of {recipe}",
     )
     return summary

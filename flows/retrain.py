@@ -19,7 +19,11 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from captioning import pipeline
+from captioning.config import load_config, normalize_overrides, without_keys
+from captioning.data.inbox import new_data_overrides
+from captioning.stages import run_output
+from captioning.tracking.report import scores_table
+from captioning.tracking.runs import end_run_after_error, tracking_uri_of
 from flows.prepare_data import prepare_data
 from tasks.tracking import (
     end_tracking_run,
@@ -44,12 +48,12 @@ def retrain(
 ) -> dict[str, Any]:
     """Fine-tune the registered champion on the dataset at ``karpathy_json`` (Karpathy format; images
     under ``image_dir``, default the JSON's folder) and promote the result if it beats the champion."""
-    base = pipeline.load_recipe_config(recipe, overrides)
-    tracking_uri = pipeline.tracking_uri_of(base)
+    base = load_config(recipe, normalize_overrides(overrides))
+    tracking_uri = tracking_uri_of(base)
     model_name = base.tracking.registered_model
     version, champion = fetch_champion(model_name, tracking_uri)
-    data_overrides = pipeline.new_data_overrides(base, karpathy_json, image_dir, overrides)
-    cfg = pipeline.load_recipe_config(recipe, data_overrides)
+    data_overrides = new_data_overrides(base, karpathy_json, image_dir, overrides)
+    cfg = load_config(recipe, data_overrides)
     data = prepare_data(recipe=recipe, overrides=data_overrides, vocab_from=champion)
     name = flow_run.get_name() or "local"
     run_id = start_tracking_run(
@@ -64,11 +68,11 @@ def retrain(
         },
     )
     try:
-        outcome = train_stage(
+        retrained = train_stage(
             recipe,
             stage,
-            pipeline.run_output(cfg, f"retrain-{name}"),
-            pipeline.launch_overrides(data_overrides),
+            run_output(cfg, f"retrain-{name}"),
+            without_keys(data_overrides, "train.stages"),
             init_from=champion,
             parent_run_id=run_id,
             timeout_s=stage_timeout_s,
@@ -83,7 +87,7 @@ def retrain(
             parent_run_id=run_id,
         )
         promotion = register_model(
-            outcome,
+            retrained,
             model_name,
             recipe,
             tracking_uri,
@@ -91,18 +95,16 @@ def retrain(
             tags={"retrained_from": version, "new_data": karpathy_json},
         )
     except BaseException as exc:
-        pipeline.end_run_after_error(run_id, exc, tracking_uri=tracking_uri)
+        end_run_after_error(run_id, exc, tracking_uri=tracking_uri)
         raise
     end_tracking_run(
         run_id,
         "FINISHED",
-        {f"test_{k}": v for k, v in outcome.test_scores.items()},
+        {f"test_{k}": v for k, v in retrained.test_scores.items()},
         tracking_uri,
         tags={"promoted": str(promotion["promoted"])},
     )
-    table = pipeline.scores_table(
-        {f"champion v{version}": incumbent["scores"], "retrained": outcome.test_scores}
-    )
+    table = scores_table({f"champion v{version}": incumbent["scores"], "retrained": retrained.test_scores})
     create_markdown_artifact(key="retrain-scores", markdown=table, description="new test split")
     get_run_logger().info(
         "retrained on %s: %s (version %s)\n%s", karpathy_json, promotion["alias"], promotion["version"], table
@@ -111,7 +113,7 @@ def retrain(
         "data": data,
         "champion_before": version,
         "champion_scores": incumbent["scores"],
-        "outcome": outcome.to_json(),
+        "retrained": retrained.to_json(),
         "registered": promotion,
         "mlflow_run_id": run_id,
     }

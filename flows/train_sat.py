@@ -1,5 +1,7 @@
 """``train-sat``: [prepare-data] -> xe -> finetune -> scst (each a torchrun DDP job, tested on the test
-split) -> register the best stage's model -> champion gate. The flow owns the MLflow parent run.
+split) -> register the best stage's model -> champion gate. The flow owns the MLflow parent run; the
+stage sequence is ``captioning.stages.run_stages`` (the same one ``captioning train`` runs), each
+stage a ``train-stage`` task.
 
     prefect deployment run train-sat/demo --watch
     prefect deployment run train-sat/coco -p stages='["scst"]' -p init_from=s3://bucket/runs/coco/x/finetune/best.pt
@@ -19,8 +21,11 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from captioning import pipeline
-from captioning.config import config_warnings
+from captioning.config import config_warnings, load_config, normalize_overrides, resolve_stages, without_keys
+from captioning.stages import best_stage, final_metrics, run_output, run_stages
+from captioning.tracking.report import scores_table
+from captioning.tracking.runs import end_run_after_error, tracking_uri_of
+from captioning.training.stage import StageResult
 from flows.prepare_data import prepare_data
 from tasks.tracking import end_tracking_run, register_model, start_tracking_run
 from tasks.training import GPU_LIMIT, train_stage
@@ -45,9 +50,9 @@ def train_sat(
     best stage's model and run the champion gate.
     ``init_from``: checkpoint the first stage starts from. ``stage_timeout_s``: per-stage limit.
     """
-    cfg = pipeline.load_recipe_config(recipe, overrides)
-    stages = pipeline.resolve_stages(stages, cfg)
-    tracking_uri = pipeline.tracking_uri_of(cfg)
+    cfg = load_config(recipe, normalize_overrides(overrides))
+    stages = resolve_stages(stages, cfg)
+    tracking_uri = tracking_uri_of(cfg)
     logger = get_run_logger()
     for warning in config_warnings(cfg):
         logger.warning("config: %s", warning)
@@ -55,7 +60,7 @@ def train_sat(
         prepare_data(recipe=recipe, overrides=overrides)
     name = flow_run.get_name() or "local"
     run_name = f"{recipe}-{name}"
-    output = output or pipeline.run_output(cfg, name)
+    output = output or run_output(cfg, name)
     run_id = start_tracking_run(
         cfg,
         stages,
@@ -63,39 +68,39 @@ def train_sat(
         cfg.train.nproc_per_node,
         tags={"prefect_flow_run_id": str(flow_run.get_id()), "output": output, "orchestrator": "prefect"},
     )
-    outcomes: list[pipeline.StageOutcome] = []
+    per_stage = without_keys(overrides, "train.stages")  # each launch trains its own stage
+
+    def launch(stage: str, init: str | None) -> StageResult:
+        return train_stage(
+            recipe,
+            stage,
+            output,
+            per_stage,
+            init_from=init,
+            parent_run_id=run_id,
+            timeout_s=stage_timeout_s,
+            gpu_limit=gpu_limit,
+        )
+
     try:
-        init = init_from
-        for stage in stages:
-            outcome = train_stage(
-                recipe,
-                stage,
-                output,
-                pipeline.launch_overrides(overrides),
-                init_from=init,
-                parent_run_id=run_id,
-                timeout_s=stage_timeout_s,
-                gpu_limit=gpu_limit,
-            )
-            outcomes.append(outcome)
-            init = outcome.checkpoint
-        best = pipeline.best_stage(outcomes)
+        results = run_stages(stages, launch, init_from)
+        best = best_stage(results)
         promotion = (
             register_model(best, cfg.tracking.registered_model, recipe, tracking_uri)
             if register_best
             else None
         )
     except BaseException as exc:
-        pipeline.end_run_after_error(run_id, exc, tracking_uri=tracking_uri)
+        end_run_after_error(run_id, exc, tracking_uri=tracking_uri)
         raise
     end_tracking_run(
         run_id,
         "FINISHED",
-        pipeline.final_metrics(outcomes, best),
+        final_metrics(results, best),
         tracking_uri,
         tags={"best_stage": best.stage},
     )
-    table = pipeline.scores_table(pipeline.outcomes_summary(outcomes))
+    table = scores_table({r.stage: r.test_scores for r in results})
     create_markdown_artifact(
         key="test-scores", markdown=table, description=f"{recipe}: test scores per stage"
     )
@@ -104,7 +109,7 @@ def train_sat(
         "recipe": recipe,
         "output": output,
         "mlflow_run_id": run_id,
-        "stages": [o.to_json() for o in outcomes],
+        "stages": [r.to_json() for r in results],
         "best_stage": best.stage,
         "test_scores": best.test_scores,
         "registered": promotion,

@@ -18,7 +18,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
-from captioning import inbox
+from captioning.data import inbox
 
 
 @task(name="check-new-data", cache_policy=NO_CACHE)

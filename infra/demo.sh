@@ -27,4 +27,4 @@ Where to look:
   stop        $BIN/captioning stack down --state-dir $STATE
 
 EOT
-python -m captioning.report
+python -m captioning.tracking.report

@@ -318,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             tracking_uri = args.tracking_uri
             if tracking_uri is None:
-                from captioning.mlflow_server import MlflowServer, MlflowServerError
+                from captioning.services.mlflow_server import MlflowServer, MlflowServerError
 
                 server = MlflowServer(state, port=free_port())
                 try:

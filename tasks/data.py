@@ -13,13 +13,16 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from captioning import pipeline, storage
+from captioning import storage
 from captioning.config import Config
 from captioning.data import prepare
-from captioning.data.download import RawDataset
+from captioning.data.datasets import RawDataset
+from captioning.data.format import ShardManifest
 from captioning.data.records import KarpathyDataset
-from captioning.data.shards import ShardGroupResult, ShardJob, ShardManifest, ShardPlan
+from captioning.data.shard_build import ShardGroupResult, ShardPlan
+from captioning.data.shard_writer import ShardJob
 from captioning.data.vocab import Vocab
+from captioning.model.checkpoint import vocab_of_checkpoint
 
 RETRY_DELAYS_S: list[float] = [10, 60, 300]  # I/O tasks: three more attempts, backing off
 
@@ -45,19 +48,19 @@ def build_vocabulary(dataset: KarpathyDataset, cfg: Config) -> Vocab:
 @task(name="vocabulary-of-checkpoint", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=RETRY_DELAYS_S)
 def vocabulary_of_checkpoint(checkpoint: str) -> Vocab:
     """The vocabulary a model was trained with: new data for it is encoded with the same ids."""
-    return pipeline.vocab_of_checkpoint(checkpoint)
+    return vocab_of_checkpoint(checkpoint)
 
 
 @task(name="check-shards", cache_policy=NO_CACHE)
 def check_shards(cfg: Config, raw: RawDataset, vocab: Vocab) -> tuple[str, dict[str, Any] | None]:
     """(build key, the finished manifest when the shards are already built with it, else None)."""
-    key = pipeline.shard_build_key(cfg, raw.karpathy_json, vocab)
-    return key, pipeline.up_to_date_manifest(cfg.data.shard_dir, key)
+    key = prepare.build_key(cfg, raw.karpathy_json, vocab)
+    return key, prepare.up_to_date_manifest(cfg.data.shard_dir, key)
 
 
 @task(name="plan-shards", cache_policy=NO_CACHE)
 def plan_shards(dataset: KarpathyDataset, vocab: Vocab, raw: RawDataset, cfg: Config, key: str) -> ShardPlan:
-    return prepare.plan_shards_for(list(dataset.records), vocab, raw, cfg, config_hash=key)
+    return prepare.plan_shards_for(list(dataset.records), vocab, raw, cfg, key=key)
 
 
 @task(name="write-shards", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=30)

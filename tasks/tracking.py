@@ -8,10 +8,16 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from captioning import pipeline
+from captioning import registry
 from captioning.config import Config
+from captioning.evaluation.evaluate import score_checkpoint
+from captioning.tracking import runs
+from captioning.training.stage import StageResult
+from tasks.retries import unless
 
 RETRY_DELAYS_S: list[float] = [5, 30, 120]
+# A model without a champion or a stage without a run stays that way: fail at once, no retries.
+NOT_REGISTRY_ERRORS = unless(registry.RegistryError)
 
 
 @task(name="start-tracking-run", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=RETRY_DELAYS_S)
@@ -19,7 +25,7 @@ def start_tracking_run(
     cfg: Config, stages: Sequence[str], run_name: str, world_size: int, tags: Mapping[str, str]
 ) -> str:
     """The MLflow parent run every stage reports under; its id."""
-    return pipeline.start_pipeline_run(cfg, stages, run_name=run_name, world_size=world_size, tags=tags)
+    return runs.start_pipeline_run(cfg, stages, run_name=run_name, world_size=world_size, tags=tags)
 
 
 @task(name="end-tracking-run", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=RETRY_DELAYS_S)
@@ -30,12 +36,18 @@ def end_tracking_run(
     tracking_uri: str,
     tags: Mapping[str, str] | None = None,
 ) -> None:
-    pipeline.end_pipeline_run(run_id, status, metrics=metrics, tags=tags, tracking_uri=tracking_uri)
+    runs.end_pipeline_run(run_id, status, metrics=metrics, tags=tags, tracking_uri=tracking_uri)
 
 
-@task(name="register-model", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=RETRY_DELAYS_S)
+@task(
+    name="register-model",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=RETRY_DELAYS_S,
+    retry_condition_fn=NOT_REGISTRY_ERRORS,
+)
 def register_model(
-    outcome: pipeline.StageOutcome,
+    result: StageResult,
     model_name: str,
     recipe: str,
     tracking_uri: str,
@@ -43,8 +55,8 @@ def register_model(
     tags: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """A new registered version from the stage's best model, then the champion gate."""
-    return pipeline.register_outcome(
-        outcome,
+    return registry.register_stage(
+        result,
         model_name,
         recipe=recipe,
         champion_score=champion_score,
@@ -57,20 +69,26 @@ def register_model(
 def fetch_model(source: str, tracking_uri: str | None) -> str:
     """A checkpoint path for ``source``: a checkpoint path/URI as is, or a ``models:/``/``runs:/`` model."""
     if source.startswith(("models:/", "runs:/")):
-        return pipeline.checkpoint_from_model(source, tracking_uri=tracking_uri)
+        return registry.checkpoint_from_model(source, tracking_uri=tracking_uri)
     return source
 
 
-@task(name="fetch-champion", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=RETRY_DELAYS_S)
+@task(
+    name="fetch-champion",
+    cache_policy=NO_CACHE,
+    retries=3,
+    retry_delay_seconds=RETRY_DELAYS_S,
+    retry_condition_fn=NOT_REGISTRY_ERRORS,
+)
 def fetch_champion(model_name: str, tracking_uri: str) -> tuple[str, str]:
     """(version, local checkpoint) of the registered model's champion."""
-    return pipeline.champion_checkpoint(model_name, tracking_uri=tracking_uri)
+    return registry.champion_checkpoint(model_name, tracking_uri=tracking_uri)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate(checkpoint: str, cfg: Config, split: str, results_uri: str | None = None) -> dict[str, Any]:
     """Beam-search captions for ``split`` of ``cfg.data.shard_dir``, scored with pycocoevalcap."""
-    return pipeline.evaluate_source(checkpoint, cfg, split=split, results_uri=results_uri)
+    return score_checkpoint(checkpoint, cfg, split, results_uri=results_uri)
 
 
 @task(name="log-evaluation", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=RETRY_DELAYS_S)
@@ -82,9 +100,9 @@ def log_evaluation(
     results_file: str | None = None,
     parent_run_id: str | None = None,
 ) -> str:
-    return pipeline.log_evaluation(
+    return runs.log_evaluation(
         scores,
-        tracking_uri=pipeline.tracking_uri_of(cfg),
+        tracking_uri=runs.tracking_uri_of(cfg),
         experiment=cfg.tracking.experiment,
         run_name=run_name,
         tags=tags,

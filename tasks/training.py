@@ -18,7 +18,8 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
-from captioning import pipeline
+from captioning.stages import launch_stage
+from captioning.training.stage import StageResult
 
 GPU_LIMIT = "gpu"
 
@@ -44,18 +45,20 @@ def train_stage(
     nproc_per_node: int | None = None,
     timeout_s: float | None = None,
     gpu_limit: str = GPU_LIMIT,
-) -> pipeline.StageOutcome:
-    """torchrun -m captioning.train for ``stage``; returns its best checkpoint and test scores."""
+) -> StageResult:
+    """torchrun -m captioning.train --stage STAGE (``captioning.stages.launch_stage``); returns its
+    result: best checkpoint and test scores. A finished stage is returned without a launch."""
     logger = get_run_logger()
     ensure_limit(gpu_limit)
     with concurrency(gpu_limit, occupy=1, strict=True, raise_on_lease_renewal_failure=False):
-        return pipeline.train_stage(
+        return launch_stage(
             recipe,
             stage,
             output,
             overrides,
             init_from=init_from,
             parent_run_id=parent_run_id,
+            tracker="mlflow",
             nproc_per_node=nproc_per_node,
             timeout_s=timeout_s,
             on_line=logger.info,

@@ -1,6 +1,20 @@
-"""Shared pytest fixtures. Each block is self-contained; add yours as a new delimited block."""
+"""Shared pytest fixtures, and the two test tiers. Each block is self-contained; add yours as a new
+delimited block.
+
+Tiers: a test is in the integration tier when it uses (directly or through other fixtures) one of
+INTEGRATION_FIXTURES: a real server (MLflow, S3, Prefect, the local stack, one the test starts),
+torchrun or the JVM scorers. It is marked `integration` here, from its fixtures, never by hand.
+`make test-fast` (`pytest -m "not integration"`) runs the rest after every edit; `make test` runs
+all. In a fast-tier session `java` is a stub that fails, naming the fixture to request, so a test
+that needs the JVM without saying so cannot hide in the fast tier.
+"""
 
 from __future__ import annotations
+
+import os as _os
+import shutil as _shutil
+import stat as _stat
+import tempfile as _tempfile
 
 # --- S3: a real `rclone serve s3` on loopback (tests/s3server.py) ------------------------------------
 import uuid as _uuid
@@ -51,7 +65,7 @@ def one_torch_thread() -> _Iterator[None]:
 # --- end torch threads ------------------------------------------------------------------------------
 
 
-# --- MLflow: a real `mlflow server` on loopback (captioning/mlflow_server.py) -----------------------
+# --- MLflow: a real `mlflow server` on loopback (captioning/services/mlflow_server.py) --------------
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +73,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> _Iterator[object]
     """One MLflow server (SQLite, local artifacts) for the session; ``.url`` is its tracking URI."""
     from s3server import free_port
 
-    from captioning.mlflow_server import MlflowServer
+    from captioning.services.mlflow_server import MlflowServer
 
     server = MlflowServer(tmp_path_factory.mktemp("mlflow"), port=free_port()).start()
     yield server
@@ -67,3 +81,66 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> _Iterator[object]
 
 
 # --- end MLflow -------------------------------------------------------------------------------------
+
+
+# --- test tiers -------------------------------------------------------------------------------------
+
+INTEGRATION_FIXTURES = frozenset(
+    {
+        "mlflow_server",  # a real `mlflow server`
+        "s3_server",  # a real `rclone serve s3`
+        "s3_env",
+        "prefect_server",  # a real Prefect server (test_flows.py)
+        "stack",  # the local stack: Prefect server + worker, MLflow (test_deployments.py)
+        "java",  # pycocoevalcap's scorers on the JVM
+        "torchrun",  # training launched under torchrun
+        "subprocess_tree",  # servers and process trees the test starts itself
+    }
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        # A fixture parameter named after an integration fixture (`params=["local", "s3_env"]`, fetched
+        # with request.getfixturevalue(request.param)) counts as using that fixture.
+        callspec = getattr(item, "callspec", None)
+        params = {p for p in (callspec.params.values() if callspec else ()) if isinstance(p, str)}
+        used = INTEGRATION_FIXTURES.intersection({*getattr(item, "fixturenames", ()), *params})
+        if used:
+            item.add_marker(pytest.mark.integration(*sorted(used)))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if (config.getoption("markexpr", "") or "").replace(" ", "") == "notintegration":
+        stub_dir = _tempfile.mkdtemp(prefix="fast-tier-")
+        stub = _os.path.join(stub_dir, "java")
+        with open(stub, "w") as f:
+            f.write(
+                '#!/bin/sh\necho "fast tier: this test runs the JVM; request the java fixture" >&2\nexit 97\n'
+            )
+        _os.chmod(stub, _os.stat(stub).st_mode | _stat.S_IXUSR)
+        _os.environ["PATH"] = stub_dir + _os.pathsep + _os.environ.get("PATH", "")
+        config.add_cleanup(lambda: _shutil.rmtree(stub_dir, ignore_errors=True))
+
+
+@pytest.fixture(scope="session")
+def java() -> str:
+    """The JVM that pycocoevalcap's tokenizer and METEOR need (a test that scores captions asks for it)."""
+    found = _shutil.which("java")
+    if found is None:
+        pytest.skip("no java on PATH (pycocoevalcap needs a JRE: `make setup` installs one)")
+    return found
+
+
+@pytest.fixture
+def torchrun() -> str:
+    """The torchrun launcher module (a test that launches training under torchrun asks for it)."""
+    return "torch.distributed.run"
+
+
+@pytest.fixture
+def subprocess_tree() -> None:
+    """Requested by a test that starts real servers or process trees of its own (sessions, signals)."""
+
+
+# --- end test tiers ---------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ logs every request, and can be told to fail the way real servers do::
         server.fail(500, times=2)         # next two GETs: HTTP 500
         server.ignore_range = True        # answer Range requests with 200 and the whole file
         server.substitute["a.zip"] = b"other bytes"   # serve a different file under that name
-        download_file(f"{server.url}/a.zip", dest)
+        download_file(f"{server.url}/a.zip", dest, num_retries=5, timeout_s=10.0)
         server.requests                   # [Request(path, range, status, body_bytes), ...]
 """
 

@@ -18,11 +18,11 @@ from PIL import Image
 
 pytest.importorskip("captioning.model.checkpoint")
 
-from captioning.caption import caption_images, image_settings, load_image
 from captioning.cli import main
 from captioning.config import load_config
 from captioning.data.images import prepare_image
 from captioning.data.vocab import SPECIALS, Vocab
+from captioning.inference import caption_images, image_settings, load_image
 from captioning.model.checkpoint import save_checkpoint
 from captioning.model.factory import build_captioner
 

@@ -17,6 +17,7 @@ from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.cider.cider_scorer import CiderScorer, cook_refs, cook_test
 
 from captioning.evaluation import cider as cider_module
+from captioning.evaluation import ngrams
 from captioning.evaluation.cider import CiderD, Tokens, cider_d
 
 TOL = 1e-9
@@ -351,12 +352,12 @@ def test_properties() -> None:
 
 def test_hash_collisions_are_regrouped() -> None:
     """Two keys whose hashes agree under the first multiplier still end up in separate groups."""
-    inverse = pow(int(cider_module._FIBONACCI), -1, 2**64)
+    inverse = pow(int(ngrams.FIBONACCI), -1, 2**64)
     a = 0x0001_0002_0003_0004
     b = (a + inverse) % 2**64  # b * multiplier = a * multiplier + 1: the same high bits
     key = np.array([a, b, a, b, a], np.uint64)
     is_ref = np.array([False, False, True, True, True])
-    entry, group, start = cider_module._group_by_ngram(key, np.zeros(5, np.int64), is_ref, 1)
+    entry, group, start = ngrams.group_by_ngram(key, np.zeros(5, np.int64), is_ref, 1)
     assert sorted(entry.tolist()) == [0, 1, 2, 3, 4] and start.size == 2
     for g in range(2):
         members = entry[group == g]

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from captioning.cli import main, split_overrides
+from captioning.cli import main
+from captioning.config import split_overrides
 from captioning.data.vocab import Vocab
 
 SMALL = ["--data.synthetic.num_train=30", "--data.synthetic.num_val=6", "--data.synthetic.num_test=6"]
@@ -101,7 +102,7 @@ def test_demo_builds_shards_and_reruns_as_a_no_op(tmp_path: Path, capsys: pytest
 
 
 def test_demo_trains_under_torchrun_and_prints_the_scores(
-    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], torchrun: str, java: str
 ) -> None:
     tiny = [
         "--train.nproc_per_node=1",
@@ -115,11 +116,13 @@ def test_demo_trains_under_torchrun_and_prints_the_scores(
     run = tmp_path / "run"
     assert main(["demo", *SMALL, *small_dirs(tmp_path), *tiny, "--output", str(run)]) == 0
     out = capfd.readouterr().out
-    assert "[demo] training: torchrun --nproc-per-node=1 -m captioning.train --config demo" in out
-    assert re.search(r"\[demo\] xe +[0-9.]+ +[0-9.]+", out), out[-3000:]
+    assert (
+        "[demo] torchrun --nproc-per-node=1 --standalone -m captioning.train --stage xe --config demo" in out
+    )
+    assert re.search(r"\[demo\] \| xe \| [0-9.]+ \| [0-9.]+", out), out[-3000:]
     assert f"[demo] final model: {run / 'xe' / 'best.pt'}" in out
-    assert (run / "summary.json").is_file()
-    # A second run into the same folder is refused by the trainer, and the demo reports it.
+    assert (run / "xe" / "result.json").is_file()
+    # A second run into the same folder is refused, and the demo says how to continue it.
     assert main(["demo", *SMALL, *small_dirs(tmp_path), *tiny, "--output", str(run)]) != 0
     assert "--resume" in capfd.readouterr().err
 

@@ -262,3 +262,40 @@ def test_describe_lists_every_key_with_doc() -> None:
 def test_stage_section_type() -> None:
     assert isinstance(Config().train.finetune, XeStageConfig)
     assert json.loads(Config().to_json())["train"]["finetune"]["fine_tune_encoder"] is True
+
+
+# --- flow parameters and the stage list ---------------------------------------------------------------
+
+
+def test_normalize_overrides() -> None:
+    from captioning.config import normalize_overrides
+
+    assert normalize_overrides(None) == []
+    assert normalize_overrides(["a.b=1", "--c.d=x=y"]) == ["--a.b=1", "--c.d=x=y"]
+
+
+def test_without_keys_drops_train_stages_only() -> None:
+    from captioning.config import without_keys
+
+    given = ["train.stages=xe", "--train.stages=xe,scst", "train.xe.epochs=2", "--data.shard_dir=x"]
+    assert without_keys(given, "train.stages") == ["--train.xe.epochs=2", "--data.shard_dir=x"]
+    assert without_keys(None, "train.stages") == []
+
+
+def test_resolve_stages() -> None:
+    from captioning.config import STAGES, resolve_stages
+
+    cfg = load_config("demo")
+    assert resolve_stages(None, cfg) == list(STAGES) == ["xe", "finetune", "scst"]
+    assert resolve_stages([], cfg) == ["xe", "finetune", "scst"]
+    only_xe = load_config("demo", ["--train.stages=xe"])
+    assert resolve_stages(None, only_xe) == ["xe"]
+    assert resolve_stages(["scst", "xe"], cfg) == ["scst", "xe"]
+
+
+@pytest.mark.parametrize("stages", [["xe", "rl"], ["xe", "xe"], ["XE"]])
+def test_resolve_stages_rejects_unknown_and_repeated(stages: list[str]) -> None:
+    from captioning.config import resolve_stages
+
+    with pytest.raises(ConfigError, match="each at most once"):
+        resolve_stages(stages, load_config("demo"))

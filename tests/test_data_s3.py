@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from captioning import storage
-from captioning.config import load_config
+from captioning.config import LoaderConfig, load_config
 from captioning.data.loader import build_loader
 from captioning.data.prepare import prepare_data
 from captioning.data.records import read_karpathy
-from captioning.data.shards import inspect_shards, verify_shards
+from captioning.data.shard_check import inspect_shards, verify_shards
 from captioning.training.dist import DistInfo
 
 
@@ -49,14 +49,14 @@ def test_prepare_to_s3_then_stream(tmp_path: Path, s3_env: str) -> None:
 
     seen: list[int] = []
     loader = build_loader(
+        LoaderConfig(num_workers=2, seq_per_img=2),
         location,
         "train",
         train=True,
-        batch_size=4,
-        num_workers=2,
         dist=DistInfo(),
         image_size=64,
-        seq_per_img=2,
+        seed=0,
+        batch_size=4,
     )
     for batch in loader:
         seen.extend(int(i) for i, pad in zip(batch.image_ids, batch.is_pad, strict=True) if not pad)

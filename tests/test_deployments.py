@@ -24,9 +24,8 @@ import pytest
 from s3server import free_port
 from test_train import TINY, data_overrides
 
-from captioning.stack import LocalStack, StackSettings
-
-pytestmark = pytest.mark.slow
+from captioning.services.stack import LocalStack
+from captioning.services.stack_settings import StackSettings
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = [sys.executable, "-m", "prefect"]
@@ -138,7 +137,7 @@ def test_deployment_run_train_sat_demo_completes(stack: dict[str, Any]) -> None:
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Completed" in done.stdout
-    outcomes = {s: json.loads((output / s / "outcome.json").read_text()) for s in ("xe", "finetune", "scst")}
+    outcomes = {s: json.loads((output / s / "result.json").read_text()) for s in ("xe", "finetune", "scst")}
     assert all("CIDEr" in o["test_scores"] for o in outcomes.values())
 
     from mlflow import MlflowClient

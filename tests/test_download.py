@@ -1,4 +1,5 @@
-"""Tests for downloads, archive extraction and fetch_dataset, against a real HTTP server on loopback.
+"""Tests for downloads, archive extraction and fetch_dataset, against a real HTTP server on loopback
+(``captioning.data.download``, ``archives`` and ``datasets``).
 
 The served files are the archives generate_synthetic writes in the real download layouts, so
 fetch_dataset runs its real code paths (URLs rewritten by base_url) without touching the internet.
@@ -20,18 +21,11 @@ import pytest
 from httpserver import FileServer
 
 from captioning.config import DataConfig, DownloadConfig, SyntheticConfig
-from captioning.data import download as download_module
-from captioning.data.download import (
-    DATASET_FILES,
-    REMOTE_FILES,
-    DownloadError,
-    UnsafeArchiveError,
-    build_raw_dataset,
-    download_file,
-    extract_archive,
-    fetch_dataset,
-    resolve_url,
-)
+from captioning.data import archives as archives_module
+from captioning.data import datasets as datasets_module
+from captioning.data.archives import UnsafeArchiveError, extract_archive
+from captioning.data.datasets import DATASET_FILES, REMOTE_FILES, build_raw_dataset, fetch_dataset
+from captioning.data.download import DownloadError, download_file, resolve_url
 from captioning.data.records import read_karpathy
 from captioning.data.sources import DirSource, ImageSource, ZipSource
 from captioning.data.synthetic import SyntheticDataset, generate_synthetic
@@ -73,7 +67,9 @@ def test_full_download_writes_verified_file_and_marker(
     tmp_path: Path, server: FileServer, payload: bytes
 ) -> None:
     dest = tmp_path / "sub" / "train2014.zip"
-    out = download_file(f"{server.url}/train2014.zip", dest, size=len(payload), md5=md5_of(payload), **FAST)
+    out = download_file(
+        f"{server.url}/train2014.zip", dest, size=len(payload), md5=md5_of(payload), num_retries=5, **FAST
+    )
     assert out == dest and dest.read_bytes() == payload
     assert not dest.with_name("train2014.zip.part").exists()
     assert dest.with_name("train2014.zip.verified").exists()
@@ -98,7 +94,7 @@ def test_resumes_a_part_file_left_by_an_earlier_run(
 ) -> None:
     dest = tmp_path / "train2014.zip"
     dest.with_name("train2014.zip.part").write_bytes(payload[:1000])
-    download_file(f"{server.url}/train2014.zip", dest, size=len(payload), **FAST)
+    download_file(f"{server.url}/train2014.zip", dest, size=len(payload), num_retries=5, **FAST)
     assert dest.read_bytes() == payload
     assert [(r.range, r.body_bytes) for r in server.requests] == [("bytes=1000-", len(payload) - 1000)]
 
@@ -143,7 +139,7 @@ def test_server_that_ignores_range_restarts_the_file(
     dest = tmp_path / "train2014.zip"
     dest.with_name("train2014.zip.part").write_bytes(b"x" * 500)  # would corrupt the file if appended to
     server.ignore_range = True
-    download_file(f"{server.url}/train2014.zip", dest, md5=md5_of(payload), **FAST)
+    download_file(f"{server.url}/train2014.zip", dest, md5=md5_of(payload), num_retries=5, **FAST)
     assert dest.read_bytes() == payload
     assert [(r.range, r.status) for r in server.requests] == [("bytes=500-", 200)]
 
@@ -153,7 +149,7 @@ def test_416_on_a_complete_part_file_finishes_without_a_body(
 ) -> None:
     dest = tmp_path / "train2014.zip"
     dest.with_name("train2014.zip.part").write_bytes(payload)
-    download_file(f"{server.url}/train2014.zip", dest, md5=md5_of(payload), **FAST)
+    download_file(f"{server.url}/train2014.zip", dest, md5=md5_of(payload), num_retries=5, **FAST)
     assert dest.read_bytes() == payload
     assert [(r.range, r.status) for r in server.requests] == [(f"bytes={len(payload)}-", 416)]
 
@@ -172,7 +168,7 @@ def test_size_mismatch_is_caught_and_partial_removed(
     dest = tmp_path / "train2014.zip"
     url = f"{server.url}/train2014.zip"
     with pytest.raises(DownloadError) as err:
-        download_file(url, dest, size=len(payload) + 1, **FAST)
+        download_file(url, dest, size=len(payload) + 1, num_retries=5, **FAST)
     message = str(err.value)
     assert url in message and str(len(payload) + 1) in message and str(len(payload)) in message
     assert not dest.exists() and not dest.with_name("train2014.zip.part").exists()
@@ -186,7 +182,7 @@ def test_md5_mismatch_from_a_different_file_is_caught_and_partial_removed(
     dest = tmp_path / "train2014.zip"
     url = f"{server.url}/train2014.zip"
     with pytest.raises(DownloadError, match="MD5 mismatch") as err:
-        download_file(url, dest, size=len(payload), md5=md5_of(payload), **FAST)
+        download_file(url, dest, size=len(payload), md5=md5_of(payload), num_retries=5, **FAST)
     assert url in str(err.value) and md5_of(payload) in str(err.value) and md5_of(other) in str(err.value)
     assert not dest.exists() and not dest.with_name("train2014.zip.part").exists()
 
@@ -197,23 +193,23 @@ def test_skips_a_complete_file_without_any_request(
     url = f"{server.url}/train2014.zip"
     known = tmp_path / "known" / "train2014.zip"
     unknown = tmp_path / "unknown" / "train2014.zip"
-    download_file(url, known, size=len(payload), md5=md5_of(payload), **FAST)
-    download_file(url, unknown, **FAST)  # nothing known: the marker says it completed
+    download_file(url, known, size=len(payload), md5=md5_of(payload), num_retries=5, **FAST)
+    download_file(url, unknown, num_retries=5, **FAST)  # nothing known: the marker says it completed
     server.reset_log()
-    download_file(url, known, size=len(payload), md5=md5_of(payload), **FAST)
-    download_file(url, unknown, **FAST)
+    download_file(url, known, size=len(payload), md5=md5_of(payload), num_retries=5, **FAST)
+    download_file(url, unknown, num_retries=5, **FAST)
     assert server.requests == []
 
     # A file put there by hand is hashed once against the known MD5, then trusted.
     by_hand = tmp_path / "by_hand" / "train2014.zip"
     by_hand.parent.mkdir()
     by_hand.write_bytes(payload)
-    download_file(url, by_hand, md5=md5_of(payload), **FAST)
+    download_file(url, by_hand, md5=md5_of(payload), num_retries=5, **FAST)
     assert server.requests == [] and by_hand.with_name("train2014.zip.verified").exists()
 
     # Without anything known and without the marker, the file cannot be trusted: fetched again.
     unknown.with_name("train2014.zip.verified").unlink()
-    download_file(url, unknown, **FAST)
+    download_file(url, unknown, num_retries=5, **FAST)
     assert len(server.requests) == 1
 
 
@@ -327,7 +323,7 @@ def test_tar_gz_extraction_of_flickr30k_and_skip_on_second_call(
     def fail(*args: object) -> list[Path]:
         raise AssertionError("extracted again despite the completion marker")
 
-    monkeypatch.setattr(download_module, "_extract_tar", fail)
+    monkeypatch.setattr(archives_module, "_extract_tar", fail)
     assert extract_archive(archive, tmp_path) == files
 
 
@@ -346,21 +342,23 @@ def test_fetch_coco_reads_images_straight_from_the_zips(
     tmp_path: Path, server: FileServer, synth: dict[str, SyntheticDataset]
 ) -> None:
     raw_dir = tmp_path / "raw"
-    raw = fetch_dataset("coco", raw_dir, base_url=server.url, verify_checksums=False, **FAST)
+    raw = fetch_dataset("coco", raw_dir, base_url=server.url, verify_checksums=False, num_retries=5, **FAST)
     assert raw.name == "coco" and raw.karpathy_json == raw_dir / "dataset_coco.json"
     assert _assert_every_image_readable(raw.karpathy_json, raw.images, synth["coco"].root) == 28
     assert sorted(r.path for r in server.requests) == ["caption_datasets.zip", "train2014.zip", "val2014.zip"]
     assert not (raw_dir / "train2014").exists() and not (raw_dir / "val2014").exists()  # never extracted
 
     server.reset_log()
-    again = fetch_dataset("coco", raw_dir, base_url=server.url, verify_checksums=False, **FAST)
+    again = fetch_dataset("coco", raw_dir, base_url=server.url, verify_checksums=False, num_retries=5, **FAST)
     assert server.requests == [] and again.karpathy_json == raw.karpathy_json
 
 
 def test_fetch_applies_known_sizes_and_checksums(tmp_path: Path, server: FileServer) -> None:
     # The synthetic train2014.zip is not 13 GB: the table's size must stop it before any body byte.
     with pytest.raises(DownloadError, match=re.escape("train2014.zip: size mismatch")):
-        fetch_dataset("coco", tmp_path / "raw", base_url=server.url, **FAST)
+        fetch_dataset(
+            "coco", tmp_path / "raw", base_url=server.url, num_retries=5, verify_checksums=True, **FAST
+        )
     assert not (tmp_path / "raw" / "train2014.zip").exists()
 
 
@@ -369,7 +367,9 @@ def test_fetch_flickr8k_reads_the_misspelt_folder_in_the_zip(
 ) -> None:
     data = synth["flickr8k"]
     with FileServer(data.root / "archives") as server:
-        raw = fetch_dataset("flickr8k", tmp_path, base_url=server.url, verify_checksums=False, **FAST)
+        raw = fetch_dataset(
+            "flickr8k", tmp_path, base_url=server.url, verify_checksums=False, num_retries=5, **FAST
+        )
     assert isinstance(raw.images, ZipSource) and raw.images.prefix == "Flicker8k_Dataset/"
     assert _assert_every_image_readable(raw.karpathy_json, raw.images, data.root / "Flicker8k_Dataset") == 28
 
@@ -386,6 +386,7 @@ def test_fetch_flickr30k_extracts_the_local_archive(
             base_url=server.url,
             verify_checksums=False,
             flickr30k_archive=archive,
+            num_retries=5,
             **FAST,
         )
         assert [r.path for r in server.requests] == [
@@ -397,18 +398,20 @@ def test_fetch_flickr30k_extracts_the_local_archive(
 
 def test_fetch_flickr30k_without_archive_says_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="flickr30k_archive"):
-        fetch_dataset("flickr30k", tmp_path, **FAST)
+        fetch_dataset("flickr30k", tmp_path, num_retries=5, verify_checksums=True, **FAST)
 
 
 def test_fetch_unknown_dataset(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="valid datasets: coco, flickr8k, flickr30k, synthetic"):
-        fetch_dataset("imagenet", tmp_path)
+        fetch_dataset("imagenet", tmp_path, num_retries=5, timeout_s=60.0, verify_checksums=True)
 
 
 @pytest.mark.parametrize("style", ["coco", "flickr8k", "flickr30k"])
 def test_fetch_synthetic_generates_once(tmp_path: Path, style: str, monkeypatch: pytest.MonkeyPatch) -> None:
     settings = {**SIZES, "style": style, "image_size": 32}
-    raw = fetch_dataset("synthetic", tmp_path, synthetic=settings, **FAST)
+    raw = fetch_dataset(
+        "synthetic", tmp_path, synthetic=settings, num_retries=5, verify_checksums=True, **FAST
+    )
     root = tmp_path / "synthetic"
     image_root = root if style == "coco" else next(p for p in root.iterdir() if p.is_dir())
     assert raw.name == "synthetic" and raw.karpathy_json == root / f"dataset_{style}.json"
@@ -418,8 +421,11 @@ def test_fetch_synthetic_generates_once(tmp_path: Path, style: str, monkeypatch:
     def fail(*args: object, **kwargs: object) -> None:
         raise AssertionError("generated again with unchanged settings")
 
-    monkeypatch.setattr(download_module, "generate_synthetic", fail)
-    assert fetch_dataset("synthetic", tmp_path, synthetic=settings, **FAST) == raw
+    monkeypatch.setattr(datasets_module, "generate_synthetic", fail)
+    assert (
+        fetch_dataset("synthetic", tmp_path, synthetic=settings, num_retries=5, verify_checksums=True, **FAST)
+        == raw
+    )
 
 
 def test_build_raw_dataset_reads_the_data_section(tmp_path: Path) -> None:

@@ -22,10 +22,11 @@ from gloo import join_gloo
 from s3server import free_port
 from torch import nn
 
-from captioning.config import load_config
-from captioning.data.loader import Batch, build_loader
+from captioning.config import LoaderConfig, load_config
+from captioning.data.batch import Batch
+from captioning.data.format import read_references
+from captioning.data.loader import build_loader
 from captioning.data.prepare import prepare_data
-from captioning.data.shards import read_references
 from captioning.data.vocab import END_ID, SPECIALS, START_ID, UNK_ID, Vocab
 from captioning.evaluation.evaluate import (
     EvalResult,
@@ -93,7 +94,9 @@ def artefacts(tmp_path_factory: pytest.TempPathFactory) -> Artefacts:
 
 
 @pytest.fixture(scope="module")
-def one_rank(artefacts: Artefacts, tmp_path_factory: pytest.TempPathFactory) -> tuple[EvalResult, str]:
+def one_rank(
+    artefacts: Artefacts, tmp_path_factory: pytest.TempPathFactory, java: str
+) -> tuple[EvalResult, str]:
     results = str(tmp_path_factory.mktemp("results") / "val-results.json")
     result = evaluate_checkpoint(
         artefacts.checkpoint,
@@ -101,6 +104,8 @@ def one_rank(artefacts: Artefacts, tmp_path_factory: pytest.TempPathFactory) -> 
         "val",
         batch_size=2,
         num_workers=1,
+        spice=False,
+        timeout_s=600.0,
         results_uri=results,
         device="cpu",
         **DECODING,
@@ -152,7 +157,14 @@ def test_decode_split_restores_modes_and_unwraps(
     wrapped = Wrapper(model)
     modes = {name: m.training for name, m in wrapped.named_modules()}
     loader = build_loader(
-        artefacts.shard_dir, "val", train=False, batch_size=5, num_workers=0, dist=DistInfo(), image_size=SIDE
+        LoaderConfig(num_workers=0),
+        artefacts.shard_dir,
+        "val",
+        train=False,
+        dist=DistInfo(),
+        image_size=SIDE,
+        seed=0,
+        batch_size=5,
     )
     captions, references = decode_split(wrapped, loader, vocab, DistInfo(), **DECODING)
     assert {name: m.training for name, m in wrapped.named_modules()} == modes
@@ -164,7 +176,14 @@ def test_decode_split_restores_modes_and_unwraps(
 def test_decode_split_refuses_an_image_twice(artefacts: Artefacts) -> None:
     model, vocab, _ = captioner_from_checkpoint(artefacts.checkpoint)
     loader = build_loader(
-        artefacts.shard_dir, "val", train=False, batch_size=4, num_workers=0, dist=DistInfo(), image_size=SIDE
+        LoaderConfig(num_workers=0),
+        artefacts.shard_dir,
+        "val",
+        train=False,
+        dist=DistInfo(),
+        image_size=SIDE,
+        seed=0,
+        batch_size=4,
     )
     first = next(iter(loader))
     with pytest.raises(RuntimeError, match="came twice on rank 0"):
@@ -202,7 +221,14 @@ def eval_rank(rank: int, world: int, port: int, artefacts: Artefacts, out: str) 
     try:
         model, vocab, _ = captioner_from_checkpoint(artefacts.checkpoint)
         loader = build_loader(
-            artefacts.shard_dir, "val", train=False, batch_size=2, num_workers=1, dist=dist, image_size=SIDE
+            LoaderConfig(num_workers=1),
+            artefacts.shard_dir,
+            "val",
+            train=False,
+            dist=dist,
+            image_size=SIDE,
+            seed=0,
+            batch_size=2,
         )
         record: dict[str, Any] = {"batches": len(loader)}
         result = evaluate(model, loader, vocab, dist, results_uri=str(Path(out, "results.json")), **DECODING)

@@ -46,7 +46,8 @@ def banded(width: int = 200, height: int = 100) -> Image.Image:
 
 
 def settings(**overrides: object) -> ImageSettings:
-    return ImageSettings(**{"size": 64, "resize_mode": "squash", "jpeg_quality": 95, **overrides})  # type: ignore[arg-type]
+    values = {"size": 64, "resize_mode": "squash", "jpeg_quality": 95, "max_image_pixels": 178_956_970}
+    return ImageSettings(**{**values, **overrides})  # type: ignore[arg-type]
 
 
 def png_with_header_size(width: int, height: int) -> bytes:
@@ -258,9 +259,9 @@ def test_header_size_garbage_within_limit_is_corrupt_or_truncated() -> None:
 
 def test_settings_are_validated() -> None:
     with pytest.raises(ValueError, match="resize_mode"):
-        ImageSettings(resize_mode="stretch")
+        settings(resize_mode="stretch")
     with pytest.raises(ValueError, match="jpeg_quality"):
-        ImageSettings(jpeg_quality=0)
+        settings(jpeg_quality=0)
     with pytest.raises(ValueError, match="unknown skip reason"):
         ImageSkipped("bad")
 

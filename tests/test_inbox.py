@@ -1,15 +1,25 @@
-"""captioning.inbox: which landed folders are ready, the check before announcing one, and announcing once."""
+"""captioning.data.inbox: which landed folders are ready, the check before announcing one, announcing once,
+and the overrides that give new data shards of its own."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
 
+from captioning.config import load_config
+from captioning.data.inbox import (
+    ANNOUNCED_FILE,
+    READY_FILE,
+    check_dataset,
+    find_ready,
+    mark_announced,
+    new_data_overrides,
+)
 from captioning.data.records import RecordsError
 from captioning.data.synthetic import SyntheticDataset, generate_synthetic
-from captioning.inbox import ANNOUNCED_FILE, READY_FILE, check_dataset, find_ready, mark_announced
 
 
 def land(folder: Path, *, num_train: int = 4, num_val: int = 2, num_test: int = 3) -> SyntheticDataset:
@@ -139,3 +149,51 @@ def test_mark_announced(tmp_path: Path) -> None:
     assert {k: saved[k] for k in report} == report and saved["announced_at"] > 0
     assert not list((inbox / "drop-1").glob("*.tmp"))
     assert find_ready(inbox) == [second]
+
+
+# --- new data gets shards of its own ------------------------------------------------------------------
+
+
+def test_new_data_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    split_file = tmp_path / "drop-1" / "dataset_coco.json"
+    split_file.parent.mkdir()
+    split_file.write_text('{"images": []}\n')
+    cfg = load_config("demo")
+    user = [
+        "train.xe.epochs=1",
+        "--data.dataset=synthetic",
+        "data.shard_dir=/old/shards",
+        "--data.local.image_dir=/elsewhere",
+        "data.local.karpathy_json=/old.json",
+        "--data.loader.batch_size=4",
+    ]
+    got = new_data_overrides(cfg, str(split_file), None, user)
+    drop_id = hashlib.sha256(split_file.read_bytes()).hexdigest()[:12]
+    assert got == [
+        "--train.xe.epochs=1",
+        "--data.loader.batch_size=4",
+        "--data.dataset=local",
+        f"--data.local.karpathy_json={split_file}",
+        f"--data.local.image_dir={split_file.parent}",
+        f"--data.shard_dir=demo-data/shards-new/{drop_id}",
+    ]
+    # Each key once (an override given twice is a ConfigError), and the result is a valid config.
+    loaded = load_config("demo", got)
+    assert loaded.data.dataset == "local" and loaded.data.shard_dir == f"demo-data/shards-new/{drop_id}"
+    assert loaded.data.local.karpathy_json == str(split_file)
+    assert loaded.data.local.image_dir == str(split_file.parent)
+    assert loaded.train.xe.epochs == 1 and loaded.data.loader.batch_size == 4
+
+    # Other bytes, other shards; an image folder given is kept; a relative path becomes absolute.
+    split_file.write_text('{"images": [] }\n')
+    other = new_data_overrides(cfg, str(split_file), "/images", None)
+    assert other[-1] != got[-1] and other[-1].startswith("--data.shard_dir=demo-data/shards-new/")
+    assert "--data.local.image_dir=/images" in other
+    monkeypatch.chdir(tmp_path)
+    relative = new_data_overrides(cfg, "drop-1/dataset_coco.json", None, None)
+    assert f"--data.local.karpathy_json={split_file}" in relative
+
+
+def test_new_data_overrides_need_the_split_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no split file"):
+        new_data_overrides(load_config("demo"), str(tmp_path / "dataset.json"), None, None)

@@ -24,23 +24,22 @@ import torch
 import torch.multiprocessing as mp
 import webdataset as wds
 from gloo import join_gloo
+from loaders import build_loaders, count_batches
 from PIL import Image
 from s3server import free_port
 
 from captioning.config import LoaderConfig
-from captioning.data.loader import (
+from captioning.data.batch import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Batch,
-    build_loader,
-    build_loaders,
     choose_captions,
     collate,
-    count_batches,
     normalize_images,
-    plan_epoch,
     stack_planes,
 )
+from captioning.data.epoch import plan_epoch
+from captioning.data.loader import build_loader
 from captioning.data.vocab import END_ID, PAD_ID, START_ID
 from captioning.training import dist as D
 from captioning.training.dist import DistInfo
@@ -176,13 +175,14 @@ def test_shard_order_is_seeded_per_epoch_and_eval_is_sorted() -> None:
 def test_too_few_shards_is_a_clear_error(shards: str) -> None:
     with pytest.raises(ValueError) as info:
         build_loader(
+            LoaderConfig(num_workers=4),
             shards,
             "train",
             train=True,
-            batch_size=4,
-            num_workers=4,
             dist=DistInfo(rank=0, world_size=2),
             image_size=SIDE,
+            seed=0,
+            batch_size=4,
         )
     message = str(info.value)
     for part in (
@@ -196,16 +196,39 @@ def test_too_few_shards_is_a_clear_error(shards: str) -> None:
         assert part in message
     # Evaluation splits shards into ranges, so 3 shards serve 4 streams.
     build_loader(
-        shards, "val", train=False, batch_size=4, num_workers=2, dist=DistInfo(0, 2), image_size=SIDE
+        LoaderConfig(num_workers=2),
+        shards,
+        "val",
+        train=False,
+        dist=DistInfo(0, 2),
+        image_size=SIDE,
+        seed=0,
+        batch_size=4,
     )
 
 
 def test_unknown_split_and_missing_sizes(shards: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"no split 'test'.*\['train', 'val'\]"):
-        build_loader(shards, "test", train=False, batch_size=2, num_workers=0, dist=DistInfo(), image_size=8)
+        build_loader(
+            LoaderConfig(num_workers=0),
+            shards,
+            "test",
+            train=False,
+            dist=DistInfo(),
+            image_size=8,
+            seed=0,
+            batch_size=2,
+        )
     with pytest.raises(FileNotFoundError, match=r"sizes\.json"):
         build_loader(
-            str(tmp_path), "train", train=True, batch_size=2, num_workers=0, dist=DistInfo(), image_size=8
+            LoaderConfig(num_workers=0),
+            str(tmp_path),
+            "train",
+            train=True,
+            dist=DistInfo(),
+            image_size=8,
+            seed=0,
+            batch_size=2,
         )
 
 
@@ -282,17 +305,16 @@ def test_normalisation_is_imagenet() -> None:
 def test_eval_is_deterministic_and_augmentation_is_seeded(shards: str) -> None:
     def images(train: bool, augment: bool, epoch: int) -> torch.Tensor:
         loader = build_loader(
+            LoaderConfig(num_workers=0, shuffle_buffer=0, augment=augment),
             shards,
             "val",
             train=train,
-            batch_size=4,
-            num_workers=0,
             dist=DistInfo(),
             image_size=24,
-            shuffle_buffer=0,
-            augment=augment,
-            epoch=epoch,
+            seed=0,
+            batch_size=4,
         )
+        loader.set_epoch(epoch)
         return next(iter(loader)).images
 
     plain = images(False, False, 0)
@@ -306,7 +328,14 @@ def test_eval_is_deterministic_and_augmentation_is_seeded(shards: str) -> None:
 
 def test_world_one_without_workers_covers_train_once(shards: str) -> None:
     loader = build_loader(
-        shards, "train", train=True, batch_size=4, num_workers=0, dist=DistInfo(), image_size=SIDE
+        LoaderConfig(num_workers=0),
+        shards,
+        "train",
+        train=True,
+        dist=DistInfo(),
+        image_size=SIDE,
+        seed=0,
+        batch_size=4,
     )
     assert loader.stage_names == [
         "plan",
@@ -347,14 +376,14 @@ def test_world_one_without_workers_covers_train_once(shards: str) -> None:
 
 def test_all_mode_yields_every_reference_once(shards: str) -> None:
     loader = build_loader(
+        LoaderConfig(num_workers=0, caption_mode="all"),
         shards,
         "train",
         train=True,
-        batch_size=4,
-        num_workers=0,
         dist=DistInfo(),
         image_size=SIDE,
-        caption_mode="all",
+        seed=0,
+        batch_size=4,
     )
     got: Counter[tuple[int, tuple[int, ...]]] = Counter()
     for batch in loader:
@@ -374,7 +403,14 @@ def test_shard_shorter_than_sizes_json_fails_loudly(shards: str, tmp_path: Path)
     sizes["val"]["val-000002.tar"] = 5  # it holds 3
     (tmp_path / "sizes.json").write_text(json.dumps(sizes))
     loader = build_loader(
-        str(tmp_path), "val", train=False, batch_size=4, num_workers=0, dist=DistInfo(), image_size=SIDE
+        LoaderConfig(num_workers=0),
+        str(tmp_path),
+        "val",
+        train=False,
+        dist=DistInfo(),
+        image_size=SIDE,
+        seed=0,
+        batch_size=4,
     )
     with pytest.raises(RuntimeError, match=r"sizes\.json does not match"):
         list(loader)
@@ -398,15 +434,16 @@ def ddp_rank(rank: int, world: int, port: int, location: str, out: str) -> None:
     dist = join_gloo(rank, world, port)
     try:
         result: dict[str, Any] = {}
+        section = LoaderConfig(num_workers=2)
         train = build_loader(
-            location, "train", train=True, batch_size=4, num_workers=2, dist=dist, image_size=SIDE, seed=7
+            section, location, "train", train=True, dist=dist, image_size=SIDE, seed=7, batch_size=4
         )
         for epoch in (0, 1):
             train.set_epoch(epoch)
             pairs, num_batches, _ = seen(train)
             result[f"train{epoch}"] = {"pairs": pairs, "batches": num_batches, "len": len(train)}
         val = build_loader(
-            location, "val", train=False, batch_size=4, num_workers=2, dist=dist, image_size=SIDE
+            section, location, "val", train=False, dist=dist, image_size=SIDE, seed=0, batch_size=4
         )
         pairs, num_batches, _ = seen(val)
         result["val"] = {"pairs": pairs, "batches": num_batches, "len": len(val)}
@@ -442,7 +479,14 @@ def test_ddp_two_ranks_two_workers(shards: str, tmp_path: Path) -> None:
 def test_same_seed_and_epoch_reproduce_the_order(shards: str) -> None:
     def order(epoch: int) -> list[tuple[int, bool]]:
         loader = build_loader(
-            shards, "train", train=True, batch_size=4, num_workers=2, dist=DistInfo(), image_size=SIDE, seed=5
+            LoaderConfig(num_workers=2),
+            shards,
+            "train",
+            train=True,
+            dist=DistInfo(),
+            image_size=SIDE,
+            seed=5,
+            batch_size=4,
         )
         loader.set_epoch(epoch)
         return seen(loader)[0]
@@ -458,6 +502,7 @@ def test_workers_survive_an_inherited_failing_threading_atexit_hook(shards: str)
     code = textwrap.dedent(
         f"""
         import threading
+        from captioning.config import LoaderConfig
         from captioning.data.loader import build_loader
         from captioning.training.dist import DistInfo
 
@@ -465,8 +510,8 @@ def test_workers_survive_an_inherited_failing_threading_atexit_hook(shards: str)
             raise RuntimeError("inherited hook")
 
         threading._register_atexit(hook)
-        loader = build_loader({shards!r}, "train", train=True, batch_size=4, num_workers=2,
-                              dist=DistInfo(), image_size={SIDE})
+        loader = build_loader(LoaderConfig(num_workers=2), {shards!r}, "train", train=True,
+                              dist=DistInfo(), image_size={SIDE}, seed=0, batch_size=4)
         print("rows", sum(len(batch) for batch in loader))
         """
     )
@@ -490,13 +535,14 @@ def test_batch_pickles_small_tensors_inline() -> None:
 def test_eval_order_is_fixed_and_covers_every_image_once(shards: str) -> None:
     def ids(num_workers: int) -> list[int]:
         loader = build_loader(
+            LoaderConfig(num_workers=num_workers),
             shards,
             "val",
             train=False,
-            batch_size=4,
-            num_workers=num_workers,
             dist=DistInfo(),
             image_size=SIDE,
+            seed=0,
+            batch_size=4,
         )
         pairs, num_batches, _ = seen(loader)
         assert num_batches == len(loader) and not any(pad for _, pad in pairs)
@@ -511,7 +557,14 @@ def test_eval_order_is_fixed_and_covers_every_image_once(shards: str) -> None:
 def test_iterating_leaves_the_global_rng_alone(shards: str, num_workers: int) -> None:
     """Dropout draws from the global torch RNG: a mid-epoch resume is exact only if loading never does."""
     loader = build_loader(
-        shards, "train", train=True, batch_size=4, num_workers=num_workers, dist=DistInfo(), image_size=SIDE
+        LoaderConfig(num_workers=num_workers),
+        shards,
+        "train",
+        train=True,
+        dist=DistInfo(),
+        image_size=SIDE,
+        seed=0,
+        batch_size=4,
     )
     torch.manual_seed(123)
     before = torch.get_rng_state()

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from captioning.config import Config, ConfigError, config_warnings, describe_config
-from captioning.data.download import fetch_dataset
+from captioning.data.datasets import fetch_dataset
 from captioning.data.prepare import PrepareResult, prepare_data
 from captioning.data.records import read_karpathy
 from captioning.data.sources import DirSource
@@ -22,6 +22,8 @@ COMMON: dict[str, Any] = {
     "data.shards.num_procs": 1,
     "data.min_word_freq": 1,
 }
+# fetch_dataset's download settings (required; dataset=local downloads nothing).
+DOWNLOAD: dict[str, Any] = {"num_retries": 5, "timeout_s": 60.0, "verify_checksums": True}
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +89,9 @@ def test_image_dir_for_a_flickr_layout(tmp_path: Path) -> None:
         tmp_path, num_train=3, num_val=1, num_test=1, image_size=32, style="flickr8k", make_archives=False
     )
     (image_dir,) = flickr.image_dirs
-    raw = fetch_dataset("local", tmp_path / "unused", karpathy_json=flickr.json_path, image_dir=image_dir)
+    raw = fetch_dataset(
+        "local", tmp_path / "unused", karpathy_json=flickr.json_path, image_dir=image_dir, **DOWNLOAD
+    )
     assert raw.name == "local" and raw.karpathy_json == flickr.json_path
     assert raw.images == DirSource(image_dir)
     for record in read_karpathy(raw.karpathy_json).records:
@@ -101,7 +105,7 @@ def test_local_without_karpathy_json_names_the_setting(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"data\.local\.karpathy_json: no file .*nowhere"):
         prepare_data(_local_config(tmp_path, **{"data.local.karpathy_json": str(nowhere)}), progress=False)
     with pytest.raises(FileNotFoundError, match=r"data\.local\.image_dir"):
-        fetch_dataset("local", tmp_path, karpathy_json=__file__, image_dir=tmp_path / "no-images")
+        fetch_dataset("local", tmp_path, karpathy_json=__file__, image_dir=tmp_path / "no-images", **DOWNLOAD)
 
 
 def test_local_settings_warn_unless_dataset_is_local() -> None:

@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from captioning import storage
-from captioning.evaluation import metrics
+from captioning.evaluation import metrics, scorers
 from captioning.evaluation.metrics import (
     METRICS,
     Scores,
@@ -45,7 +45,7 @@ REFERENCES = {
 
 
 @pytest.fixture(scope="module")
-def scored(tmp_path_factory: pytest.TempPathFactory) -> Scores:
+def scored(tmp_path_factory: pytest.TempPathFactory, java: str) -> Scores:
     """One real scoring call, SPICE asked for but its jars pointed at an empty folder."""
     no_jars = tmp_path_factory.mktemp("no-spice-jars")
     with pytest.MonkeyPatch.context() as mp:
@@ -105,18 +105,18 @@ def test_agrees_with_pycocoevalcap_run_in_process(scored: Scores) -> None:
         assert [scored.per_image[i][name] for i in ids] == pytest.approx(list(values), rel=1e-9), name
 
 
-def test_ptb_tokenize_matches_pycocoevalcap() -> None:
+def test_ptb_tokenize_matches_pycocoevalcap(java: str) -> None:
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     sentences = ["A man, riding a horse.", "", 'Dogs -- in the "snow"!', "it's 3:30 p.m."]
     theirs = PTBTokenizer().tokenize({i: [{"caption": s}] for i, s in enumerate(sentences)})
-    assert metrics.ptb_tokenize(sentences) == [theirs[i][0] for i in range(len(sentences))]
+    assert scorers.ptb_tokenize(sentences) == [theirs[i][0] for i in range(len(sentences))]
 
 
-def test_ptb_tokenize_keeps_one_line_per_caption() -> None:
+def test_ptb_tokenize_keeps_one_line_per_caption(java: str) -> None:
     """The JVM also breaks lines at \\r, \\v, \\f and \\u2028: those must not shift captions."""
     sentences = ["a\rb", "c\u2028d\x0be\x0c", "f\r\ng\n", "", "h"]
-    assert metrics.ptb_tokenize(sentences) == ["a b", "c d e", "f g", "", "h"]
+    assert scorers.ptb_tokenize(sentences) == ["a b", "c d e", "f g", "", "h"]
 
 
 @pytest.mark.parametrize(
@@ -179,7 +179,9 @@ def test_java_crash_is_an_error_with_its_stderr(tmp_path: Path, monkeypatch: pyt
     assert "Could not create the Java Virtual Machine" in message
 
 
-def test_meteor_crash_is_an_error_with_its_stderr(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_meteor_crash_is_an_error_with_its_stderr(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, java: str
+) -> None:
     """The tokenizer runs on the real JVM; METEOR's JVM dies at once (pycocoevalcap would read '')."""
     real_java = shutil.which("java")
     assert real_java is not None
@@ -257,8 +259,8 @@ def test_bad_results_files_are_refused(tmp_path: Path, content: str) -> None:
 
 
 def test_module_runs_as_a_child_without_torch() -> None:
-    """The child imports only this module's light dependencies: no torch start-up per call."""
+    """The child (scorers.py, and metrics.py it imports) loads no torch: no torch start-up per call."""
     import subprocess
 
-    code = "import sys, captioning.evaluation.metrics; sys.exit('torch' in sys.modules)"
+    code = "import sys, captioning.evaluation.scorers; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

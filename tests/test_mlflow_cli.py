@@ -12,7 +12,8 @@ import psutil
 import pytest
 from s3server import free_port
 
-from captioning.cli import main, stop_process_group
+from captioning.cli import main
+from captioning.launch import stop_process_group
 
 
 def _alive_servers(state_dir: Path) -> list[psutil.Process]:
@@ -30,8 +31,7 @@ def no_tracking_uri(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
-@pytest.mark.slow
-@pytest.mark.usefixtures("no_tracking_uri")
+@pytest.mark.usefixtures("no_tracking_uri", "subprocess_tree")
 def test_start_status_ui_stop(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

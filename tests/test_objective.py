@@ -165,17 +165,19 @@ def test_plateau_decays_every_patience_epochs_without_improvement() -> None:
 
 def test_cosine_anneals_to_zero_and_state_round_trips() -> None:
     opt = _opt(2.0)
-    schedule = LrSchedule(opt, kind="cosine", total_steps=4)
+    schedule = LrSchedule(opt, kind="cosine", total_steps=4, decay_factor=0.8, decay_patience=8)
     lrs = []
     for _ in range(4):
         schedule.step_batch()
         lrs.append(opt.param_groups[0]["lr"])
     assert lrs == pytest.approx([2.0 * 0.5 * (1 + np.cos(np.pi * k / 4)) for k in (1, 2, 3, 4)])
-    other = LrSchedule(_opt(2.0), kind="cosine", total_steps=4)
+    other = LrSchedule(_opt(2.0), kind="cosine", total_steps=4, decay_factor=0.8, decay_patience=8)
     other.load_state_dict(schedule.state_dict())
     assert other.optimizer.param_groups[0]["lr"] == pytest.approx(0.0)
     with pytest.raises(ValueError, match="schedule"):
-        LrSchedule(_opt(), kind="plateau", total_steps=4).load_state_dict(schedule.state_dict())
+        LrSchedule(_opt(), kind="plateau", total_steps=4, decay_factor=0.8, decay_patience=8).load_state_dict(
+            schedule.state_dict()
+        )
 
 
 def test_train_state_tracks_the_best_epoch() -> None:

@@ -12,8 +12,8 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from captioning.mlflow_server import MlflowServer
 from captioning.registry import CHALLENGER, CHAMPION, Promotion, champion, promote_if_better, register_model
+from captioning.services.mlflow_server import MlflowServer
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""``python -m captioning.report``: the latest pipeline run's stage scores, read back from MLflow."""
+"""``python -m captioning.tracking.report``: the latest pipeline run's stage scores, read back from MLflow,
+and the one score table."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 import pytest
 from mlflow import MlflowClient
 
-from captioning import report
+from captioning.tracking import report
 
 
 def test_stage_scores_groups_per_stage_in_pipeline_order() -> None:
@@ -23,11 +24,23 @@ def test_stage_scores_groups_per_stage_in_pipeline_order() -> None:
     )
     assert list(rows) == ["xe", "scst"]
     assert rows["xe"] == {"CIDEr": 1.0, "BLEU-4": 0.3}
-    table = report.format_table(rows)
-    assert table.splitlines()[1].split()[0] == "xe" and "1.5000" in table and "-" in table
+    table = report.scores_table(rows)
+    assert table.splitlines()[2].split()[:2] == ["|", "xe"] and "1.5000" in table and "-" in table
 
 
-@pytest.mark.slow
+def test_scores_table() -> None:
+    rows = {"xe": {"CIDEr": 1.23456, "BLEU-4": 0.5}, "scst": {"CIDEr": 2.0}}
+    table = report.scores_table(rows, ["BLEU-4", "CIDEr", "METEOR"])
+    assert table.splitlines() == [
+        "| | BLEU-4 | CIDEr | METEOR |",
+        "|---|---|---|---|",
+        "| xe | 0.5000 | 1.2346 | - |",
+        "| scst | - | 2.0000 | - |",
+    ]
+    header = report.scores_table({}).splitlines()[0]  # default: every metric the evaluator reports
+    assert header == "| | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 | METEOR | ROUGE-L | CIDEr |"
+
+
 def test_report_prints_the_latest_pipeline_run(
     mlflow_server: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from reference_search import reference_beam_search, reference_search_one
 from torch import nn
 
 from captioning.data.vocab import END_ID, PAD_ID, START_ID
-from captioning.model._reference_search import reference_beam_search, reference_search_one
 from captioning.model.search import BeamResult, beam_search
 
 VOCAB, P, E, D, A, EMB = 30, 9, 8, 16, 12, 10

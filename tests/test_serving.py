@@ -31,9 +31,9 @@ from PIL import Image
 from s3server import free_port
 from test_caption_cli import write_tiny_checkpoint
 
-from captioning.caption import caption_images
-from captioning.mlflow_server import MlflowServer
+from captioning.inference import caption_images
 from captioning.registry import promote_if_better, register_model
+from captioning.services.mlflow_server import MlflowServer
 from captioning.serving import CaptionPyfunc, log_pyfunc, pip_requirements, save_pyfunc
 
 SIZES = ((80, 60), (50, 90), (200, 100))  # (width, height): landscape, portrait, wide
@@ -209,9 +209,8 @@ def _post_json(url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         return e.code, json.loads(e.read())
 
 
-@pytest.mark.slow
 def test_mlflow_models_serve_answers_invocations_with_params(
-    model_dir: Path, checkpoint: str, images: list[str], tmp_path: Path
+    model_dir: Path, checkpoint: str, images: list[str], tmp_path: Path, subprocess_tree: None
 ) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
+from captioning.data.format import ShardManifest
 from captioning.data.records import ImageRecord, read_karpathy
-from captioning.data.shards import (
+from captioning.data.shard_build import (
     ShardError,
     ShardGroupResult,
-    ShardManifest,
     ShardPlan,
     finish_shard_build,
     plan_shard_build,
@@ -26,7 +26,18 @@ from captioning.data.synthetic import generate_synthetic
 from captioning.data.vocab import Vocab, build_vocab
 
 # 20 train, 6 val, 6 test images in shards of 4: 5 + 2 + 2 = 9 jobs, 3 groups of 3.
-PLAN: dict[str, Any] = dict(image_size=32, samples_per_shard=4, max_caption_len=30)
+PLAN: dict[str, Any] = dict(
+    image_size=32,
+    resize_mode="squash",
+    jpeg_quality=90,
+    samples_per_shard=4,
+    max_image_pixels=178_956_970,
+    max_caption_len=30,
+    overlong="drop",
+)
+RUN: dict[str, Any] = dict(
+    num_procs=1, executor="process", dask_address=None, progress=False
+)  # in this process
 NUM_JOBS = 9
 OUTPUTS = ("sizes.json", "references.json", "vocab.json", "manifest.json")
 
@@ -61,9 +72,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Data:
 @pytest.fixture(scope="module")
 def reference(data: Data, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ShardManifest]:
     out = tmp_path_factory.mktemp("reference")
-    manifest = write_shards(
-        data.records, data.vocab, data.source, str(out), num_procs=1, progress=False, **PLAN
-    )
+    manifest = write_shards(data.records, data.vocab, data.source, str(out), **RUN, **PLAN)
     return out, manifest
 
 
@@ -73,7 +82,7 @@ def grouped(data: Data, tmp_path_factory: pytest.TempPathFactory) -> Grouped:
     plan = plan_shard_build(data.records, data.vocab, data.source, str(out), **PLAN)
     groups = plan.groups(3)
     # Each group as a separate call, last group first: order must not matter.
-    results = [write_shard_group(group, num_procs=1, progress=False) for group in reversed(groups)][::-1]
+    results = [write_shard_group(group, **RUN) for group in reversed(groups)][::-1]
     return Grouped(out, plan, results, finish_shard_build(plan, data.vocab, results))
 
 
@@ -128,7 +137,7 @@ def test_plan_and_results_survive_pickling(grouped: Grouped) -> None:
 def test_a_second_run_of_a_group_skips_every_shard(grouped: Grouped) -> None:
     group = grouped.plan.groups(3)[1]
     before = {p.name: p.stat().st_mtime_ns for p in grouped.out.glob("*.tar")}
-    again = write_shard_group(group, num_procs=1, progress=False)
+    again = write_shard_group(group, **RUN)
     assert (again.num_built, again.num_skipped) == (0, len(group))
     assert again.stats == grouped.results[1].stats
     assert {p.name: p.stat().st_mtime_ns for p in grouped.out.glob("*.tar")} == before
@@ -174,11 +183,11 @@ def test_a_failing_shard_fails_its_group_only(data: Data, tmp_path: Path) -> Non
     with pytest.raises(
         ShardError, match=r"1 of 5 shards failed.*train-000001\.tar: PermissionError"
     ) as error:
-        write_shard_group(first, num_procs=1, progress=False)
+        write_shard_group(first, **RUN)
     assert str(error.value).count(".tar:") == 1
     assert not (tmp_path / "train-000001.tar").exists()
     assert all((tmp_path / job.stats_name).exists() for job in first if job.name != "train-000001")
-    result = write_shard_group(second, num_procs=1, progress=False)  # the other group is unaffected
+    result = write_shard_group(second, **RUN)  # the other group is unaffected
     assert (result.num_built, result.num_skipped) == (len(second), 0)
     assert all((tmp_path / job.tar_name).exists() for job in second)
     assert not (tmp_path / "manifest.json").exists()
@@ -186,7 +195,7 @@ def test_a_failing_shard_fails_its_group_only(data: Data, tmp_path: Path) -> Non
     # With the source fixed, the failed group resumes: only the failed shard is written.
     plan = plan_shard_build(data.records, data.vocab, data.source, str(tmp_path), **PLAN)
     first, second = plan.groups(2)
-    retried = write_shard_group(first, num_procs=1, progress=False)
+    retried = write_shard_group(first, **RUN)
     assert (retried.num_built, retried.num_skipped) == (1, len(first) - 1)
     manifest = finish_shard_build(plan, data.vocab, [retried, result])
     assert (manifest.num_built, manifest.num_skipped) == (1 + len(second), len(first) - 1)

@@ -21,17 +21,12 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from captioning.data.format import ShardManifest, read_references
 from captioning.data.images import ImageSettings
 from captioning.data.records import Caption, ImageRecord, read_karpathy
-from captioning.data.shards import (
-    ShardError,
-    ShardManifest,
-    inspect_shards,
-    plan_shards,
-    read_references,
-    verify_shards,
-    write_shards,
-)
+from captioning.data.shard_build import ShardError, write_shards
+from captioning.data.shard_check import inspect_shards, verify_shards
+from captioning.data.shard_writer import plan_shards
 from captioning.data.sources import DirSource
 from captioning.data.synthetic import generate_synthetic
 from captioning.data.vocab import Vocab, apply_length_policy, build_vocab
@@ -46,6 +41,8 @@ BUILD: dict[str, Any] = dict(
     max_image_pixels=100 * 100,
     max_caption_len=MAX_LEN,
     overlong="drop",
+    executor="process",
+    dask_address=None,
     progress=False,
 )
 RED, BLUE = (220, 20, 30), (30, 40, 220)
@@ -289,7 +286,7 @@ def test_plan_chunks_each_split(data: Data) -> None:
         data.vocab,
         data.source,
         "unused",
-        settings=ImageSettings(size=32),
+        settings=ImageSettings(size=32, resize_mode="squash", jpeg_quality=90, max_image_pixels=178_956_970),
         samples_per_shard=5,
         max_caption_len=MAX_LEN,
         overlong="truncate",
@@ -306,9 +303,9 @@ def test_plan_chunks_each_split(data: Data) -> None:
 def test_rejects_unknown_splits_and_duplicates(data: Data, tmp_path: Path) -> None:
     bad_split = replace(data.records[0], split="restval")
     with pytest.raises(ValueError, match="split"):
-        write_shards([bad_split], data.vocab, data.source, str(tmp_path), **BUILD)
+        write_shards([bad_split], data.vocab, data.source, str(tmp_path), num_procs=0, **BUILD)
     with pytest.raises(ValueError, match="duplicate"):
-        write_shards(data.records[:1] * 2, data.vocab, data.source, str(tmp_path), **BUILD)
+        write_shards(data.records[:1] * 2, data.vocab, data.source, str(tmp_path), num_procs=0, **BUILD)
 
 
 # ------------------------------------------------------------------------- determinism, parallel
@@ -345,9 +342,8 @@ def test_dask_cluster_gives_the_same_bytes(
             data.vocab,
             data.source,
             str(tmp_path),
-            executor="dask",
-            dask_address=cluster.scheduler_address,
-            **BUILD,
+            num_procs=0,
+            **{**BUILD, "executor": "dask", "dask_address": cluster.scheduler_address},
         )
     assert _tars(tmp_path) == _tars(out)
 
@@ -404,7 +400,7 @@ def test_changed_settings_rebuild_every_shard(
 _KILL_SCRIPT = """
 import sys, time
 from captioning.data.records import read_karpathy
-from captioning.data.shards import write_shards
+from captioning.data.shard_build import write_shards
 from captioning.data.sources import DirSource
 from captioning.data.vocab import Vocab
 
@@ -423,7 +419,9 @@ def main():
     json_path, root, vocab_path, out = sys.argv[1:5]
     records = read_karpathy(json_path).records
     write_shards(records, Vocab.load(vocab_path), SlowSource(root), out, image_size=32,
-                 samples_per_shard=4, num_procs=1, progress=False)
+                 resize_mode="squash", jpeg_quality=90, samples_per_shard=4,
+                 max_image_pixels=178_956_970, max_caption_len=50, overlong="drop",
+                 num_procs=1, executor="process", dask_address=None, progress=False)
 
 
 if __name__ == "__main__":
@@ -457,7 +455,19 @@ def test_sigkill_then_rerun_gives_identical_shards(data: Data, tmp_path: Path) -
     assert not (killed / "manifest.json").exists()
     done_before = len(list(killed.glob("*.stats.json")))
 
-    settings = dict(image_size=32, samples_per_shard=4, num_procs=1, progress=False)
+    settings = dict(  # those of _KILL_SCRIPT's build
+        image_size=32,
+        resize_mode="squash",
+        jpeg_quality=90,
+        samples_per_shard=4,
+        max_image_pixels=178_956_970,
+        max_caption_len=50,
+        overlong="drop",
+        num_procs=1,
+        executor="process",
+        dask_address=None,
+        progress=False,
+    )
     reference = tmp_path / "reference"
     write_shards(records, data.vocab, data.source, str(reference), **settings)  # type: ignore[arg-type]
     total = len(_tars(reference))  # 20 train, 6 val, 6 test in shards of 4
@@ -533,7 +543,9 @@ def test_inspect_reports_counts_and_decodes_samples(built: tuple[Path, ShardMani
 def test_dask_without_address_starts_a_local_cluster(
     data: Data, built: tuple[Path, ShardManifest], tmp_path: Path
 ) -> None:
-    write_shards(data.records, data.vocab, data.source, str(tmp_path), executor="dask", num_procs=2, **BUILD)
+    write_shards(
+        data.records, data.vocab, data.source, str(tmp_path), num_procs=2, **{**BUILD, "executor": "dask"}
+    )
     assert _tars(tmp_path) == _tars(built[0])
 
 
@@ -542,7 +554,7 @@ def test_shards_of_an_earlier_bigger_build_are_left_alone_and_unlisted(
 ) -> None:
     out = _copy(built[0], tmp_path / "out")
     (out / "train-000099.tar").write_bytes(b"old")
-    with caplog.at_level("WARNING", logger="captioning.data.shards"):
+    with caplog.at_level("WARNING", logger="captioning.data.shard_build"):
         manifest = write_shards(data.records, data.vocab, data.source, str(out), num_procs=1, **BUILD)
     assert "train-000099.tar" in caplog.text
     assert "train-000099.tar" not in manifest.shards and (out / "train-000099.tar").exists()

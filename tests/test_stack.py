@@ -15,7 +15,8 @@ import pytest
 from s3server import free_port
 
 from captioning.cli import main
-from captioning.stack import LocalStack, StackError, StackSettings, load_settings
+from captioning.services.stack import LocalStack
+from captioning.services.stack_settings import StackError, StackSettings, load_settings
 
 
 def _get(url: str) -> tuple[int, bytes]:
@@ -78,7 +79,7 @@ def settings(tmp_path: Path) -> Iterator[StackSettings]:
     LocalStack(settings).down()
 
 
-@pytest.mark.slow
+@pytest.mark.usefixtures("subprocess_tree")
 def test_up_is_idempotent_and_down_leaves_nothing(
     settings: StackSettings, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -160,7 +161,7 @@ def test_up_is_idempotent_and_down_leaves_nothing(
     stack.down()  # idempotent; also reaps the children this object started
 
 
-@pytest.mark.slow
+@pytest.mark.usefixtures("subprocess_tree")
 def test_a_taken_port_names_the_port_and_the_option(tmp_path: Path) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
         taken.bind(("127.0.0.1", 0))
@@ -178,7 +179,7 @@ def test_a_taken_port_names_the_port_and_the_option(tmp_path: Path) -> None:
         assert not any(c["running"] for c in stack.status().values())
 
 
-@pytest.mark.slow
+@pytest.mark.usefixtures("subprocess_tree")
 def test_a_component_dying_at_start_stops_what_up_started(
     settings: StackSettings, monkeypatch: pytest.MonkeyPatch
 ) -> None:

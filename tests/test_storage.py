@@ -18,16 +18,17 @@ import pytest
 from s3server import S3Server, free_port
 
 from captioning import storage
+from captioning.storage import _s3
 
 MiB = 1024 * 1024
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", "s3_env"])  # a parameter named after a fixture counts as using it (conftest)
 def root(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A folder to work under: a local path, or `s3://<fresh bucket>` on the test server."""
     if request.param == "local":
         return str(tmp_path / "store")
-    return str(request.getfixturevalue("s3_env"))
+    return str(request.getfixturevalue(request.param))
 
 
 @contextlib.contextmanager
@@ -250,7 +251,7 @@ def test_forked_worker_gets_its_own_client(s3_env: str) -> None:
     if pid == 0:  # the child, as in a DataLoader worker: report, then leave without pytest's cleanup
         status = 1
         try:
-            fresh = not storage._clients
+            fresh = not _s3._clients
             os.write(write_fd, b"fresh:" + str(fresh).encode() + b":" + storage.read_bytes(uri))
             status = 0
         finally:
@@ -289,9 +290,9 @@ def test_errors_that_retrying_cannot_fix_raise_at_once(s3_env: str, monkeypatch:
 
 
 def test_connection_errors_are_retried_then_reported(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(storage, "REQUEST_MAX_ATTEMPTS", 1)
-    monkeypatch.setattr(storage, "OPERATION_ATTEMPTS", 3)
-    monkeypatch.setattr(storage, "OPERATION_BACKOFF_S", 0.01)
+    monkeypatch.setattr(_s3, "REQUEST_MAX_ATTEMPTS", 1)
+    monkeypatch.setattr(_s3, "OPERATION_ATTEMPTS", 3)
+    monkeypatch.setattr(_s3, "OPERATION_BACKOFF_S", 0.01)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key-for-a-dead-port")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-for-a-dead-port")
     endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
@@ -340,7 +341,9 @@ def test_webdataset_streams_an_s3_shard(s3_env: str, tmp_path: Path) -> None:
     assert got == [(s["__key__"], s["txt"], url) for url in (uploaded, written) for s in samples]
 
 
-def test_upload_survives_a_server_restart_mid_upload(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_upload_survives_a_server_restart_mid_upload(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, subprocess_tree: None
+) -> None:
     """The server dies while parts are in flight (forgetting the multipart upload) and comes back
     after 1 s on the same port: the whole-upload retry starts over and the object is byte-identical."""
     data = os.urandom(30 * MiB)

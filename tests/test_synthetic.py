@@ -20,20 +20,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioning.data.synthetic import (
+from captioning.data.scenes import (
     BACKGROUNDS,
     PALETTE,
-    STYLES,
     Scene,
     Shape,
-    SyntheticDataset,
     describe_scene,
-    generate_synthetic,
     load_scenes,
     render_scene,
     sample_scene,
     tokenize,
 )
+from captioning.data.synthetic import STYLES, SyntheticDataset, generate_synthetic
 
 SMALL: dict[str, Any] = {"num_train": 6, "num_val": 2, "num_test": 2, "image_size": 48}
 

@@ -1,4 +1,4 @@
-"""The Tracker protocol's local implementations: no-op and JSON lines."""
+"""The Tracker protocol's local implementations: no-op (tracking/__init__.py) and JSON lines (tracking/jsonl.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import json
 import math
 from pathlib import Path
 
-from captioning.tracking import JsonlTracker, NullTracker, Tracker, metric_history, read_jsonl
+from captioning.tracking import NullTracker, Tracker
+from captioning.tracking.jsonl import JsonlTracker, metric_history, read_jsonl
 
 
 def _use(tracker: Tracker, artifact: Path) -> None:

@@ -1,4 +1,5 @@
-"""The training entry point: every stage under torchrun with 2 gloo processes, kill-and-resume equivalence.
+"""Training: one stage per process (``captioning.train``), the stage sequence (``captioning.stages``) in
+process at world size 1 and under torchrun with 2 gloo processes, kill-and-resume equivalence.
 
 The shards come from the real pipeline (synthetic dataset -> records -> vocabulary -> shards), small
 enough that a stage takes seconds on 2 CPU cores.
@@ -24,12 +25,14 @@ import torch
 from PIL import Image
 from s3server import free_port
 
-from captioning import storage
+from captioning import stages, storage
 from captioning.config import load_config
 from captioning.data.prepare import prepare_data
 from captioning.model.checkpoint import load_checkpoint
-from captioning.tracking import metric_history, read_jsonl
+from captioning.stages import StageError, train_pipeline
+from captioning.tracking.jsonl import metric_history, read_jsonl
 from captioning.train import TrainError, main
+from captioning.training.stage import StageResult
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -85,7 +88,25 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     return overrides
 
 
-def torchrun(args: list[str], **kwargs: Any) -> subprocess.Popen[str]:
+def in_process(
+    recipe: str,
+    stage: str,
+    output: str,
+    overrides: list[str],
+    *,
+    init_from: str | None,
+    parent_run_id: str | None,
+    tracker: str,
+    **_: Any,
+) -> StageResult:
+    """``train_pipeline``'s launch, in this process at world size 1 (what torchrun would run on one rank)."""
+    argv = stages.stage_args(
+        recipe, stage, output, overrides, init_from=init_from, parent_run_id=parent_run_id, tracker=tracker
+    )
+    return main(argv)
+
+
+def start_torchrun(args: list[str], **kwargs: Any) -> subprocess.Popen[str]:
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
         "-m", "captioning.train", *args,
@@ -98,7 +119,7 @@ def torchrun(args: list[str], **kwargs: Any) -> subprocess.Popen[str]:
 
 
 def run_to_end(args: list[str], timeout: float = 600) -> str:
-    proc = torchrun(args)
+    proc = start_torchrun(args)
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out[-6000:]
     return out
@@ -114,15 +135,21 @@ def same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], prefix:
     return all(torch.equal(a[k], b[k]) for k in keys)
 
 
-def test_world_one_runs_xe_then_scst_and_refuses_to_overwrite(data: list[str], tmp_path: Path) -> None:
+def test_world_one_runs_xe_then_scst_and_refuses_to_overwrite(
+    data: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, java: str
+) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     out = tmp_path / "run"
-    args = ["--config", "demo", "--output", str(out), *data, *TINY, "--train.stages=xe,scst"]
-    summary = main(args)
-    assert [s["name"] for s in summary["stages"]] == ["xe", "scst"]
-    assert summary["world_size"] == 1
+    overrides = [*data, *TINY]
+    summary = train_pipeline(
+        "demo", overrides, output=str(out), stages=["xe", "scst"], launch=in_process, on_line=print
+    )
+    assert [s["stage"] for s in summary["stages"]] == ["xe", "scst"]
+    assert all(s["world_size"] == 1 for s in summary["stages"])
     assert set(summary["test_scores"]) >= {"BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}
+    assert summary["best_stage"] in ("xe", "scst") and summary["registered"] is None  # no MLflow here
     for stage in ("xe", "scst"):
-        for name in ("last.pt", "best.pt", "summary.json", "test-captions.json", "val/epoch-001.json"):
+        for name in ("last.pt", "best.pt", "result.json", "test-captions.json", "val/epoch-001.json"):
             assert (out / stage / name).exists(), f"{stage}/{name}"
     captions = storage.read_json(str(out / "scst" / "test-captions.json"))
     assert len(captions) == 10 and len({c["image_id"] for c in captions}) == 10
@@ -131,6 +158,7 @@ def test_world_one_runs_xe_then_scst_and_refuses_to_overwrite(data: list[str], t
     assert metric_history(records, "run/scst", "train/reward")
     assert metric_history(records, "run/scst", "val/CIDEr")
     assert metric_history(records, "run/scst", "test/CIDEr")
+    assert metric_history(records, "run", "scst/test_CIDEr")  # the parent's closing metrics
     artifacts = out / "artifacts" / "run"
     for name in ("config.json", "vocab.json", "manifest.json"):
         assert (artifacts / "run" / name).is_file()
@@ -149,29 +177,64 @@ def test_world_one_runs_xe_then_scst_and_refuses_to_overwrite(data: list[str], t
     assert "<table" in (test_run / "samples.html").read_text()
     assert len(storage.read_json(str(test_run / "test-captions.json"))) == 10
     assert metric_history(records, "run/scst/scst-test", "CIDEr")
-    with pytest.raises(TrainError, match="--resume"):
-        main(args)
-    again = main([*args, "--resume"])  # both stages done: nothing retrained, same results
-    assert again["test_scores"] == summary["test_scores"]
+    with pytest.raises(StageError, match="--resume"):
+        train_pipeline("demo", overrides, output=str(out), stages=["xe", "scst"], launch=in_process)
+    before = {s: (out / s / "result.json").stat().st_mtime_ns for s in ("xe", "scst")}
+    again = train_pipeline(  # both stages done: nothing retrained, same results
+        "demo", overrides, output=str(out), stages=["xe", "scst"], launch=in_process, resume=True
+    )
+    assert again["test_scores"] == summary["test_scores"] and again["stages"] == summary["stages"]
+    assert {s: (out / s / "result.json").stat().st_mtime_ns for s in ("xe", "scst")} == before
+
+
+def test_one_stage_per_process_and_a_finished_stage_returns_its_result(
+    data: list[str], tmp_path: Path, java: str
+) -> None:
+    out = str(tmp_path / "run")
+    args = ["--stage", "xe", "--config", "demo", "--output", out, "--tracker", "none", *data, *TINY]
+    first = main(args)
+    assert first.stage == "xe" and first.world_size == 1 and first.run_id is None
+    assert not (tmp_path / "run" / "finetune").exists()  # exactly one stage
+    assert StageResult.from_json(storage.read_json(f"{out}/xe/result.json")) == first
+    before = (tmp_path / "run" / "xe" / "best.pt").stat().st_mtime_ns
+    assert main(args) == first  # the rule: result.json means done
+    assert (tmp_path / "run" / "xe" / "best.pt").stat().st_mtime_ns == before
 
 
 def test_missing_shards_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(TrainError, match="captioning shards"):
-        main(["--config", "demo", "--output", str(tmp_path / "o"), f"--data.shard_dir={tmp_path / 'none'}"])
+        main(
+            [
+                "--stage",
+                "xe",
+                "--config",
+                "demo",
+                "--output",
+                str(tmp_path / "o"),
+                f"--data.shard_dir={tmp_path / 'none'}",
+            ]
+        )
 
 
 def test_torchrun_two_processes_runs_all_three_stages_into_mlflow(
-    data: list[str], tmp_path: Path, mlflow_server: Any, monkeypatch: pytest.MonkeyPatch
+    data: list[str],
+    tmp_path: Path,
+    mlflow_server: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    torchrun: str,
+    java: str,
 ) -> None:
     out = tmp_path / "run"
     name = f"sat-{uuid.uuid4().hex[:8]}"
     tracking = [f"--tracking.tracking_uri={mlflow_server.url}", f"--tracking.experiment={name}"]
     tracking.append(f"--tracking.registered_model={name}")
-    log = run_to_end(["--config", "demo", "--output", str(out), *data, *TINY, *tracking])
-    summary = storage.read_json(str(out / "summary.json"))
-    assert [s["name"] for s in summary["stages"]] == ["xe", "finetune", "scst"]
-    assert summary["world_size"] == 2
+    lines: list[str] = []
+    summary = train_pipeline("demo", [*data, *TINY, *tracking], output=str(out), on_line=lines.append)
+    log = "\n".join(lines)
+    assert [s["stage"] for s in summary["stages"]] == ["xe", "finetune", "scst"]
+    assert all(s["world_size"] == 2 for s in summary["stages"])
     assert "[rank 1]" not in log or "INFO" not in log.split("[rank 1]")[1][:20]  # rank 1 logs warnings only
+    assert sum(line.startswith("torchrun --nproc-per-node=2") for line in lines) == 3  # one launch per stage
     # Stage 1 keeps the encoder frozen, stage 2 trains it, stage 3 (lr_encoder 0) keeps it again.
     from captioning.data.vocab import Vocab
     from captioning.model import build_captioner
@@ -194,30 +257,34 @@ def test_torchrun_two_processes_runs_all_three_stages_into_mlflow(
     assert experiment is not None
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
     parent = runs.pop(next(n for n, r in runs.items() if "mlflow.parentRunId" not in r.data.tags))
-    assert summary["tracking_run_id"] == parent.info.run_id
+    assert summary["tracking_run_id"] == parent.info.run_id and parent.info.status == "FINISHED"
     assert sorted(runs) == ["finetune", "finetune-test", "scst", "scst-test", "xe", "xe-test"]
     for stage in ("xe", "finetune", "scst"):
         assert runs[stage].data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert runs[f"{stage}-test"].data.tags["mlflow.parentRunId"] == runs[stage].info.run_id
         assert runs[stage].info.status == "FINISHED"
+        assert next(s for s in summary["stages"] if s["stage"] == stage)["run_id"] == runs[stage].info.run_id
     assert parent.data.params["train.scst.num_samples"] == "3"
     assert parent.data.tags["recipe"] == "demo" and len(parent.data.tags["dataset_manifest_sha256"]) == 64
+    assert parent.data.metrics["test_CIDEr"] == summary["test_scores"]["CIDEr"]
     scst_id = runs["scst"].info.run_id
     rewards = client.get_metric_history(scst_id, "train/reward")
     assert [m.step for m in rewards] == [2, 4, 6] and all(0.0 <= m.value <= 10.0 for m in rewards)
     assert client.get_metric_history(runs["scst-test"].info.run_id, "CIDEr")
     artifacts = {f.path for f in client.list_artifacts(scst_id)}
-    assert {"attention", "checkpoints", "model", "plots", "val"} <= artifacts
+    assert {"attention", "checkpoints", "plots", "val"} <= artifacts
     assert {f.path for f in client.list_artifacts(parent.info.run_id, "run")} >= {
         "run/config.json",
         "run/vocab.json",
     }
-    # Every stage registered; the champion is the best test CIDEr so far, each later version a challenger or champion.
-    versions = sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
-    assert [v.tags["stage"] for v in versions] == ["xe", "finetune", "scst"]
-    scores = [s["test_scores"]["CIDEr"] for s in summary["stages"]]
-    best = max(range(3), key=lambda i: (scores[i], -i))
-    assert client.get_model_version_by_alias(name, "champion").version == versions[best].version
+    # Registered once, after the sequence: the best stage's model, which becomes champion (the first one).
+    versions = client.search_model_versions(f"name='{name}'")
+    scores = {s["stage"]: s["test_scores"]["CIDEr"] for s in summary["stages"]}
+    best = max(reversed(["xe", "finetune", "scst"]), key=lambda s: scores[s])
+    assert [v.tags["stage"] for v in versions] == [best] and summary["best_stage"] == best
+    assert summary["registered"]["alias"] == "champion" and summary["registered"]["promoted"]
+    assert client.get_model_version_by_alias(name, "champion").run_id == runs[best].info.run_id
+    assert "model" in {f.path for f in client.list_artifacts(runs[best].info.run_id)}
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)  # models:/ URIs resolve through it
     captioner = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     buffer = io.BytesIO()
@@ -229,28 +296,25 @@ def test_torchrun_two_processes_runs_all_three_stages_into_mlflow(
 
 def test_unreachable_tracking_server_stops_the_run_before_training(data: list[str], tmp_path: Path) -> None:
     out = tmp_path / "run"
+    dead = f"--tracking.tracking_uri=http://127.0.0.1:{free_port()}"
+    fast = "--tracking.connect_timeout_s=1"  # nothing will start there: do not wait the default 10 s
     with pytest.raises(TrainError, match="captioning mlflow start"):
-        main(
-            [
-                "--config",
-                "demo",
-                "--output",
-                str(out),
-                *data,
-                *TINY,
-                f"--tracking.tracking_uri=http://127.0.0.1:{free_port()}",
-            ]
-        )
+        main(["--stage", "xe", "--config", "demo", "--output", str(out), *data, *TINY, dead, fast])
+    assert not (out / "xe").exists()
+    with pytest.raises(RuntimeError, match="captioning mlflow start"):  # the pipeline: before any launch
+        train_pipeline("demo", [*data, *TINY, dead, fast], output=str(out), launch=in_process)
     assert not (out / "xe").exists()
 
 
-def test_killed_stage_resumes_to_the_same_result(data: list[str], tmp_path: Path) -> None:
-    common = [*data, *tiny("--train.stages=xe", "--train.xe.epochs=2", "--train.checkpoint_every_steps=1")]
+def test_killed_stage_resumes_to_the_same_result(
+    data: list[str], tmp_path: Path, torchrun: str, java: str
+) -> None:
+    common = [*data, *tiny("--train.xe.epochs=2", "--train.checkpoint_every_steps=1"), "--tracker", "none"]
     straight = tmp_path / "straight"
-    run_to_end(["--config", "demo", "--output", str(straight), *common])
+    run_to_end(["--stage", "xe", "--config", "demo", "--output", str(straight), *common])
 
     killed = tmp_path / "killed"
-    proc = torchrun(["--config", "demo", "--output", str(killed), *common])
+    proc = start_torchrun(["--stage", "xe", "--config", "demo", "--output", str(killed), *common])
     last = killed / "xe" / "last.pt"
     deadline = time.monotonic() + 300
     while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -262,16 +326,19 @@ def test_killed_stage_resumes_to_the_same_result(data: list[str], tmp_path: Path
         p for p in psutil.process_iter(["cmdline"]) if str(killed) in " ".join(p.info["cmdline"] or [])
     ]
     assert last.exists(), "no checkpoint was written before the kill"
-    assert not (killed / "xe" / "summary.json").exists(), "the run finished before it was killed"
+    assert not (killed / "xe" / "result.json").exists(), "the run finished before it was killed"
     step_at_kill = load_checkpoint(str(last))["train_state"]
     assert step_at_kill["step"] < 12
 
-    run_to_end(["--config", "demo", "--output", str(killed), *common, "--resume"])
+    log = run_to_end(
+        ["--stage", "xe", "--config", "demo", "--output", str(killed), *common]
+    )  # the rule resumes
+    assert "resumed stage xe" in log
     a, b = (load_checkpoint(str(d / "xe" / "last.pt")) for d in (straight, killed))
     assert a["train_state"]["step"] == b["train_state"]["step"] == 12
     assert same_tensors(a["model"], b["model"])
     assert a["train_state"]["history"] == b["train_state"]["history"]
-    sa, sb = (storage.read_json(str(d / "xe" / "summary.json")) for d in (straight, killed))
+    sa, sb = (storage.read_json(str(d / "xe" / "result.json")) for d in (straight, killed))
     assert sa["test_scores"] == sb["test_scores"]
     assert storage.read_json(str(straight / "xe" / "test-captions.json")) == storage.read_json(
         str(killed / "xe" / "test-captions.json")

@@ -11,7 +11,7 @@ from types import ModuleType
 import pytest
 from PIL import Image
 
-from captioning.mlflow_server import MlflowServer
+from captioning.services.mlflow_server import MlflowServer
 
 SCRIPT = Path(__file__).resolve().parents[1] / "infra" / "ui_check.py"
 
@@ -39,7 +39,6 @@ def _run_script(*args: str, timeout_s: float = 400) -> subprocess.CompletedProce
     )
 
 
-@pytest.mark.slow
 @needs_chromium
 def test_ui_shows_the_metrics_of_a_run(mlflow_server: MlflowServer, tmp_path: Path) -> None:
     shot = tmp_path / "ui.png"

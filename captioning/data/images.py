@@ -2,7 +2,7 @@
 
 Usage::
 
-    settings = ImageSettings(size=256, resize_mode="squash", jpeg_quality=90)
+    settings = ImageSettings(size=256, resize_mode="squash", jpeg_quality=90, max_image_pixels=178_956_970)
     try:
         image = prepare_image(jpeg_bytes, settings)   # image.jpeg, image.orig_size, image.conversions
     except ImageSkipped as e:
@@ -17,7 +17,8 @@ Large JPEGs are downscaled by the decoder itself (``Image.draft``: DCT scaling b
 never below what the resize needs, so the resize never upsamples what the file had. Only sides of at
 least twice the target shrink this way: COCO's 640x480 at 256 px decode at full size. The same input bytes
 and settings always give the same output bytes: fixed encoder settings, no EXIF, ICC profile,
-comment or DPI in the output. Plain Pillow + numpy: no torch here.
+comment or DPI in the output. Every setting is required: their defaults live in ``captioning.config``
+(``data.shards``). Plain Pillow + numpy: no torch here.
 """
 
 from __future__ import annotations
@@ -74,10 +75,10 @@ class ImageSkipped(Exception):
 class ImageSettings:
     """How stored images are made: square side in pixels, resize mode, JPEG quality, bomb limit."""
 
-    size: int = 256
-    resize_mode: str = "squash"
-    jpeg_quality: int = 90
-    max_image_pixels: int = 178_956_970
+    size: int
+    resize_mode: str
+    jpeg_quality: int
+    max_image_pixels: int
 
     def __post_init__(self) -> None:
         if self.resize_mode not in RESIZE_MODES:

@@ -1,16 +1,20 @@
 """Raw dataset -> records -> vocabulary -> WebDataset shards + manifest: the data half of the DAG.
 
-``prepare_data(cfg)`` is what ``captioning shards`` and the ``prepare-data`` flow run; each step is
-also a function of its own (``fetch``, ``build_records``, ``build_vocabulary``, ``build_shards``) so
-the Prefect tasks can wrap them one by one::
+``prepare_data(cfg)`` is what ``captioning shards`` and ``captioning demo`` run; the ``prepare-data``
+flow runs the same steps one task each (``fetch``, ``build_records``, ``build_vocabulary``,
+``build_key`` + ``up_to_date_manifest``, then plan / write groups / finish)::
 
     cfg = load_config("demo")
-    result = prepare_data(cfg)          # re-running on unchanged inputs skips every finished shard
-    print(result.manifest.splits)
+    result = prepare_data(cfg)          # nothing is rebuilt when the manifest records this build key
+    print(result.manifest.splits, result.summary["num_built"])
 
-``build_shards`` is itself three steps, so a flow can map the middle one over groups of shards::
+The build key (``build_key``) is what decides a shard build, the same for the command line and the
+flow: every setting that changes shard bytes, the split file's bytes and the vocabulary. It is
+recorded as the manifest's ``config_hash``; a build whose manifest holds the key and whose shards all
+have their recorded sizes is up to date (``up_to_date_manifest``) and is not touched. Otherwise the
+build runs; complete shards are skipped, so an interrupted build resumes::
 
-    plan = plan_shards_for(records, vocab, raw, cfg)
+    plan = plan_shards_for(records, vocab, raw, cfg)          # key: build_key(cfg, split file, vocab)
     results = [write_shard_group_for(group, cfg) for group in plan.groups(4)]   # one task each
     manifest = finish_shards(plan, vocab, results)
 
@@ -19,27 +23,32 @@ The shard location is ``cfg.data.shard_dir`` (a local folder or ``s3://bucket/pr
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-from captioning.config import Config
-from captioning.data.download import RawDataset, build_raw_dataset
+from captioning import storage
+from captioning.config import Config, apply_overrides
+from captioning.data.datasets import RawDataset, build_raw_dataset
+from captioning.data.format import MANIFEST_FILE, ShardManifest, SplitSummary, read_sizes, sha256_file
 from captioning.data.records import ImageRecord, KarpathyDataset, read_karpathy
-from captioning.data.shards import (
+from captioning.data.shard_build import (
     ShardGroupResult,
-    ShardJob,
-    ShardManifest,
     ShardPlan,
     finish_shard_build,
     plan_shard_build,
     write_shard_group,
 )
+from captioning.data.shard_writer import ShardJob
 from captioning.data.vocab import LengthStats, Vocab, apply_length_policy, build_vocab
 
 
-def shard_fingerprint(cfg: Config) -> str:
+def settings_fingerprint(cfg: Config) -> str:
     """Hash of every setting that changes shard bytes (not download or loader settings)."""
     sections = [
         "data.dataset",
@@ -58,6 +67,58 @@ def shard_fingerprint(cfg: Config) -> str:
     if cfg.data.dataset == "local":
         sections.append("data.local")
     return cfg.fingerprint(*sections)
+
+
+def build_key(cfg: Config, karpathy_json: str | os.PathLike[str], vocab: Vocab) -> str:
+    """What decides a shard build: the shard settings, the split file's bytes and the vocabulary.
+
+    Recorded as the manifest's ``config_hash``; image bytes are not hashed (too costly for COCO) - a
+    dataset whose images change under an unchanged split file needs a new ``data.shard_dir``.
+    """
+    payload = {
+        "settings": settings_fingerprint(cfg),
+        "karpathy_json": sha256_file(karpathy_json),
+        "vocab": hashlib.sha256(json.dumps(vocab.to_json(), sort_keys=True).encode()).hexdigest(),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def up_to_date_manifest(shard_dir: str, key: str) -> dict[str, Any] | None:
+    """The finished build's manifest when it was made with ``key`` and every shard it lists is there
+    with the size its stats file records (a stat and a small read per shard, no hashing); else None."""
+    try:
+        manifest = storage.read_json(storage.join(shard_dir, MANIFEST_FILE))
+    except (FileNotFoundError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("config_hash") != key:
+        return None
+    for tar_name in manifest.get("shards") or {}:
+        stem = tar_name.removesuffix(".tar")
+        try:
+            recorded = storage.read_json(storage.join(shard_dir, f"{stem}.stats.json")).get("bytes")
+            if storage.size(storage.join(shard_dir, tar_name)) != recorded:
+                return None
+        except (FileNotFoundError, ValueError, AttributeError):
+            return None
+    return manifest
+
+
+def kept_manifest(shard_dir: str, manifest: dict[str, Any], duration_s: float = 0.0) -> ShardManifest:
+    """The ShardManifest of a build found up to date (nothing built, every shard kept)."""
+    return ShardManifest(
+        out=shard_dir,
+        config_hash=manifest["config_hash"],
+        vocab_sha256=manifest["vocab_sha256"],
+        splits={name: SplitSummary(**split) for name, split in manifest["splits"].items()},
+        shards=dict(manifest["shards"]),
+        sizes=read_sizes(shard_dir),
+        length_policy=dict(manifest["length_policy"]),
+        image=dict(manifest["image"]),
+        samples_per_shard=int(manifest["samples_per_shard"]),
+        num_built=0,
+        num_skipped=len(manifest["shards"]),
+        duration_s=duration_s,
+    )
 
 
 def fetch(cfg: Config, *, progress: bool = True) -> RawDataset:
@@ -82,12 +143,10 @@ def build_vocabulary(dataset: KarpathyDataset, cfg: Config) -> tuple[Vocab, Leng
 
 
 def plan_shards_for(
-    records: list[ImageRecord], vocab: Vocab, raw: RawDataset, cfg: Config, *, config_hash: str | None = None
+    records: list[ImageRecord], vocab: Vocab, raw: RawDataset, cfg: Config, *, key: str | None = None
 ) -> ShardPlan:
-    """Plan the shard build into data.shard_dir with data.shards' image settings (see plan_shard_build).
-
-    The manifest records ``config_hash``: ``shard_fingerprint(cfg)`` unless another key is given.
-    """
+    """Plan the shard build into data.shard_dir with data.shards' image settings (see plan_shard_build);
+    the manifest records ``key`` (default: ``build_key`` of these inputs)."""
     sh = cfg.data.shards
     return plan_shard_build(
         records,
@@ -101,8 +160,18 @@ def plan_shards_for(
         max_image_pixels=sh.max_image_pixels,
         max_caption_len=cfg.data.max_caption_len,
         overlong=cfg.data.overlong_captions,
-        config_hash=shard_fingerprint(cfg) if config_hash is None else config_hash,
+        config_hash=build_key(cfg, raw.karpathy_json, vocab) if key is None else key,
     )
+
+
+def group_config(cfg: Config, num_groups: int) -> Config:
+    """Shard groups are written at the same time: split the process pool between them (a Dask
+    cluster schedules for itself, so its settings stay)."""
+    sh = cfg.data.shards
+    if sh.executor != "process" or num_groups <= 1:
+        return cfg
+    total = sh.num_procs or len(os.sched_getaffinity(0))
+    return apply_overrides(cfg, {"data.shards.num_procs": str(max(1, total // num_groups))})
 
 
 def write_shard_group_for(
@@ -122,37 +191,86 @@ def finish_shards(
     return finish_shard_build(plan, vocab, results, start=start)
 
 
-def build_shards(
-    records: list[ImageRecord], vocab: Vocab, raw: RawDataset, cfg: Config, *, progress: bool = True
-) -> ShardManifest:
-    """Write the shards and the manifest to data.shard_dir: plan, every job as one group, finish."""
-    start = time.perf_counter()
-    plan = plan_shards_for(records, vocab, raw, cfg)
-    result = write_shard_group_for(plan.jobs, cfg, progress=progress)
-    return finish_shards(plan, vocab, [result], start=start)
+def manifest_summary(
+    shard_dir: str, manifest: Mapping[str, Any], *, num_built: int = 0, num_skipped: int | None = None
+) -> dict[str, Any]:
+    """What a prepare run reports: samples and skipped images per split, shards built or kept
+    (``num_skipped`` defaults to every shard: nothing was rebuilt)."""
+    splits = manifest.get("splits") or {}
+    kept = len(manifest.get("shards") or {}) if num_skipped is None else num_skipped
+    return {
+        "shard_dir": shard_dir,
+        "build_key": manifest.get("config_hash"),
+        "rebuilt": num_skipped is not None,
+        "num_built": num_built,
+        "num_skipped": kept,
+        "samples": {split: v.get("num_samples", 0) for split, v in splits.items()},
+        "skipped_images": {split: v.get("failures", {}) for split, v in splits.items()},
+    }
+
+
+def data_report(summary: Mapping[str, Any]) -> str:
+    """Markdown for the orchestrator's UI: samples and skipped images per split."""
+    lines = [
+        f"Shards in `{summary.get('shard_dir')}`: "
+        + (
+            f"{summary['num_built']} built, {summary['num_skipped']} kept"
+            if summary.get("rebuilt")
+            else "up to date"
+        ),
+        "",
+        "| split | samples | skipped images |",
+        "|---|---|---|",
+    ]
+    for split, count in (summary.get("samples") or {}).items():
+        skipped = (summary.get("skipped_images") or {}).get(split) or {}
+        reasons = ", ".join(f"{k}: {v}" for k, v in skipped.items()) or "none"
+        lines.append(f"| {split} | {count} | {reasons} |")
+    return "\n".join(lines)
 
 
 @dataclass(frozen=True)
 class PrepareResult:
-    """What ``prepare_data`` produced."""
+    """What ``prepare_data`` produced (or found up to date)."""
 
     shard_dir: str
     karpathy_json: str
     vocab_size: int
     length_policy: dict[str, int]
     manifest: ShardManifest
+    summary: dict[str, Any]  # manifest_summary: samples per split, shards built or kept
 
 
-def prepare_data(cfg: Config, *, progress: bool = True) -> PrepareResult:
-    """fetch -> records -> vocabulary -> shards + manifest, for cfg.data."""
+def prepare_data(cfg: Config, *, progress: bool = True, vocab: Vocab | None = None) -> PrepareResult:
+    """fetch -> records -> vocabulary (or ``vocab``: a model's own) -> shards + manifest, for cfg.data.
+
+    Nothing is written when the manifest already records this build key and every shard is complete.
+    """
+    start = time.perf_counter()
     raw = fetch(cfg, progress=progress)
     dataset = build_records(raw.karpathy_json, cfg)
-    vocab, stats = build_vocabulary(dataset, cfg)
-    manifest = build_shards(list(dataset.records), vocab, raw, cfg, progress=progress)
+    built_vocab, stats = build_vocabulary(dataset, cfg)
+    vocab = vocab or built_vocab
+    key = build_key(cfg, raw.karpathy_json, vocab)
+    found = up_to_date_manifest(cfg.data.shard_dir, key)
+    if found is not None:
+        manifest = kept_manifest(cfg.data.shard_dir, found, time.perf_counter() - start)
+        summary = manifest_summary(cfg.data.shard_dir, found)
+    else:
+        plan = plan_shards_for(list(dataset.records), vocab, raw, cfg, key=key)
+        group = write_shard_group_for(plan.jobs, cfg, progress=progress)
+        manifest = finish_shards(plan, vocab, [group], start=start)
+        summary = manifest_summary(
+            cfg.data.shard_dir,
+            manifest.to_json(),
+            num_built=manifest.num_built,
+            num_skipped=manifest.num_skipped,
+        )
     return PrepareResult(
         shard_dir=cfg.data.shard_dir,
         karpathy_json=str(raw.karpathy_json),
         vocab_size=len(vocab),
         length_policy=asdict(stats),
         manifest=manifest,
+        summary=summary,
     )

@@ -34,10 +34,10 @@ How it is fast (30-60x pycocoevalcap on an SCST batch, ``benchmarks/cider.py``):
 - tokens get small integer codes and an n-gram is its codes packed into one uint64 (64 // n
   bits each): a batch's n-grams are a few numpy operations on a (sequences, windows) array, and
   sorting each row gives the term frequencies;
-- df lives in a numpy hash table (``_NgramTable``) that keeps only the n-grams of 2+ corpus
+- df lives in a numpy hash table (``ngrams.NgramTable``) that keeps only the n-grams of 2+ corpus
   entries (df 1 weighs like df 0), a few percent of them: small enough for the CPU's caches;
 - the n-grams of each image's candidates and references are sorted together, one short row per
-  image (``_group_by_ngram``): equal n-grams end side by side, which pairs each candidate's
+  image (``ngrams.group_by_ngram``): equal n-grams end side by side, which pairs each candidate's
   entry with the references' and lets a group share one idf lookup;
 - with ``keys``, an image's references are vectorised once per call whatever its number of
   samples, and kept for later calls (``cache_size`` images, about 6 KB each).
@@ -56,46 +56,13 @@ from typing import NamedTuple, cast
 import numpy as np
 from numpy.typing import NDArray
 
+from captioning.evaluation.ngrams import NgramTable, group_by_ngram, offsets, runs
+
 Tokens = Sequence[Hashable]
 
 _MAX_CANDIDATES = 4096  # per internal chunk of score(): bounds the join's memory (and rows < 2^15)
 _CORPUS_CHUNK = 4096  # corpus entries per step of the df count
 _MAX_ID_TABLE = 1 << 20  # int tokens below this also find their codes in an array (fast path)
-_FIBONACCI = np.uint64(0x9E3779B97F4A7C15)  # 2^64 / golden ratio: multiplicative hashing
-
-
-class _NgramTable:
-    """A hash table from packed n-grams (distinct, nonzero uint64) to float64, in numpy arrays.
-
-    The keys sorted by bucket (a multiplicative hash into 2N..4N buckets) and each bucket's start:
-    a lookup walks its bucket (at most ``width`` keys, about 5) for all queries at once, dropping
-    the ones found or exhausted at each step. 32-48 bytes per key.
-    """
-
-    def __init__(self, keys: NDArray[np.uint64], values: NDArray[np.floating]) -> None:
-        self.bits = keys.size.bit_length() + 1
-        bucket = self._hash(keys)
-        order = np.argsort(bucket, kind="stable")
-        self.start = np.searchsorted(bucket[order], np.arange((1 << self.bits) + 1)).astype(np.int32)
-        self.width = int(np.diff(self.start).max())
-        self.keys, self.values = keys[order], values[order]
-
-    def _hash(self, keys: NDArray[np.uint64]) -> NDArray[np.intp]:
-        return ((keys * _FIBONACCI) >> np.uint64(64 - self.bits)).astype(np.intp)
-
-    def get(self, keys: NDArray[np.uint64], default: float = 0.0) -> NDArray[np.float64]:
-        """The value of each key (``default`` where absent)."""
-        bucket = self._hash(keys)
-        first = self.start[bucket]  # (Q,)
-        size = self.start[bucket + 1] - first
-        out = np.full(keys.size, default)
-        pending = np.flatnonzero(size)  # most absent keys land in an empty bucket
-        for i in range(self.width):  # the i-th key of each pending query's bucket
-            at = first[pending] + i
-            hit = self.keys[at] == keys[pending]
-            out[pending[hit]] = self.values[at[hit]]
-            pending = pending[~hit & (size[pending] > i + 1)]
-        return out
 
 
 class _Counts(NamedTuple):
@@ -116,67 +83,6 @@ class _RefSet(NamedTuple):
     idf: NDArray[np.float64]  # (M,)
     norm: NDArray[np.float64]  # (J, n) |v_k| per order
     length: NDArray[np.int64]  # (J,)
-
-
-def _runs(rows: NDArray[np.uint64]) -> tuple[NDArray[np.int64], NDArray[np.uint64], NDArray[np.int64]]:
-    """Each row's distinct nonzero keys and their counts: (row, key, count), sorted by (row, key)."""
-    S, W = rows.shape
-    if W == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.uint64), np.zeros(0, np.int64)
-    ordered = np.sort(rows, axis=1)  # (S, W)
-    starts = np.ones((S, W), bool)  # a new key begins here; column 0 keeps runs inside rows
-    starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
-    first = np.flatnonzero(starts)  # (runs,)
-    count = np.diff(first, append=ordered.size)
-    key = ordered.ravel()[first]
-    keep = key != 0
-    return first[keep] // W, key[keep], count[keep]
-
-
-def _offsets(sizes: NDArray[np.int64]) -> NDArray[np.int64]:
-    """0, 1, ..., sizes[0] - 1, 0, 1, ..., sizes[1] - 1, ...: each item's index in its block."""
-    return np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes)
-
-
-def _group_by_ngram(
-    key: NDArray[np.uint64], row: NDArray[np.int64], is_ref: NDArray[np.bool_], num_rows: int
-) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:
-    """Entries grouped by (row, n-gram), candidates' entries before references' in each group.
-
-    Returns ``entry`` (M,), the entries in that order; ``group`` (M,), the group of each position;
-    ``start`` (R,), each group's first position.
-
-    How: each entry is packed into a uint64, a hash of its key above a reference bit above its
-    index + 1 (0 pads); each row's packed entries sorted, a (rows, width) sort of short rows,
-    leave equal hashes side by side. Should two keys of one row share a hash, it is done again
-    with another multiplier.
-    """
-    M = key.size
-    index_bits = M.bit_length()  # entry + 1 <= M fits
-    ref_bit = np.uint64(1 << index_bits)
-    shift = np.uint64(index_bits + 1)
-    by_row = np.argsort(row.astype(np.int16), kind="stable")  # int16 (rows <= _MAX_CANDIDATES): radix
-    sizes = np.bincount(row, minlength=num_rows)  # (rows,)
-    ordered_row = np.repeat(np.arange(num_rows), sizes)  # (M,)
-    width = int(sizes.max(initial=0))
-    slot = ordered_row * width + _offsets(sizes)  # in the flattened table, for entry by_row[i]
-    for attempt in range(8):
-        multiplier = np.uint64((int(_FIBONACCI) + 2 * attempt * 0x632BE59BD9B4E019) % 2**64)  # odd
-        packed = (key * multiplier) >> shift << shift
-        packed |= np.arange(1, M + 1, dtype=np.uint64)
-        packed[is_ref] |= ref_bit
-        table = np.zeros((num_rows, width), np.uint64)  # (rows, width)
-        table.ravel()[slot] = packed[by_row]
-        table.sort(axis=1)
-        ordered = table[table != 0]  # (M,) row by row, padding dropped
-        hashed = ordered >> shift
-        new_group = np.ones(M, bool)
-        new_group[1:] = (hashed[1:] != hashed[:-1]) | (ordered_row[1:] != ordered_row[:-1])
-        entry = (ordered & (ref_bit - np.uint64(1))).astype(np.int64) - 1
-        ordered_key = key[entry]
-        if not np.any((ordered_key[1:] != ordered_key[:-1]) & ~new_group[1:]):  # no collision
-            return entry, np.cumsum(new_group) - 1, np.flatnonzero(new_group)
-    raise RuntimeError("n-gram hashes collide under 8 multipliers")  # each: odds ~1e-9 per row
 
 
 class CiderD:
@@ -216,7 +122,7 @@ class CiderD:
         # (6% of them in benchmarks/cider.py's corpus), small enough to stay in the CPU's caches.
         common = df >= 2
         exact = np.float32 if self.num_documents < 2**24 else np.float64  # df as floats, exactly
-        self._df = _NgramTable(keys[common], df[common].astype(exact))
+        self._df = NgramTable(keys[common], df[common].astype(exact))
 
     @property
     def vocabulary_size(self) -> int:
@@ -293,7 +199,7 @@ class CiderD:
         flat = self._codes(list(itertools.chain.from_iterable(seqs)))
         S, L = len(seqs), int(lengths.max(initial=0))
         codes = np.zeros((S, L), np.uint64)
-        codes[np.repeat(np.arange(S), lengths), _offsets(lengths)] = flat
+        codes[np.repeat(np.arange(S), lengths), offsets(lengths)] = flat
         return codes, lengths
 
     def _codes(self, tokens: list[Hashable]) -> NDArray[np.uint64]:
@@ -346,7 +252,7 @@ class CiderD:
 
     def _count(self, seqs: Sequence[Tokens]) -> _Counts:
         codes, lengths = self._encode(seqs)
-        seq, key, tf = _runs(self._ngram_rows(codes))
+        seq, key, tf = runs(self._ngram_rows(codes))
         length = np.maximum(lengths - 1, 0) if self.n >= 2 else np.zeros_like(lengths)
         return _Counts(seq, key, tf, length)
 
@@ -364,8 +270,8 @@ class CiderD:
             rows = self._ngram_rows(self._encode([ref for refs in docs for ref in refs])[0])  # (S, W)
             # One row per document, its references' n-grams side by side: each n-gram once per document.
             by_doc = np.zeros((len(docs), int(sizes.max()), rows.shape[1]), np.uint64)  # (D, J, W)
-            by_doc[np.repeat(np.arange(len(docs)), sizes), _offsets(sizes)] = rows
-            per_chunk.append(_runs(by_doc.reshape(len(docs), -1))[1])
+            by_doc[np.repeat(np.arange(len(docs)), sizes), offsets(sizes)] = rows
+            per_chunk.append(runs(by_doc.reshape(len(docs), -1))[1])
         keys, df = np.unique(np.concatenate(per_chunk), return_counts=True)
         return keys, df
 
@@ -387,7 +293,7 @@ class CiderD:
         n, G, C = self.n, len(cached), group.size
         sizes = np.array(new_sizes, np.int64)  # (new,)
         new_set = np.repeat(np.array(new, np.int64), sizes)  # (R,) each new reference's set and index
-        new_ref = _offsets(sizes)
+        new_ref = offsets(sizes)
         old = [ref_set for ref_set in cached if ref_set is not None]
         old_set = np.array([g for g, ref_set in enumerate(cached) if ref_set is not None], np.int64)
 
@@ -409,7 +315,7 @@ class CiderD:
 
         # Group the entries of each set by n-gram (candidates first in a group). The idf of a
         # group comes from a cached reference in it, or from one lookup for the whole group.
-        entry, run, start = _group_by_ngram(key, row, who < 0, G)
+        entry, run, start = group_by_ngram(key, row, who < 0, G)
         run_idf = np.full(start.size, np.nan)  # (R,)
         cached_at = np.flatnonzero(entry >= num_counted)  # positions of cached entries
         run_idf[run[cached_at]] = idf[entry[cached_at]]
@@ -433,7 +339,7 @@ class CiderD:
         ref_len = np.zeros((G, J), np.int64)
         ref_norm[new_set, new_ref], ref_len[new_set, new_ref] = norm[C:], counts.length[C:]
         if old:
-            old_row, old_ref = np.repeat(old_set, old_sizes), _offsets(old_sizes)
+            old_row, old_ref = np.repeat(old_set, old_sizes), offsets(old_sizes)
             ref_norm[old_row, old_ref] = np.concatenate([s.norm for s in old])
             ref_len[old_row, old_ref] = np.concatenate([s.length for s in old])
 
@@ -447,7 +353,7 @@ class CiderD:
         hits = np.flatnonzero(~is_cand & (num_cands > 0))
         repeats: NDArray[np.int64] = num_cands[hits]
         e_ref = entry[np.repeat(hits, repeats)]
-        e_cand = entry[np.repeat(head[hits], repeats) + _offsets(repeats)]
+        e_cand = entry[np.repeat(head[hits], repeats) + offsets(repeats)]
         v_hyp, v_ref = value[e_cand], value[e_ref]
         clipped = np.minimum(v_hyp, v_ref) * v_ref  # pycocoevalcap's clipping
         index = (who[e_cand] * n + order[e_ref]) * J + (-1 - who[e_ref])

@@ -2,7 +2,7 @@
 
     result = evaluate(ddp_model, loaders["val"], vocab, dist, beam_size=3, max_len=20)
     result.scores["CIDEr"], result.captions[image_id]        # the same EvalResult on every rank
-    result = evaluate_checkpoint("runs/x/best.pt", "data/shards", "test", results_uri="runs/x/test.json")
+    scores = score_checkpoint("runs/x/best.pt", cfg, "test")   # the recipe's eval and loader settings
 
 Why it cannot deadlock a DDP job: the eval loader (``train=False``) gives each image to exactly one
 rank, with batch counts that may differ between ranks, so decoding runs no collective at all. Then
@@ -23,7 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from captioning.data.loader import Batch, build_loader
+from captioning.config import Config, LoaderConfig
+from captioning.data.batch import Batch
+from captioning.data.loader import build_loader
 from captioning.data.vocab import SPECIALS, Vocab
 from captioning.evaluation.metrics import ScoringError, score_captions, write_coco_results
 from captioning.model.captioner import Captioner
@@ -257,14 +259,14 @@ def evaluate_checkpoint(
     shard_dir: str,
     split: str,
     *,
-    beam_size: int = 3,
-    max_len: int = 20,
-    length_normalization: bool = False,
-    batch_size: int = 32,
-    num_workers: int = 1,
+    beam_size: int,
+    max_len: int,
+    length_normalization: bool,
+    batch_size: int,
+    num_workers: int,
+    spice: bool,
+    timeout_s: float,
     image_size: int | None = None,
-    spice: bool = False,
-    timeout_s: float = 600.0,
     results_uri: str | None = None,
     dist: DistInfo | None = None,
     device: torch.device | str | None = None,
@@ -280,13 +282,14 @@ def evaluate_checkpoint(
     model, vocab, ckpt = captioner_from_checkpoint(uri)
     model.to(target)
     loader = build_loader(
+        LoaderConfig(num_workers=num_workers),  # evaluation reads only num_workers and seq_per_img
         shard_dir,
         split,
         train=False,
-        batch_size=batch_size,
-        num_workers=num_workers,
         dist=dist,
         image_size=image_size if image_size is not None else _image_size_of(ckpt.get("config", {}), uri),
+        seed=0,
+        batch_size=batch_size,
         device=target,
     )
     return evaluate(
@@ -301,3 +304,25 @@ def evaluate_checkpoint(
         timeout_s=timeout_s,
         results_uri=results_uri,
     )
+
+
+def score_checkpoint(
+    checkpoint: str, cfg: Config, split: str, *, results_uri: str | None = None
+) -> dict[str, Any]:
+    """Score a checkpoint on ``split`` of ``cfg.data.shard_dir`` with the config's ``eval`` settings
+    (and ``data.loader``'s batch size and workers): ``{"scores": {...}, "num_images": N}``."""
+    ev, lc = cfg.eval, cfg.data.loader
+    result = evaluate_checkpoint(
+        checkpoint,
+        cfg.data.shard_dir,
+        split,
+        beam_size=ev.beam_size,
+        max_len=ev.max_len,
+        length_normalization=ev.length_normalization,
+        batch_size=lc.batch_size,
+        num_workers=lc.num_workers,
+        spice=ev.spice,
+        timeout_s=ev.java_timeout_s,
+        results_uri=results_uri,
+    )
+    return {"scores": dict(result.scores), "num_images": len(result.captions)}

@@ -13,13 +13,10 @@ sentence-level values of the same metrics.
 Why a child process: the Java pieces can hang or die. METEOR is a long-lived JVM fed through pipes
 (a dead one leaves ``readline`` waiting or gives ``float('')``), and pycocoevalcap ignores the
 tokenizer's exit status (a crashed JVM would score empty strings: a silent zero). So
-``score_captions`` runs ``python -m captioning.evaluation.metrics IN OUT`` in a session of its own
-with a wall-clock limit; on timeout the whole process group, JVMs included, is killed. Every
-failure is a ``ScoringError`` naming the scorer, with the tail of Java's and the child's stderr.
-
-The tokenizer is pycocoevalcap's command line (same jar, flags and punctuation filter) run once
-over candidates and references together (``-preserveLines`` tokenizes each line on its own), with
-its exit status and line count checked, and its input in a temp folder instead of site-packages.
+``score_captions`` runs ``python -m captioning.evaluation.scorers IN OUT`` (``scorers.py``: the
+tokenizer and the scorers) in a session of its own with a wall-clock limit; on timeout the whole
+process group, JVMs included, is killed (``captioning.launch.stop_process_group``). Every failure
+is a ``ScoringError`` naming the scorer, with the tail of Java's and the child's stderr.
 
 Cost on 2 CPU cores: about 5.5 s per call whatever the size of a small split, nearly all of it
 METEOR's JVM loading its paraphrase table; the tokenizer's JVM starts in about 0.2 s.
@@ -35,18 +32,17 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.util import find_spec
 from typing import Any
 
 from captioning import storage
+from captioning.launch import stop_process_group
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +54,9 @@ JAVA_HINT = (
     "pycocoevalcap's PTB tokenizer, METEOR and SPICE run on the JVM: install a Java runtime (8 or "
     "newer), e.g. `apt-get install default-jre-headless` (`make setup` does this)"
 )
-_MODULE = "captioning.evaluation.metrics"  # what the child runs (``python -m``)
-_TAIL_CHARS = 4000  # stderr kept in an error message
-_STAGE_PREFIX = "captioning.evaluation.metrics: running "  # the child's progress lines on stderr
+_MODULE = "captioning.evaluation.scorers"  # what the child runs (``python -m``)
+TAIL_CHARS = 4000  # stderr kept in an error message
+STAGE_PREFIX = "captioning.evaluation.scorers: running "  # the child's progress lines on stderr
 
 
 class ScoringError(RuntimeError):
@@ -75,11 +71,6 @@ class Scores:
     overall: dict[str, float]  # METRICS (+ "SPICE") -> corpus score
     per_image: dict[int, dict[str, float]] = field(default_factory=dict)  # image id -> metric -> score
     skipped: dict[str, str] = field(default_factory=dict)  # metric -> why it was not computed
-
-
-# --------------------------------------------------------------------------------------------------
-# The caller's side
-# --------------------------------------------------------------------------------------------------
 
 
 def score_captions(
@@ -183,7 +174,7 @@ def spice_unavailable() -> str | None:
 
 
 def _run_child(request: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-    """Run the scorers in ``python -m captioning.evaluation.metrics`` and return its result."""
+    """Run the scorers in ``python -m captioning.evaluation.scorers`` and return its result."""
     with tempfile.TemporaryDirectory(prefix="captioning-metrics-") as tmp:
         in_path, out_path, log_path = (os.path.join(tmp, n) for n in ("in.json", "out.json", "child.log"))
         with open(in_path, "w", encoding="utf-8") as f:
@@ -200,19 +191,19 @@ def _run_child(request: dict[str, Any], timeout_s: float) -> dict[str, Any]:
                 stdout=child_log,
                 stderr=subprocess.STDOUT,
                 env=env,
-                start_new_session=True,  # its own process group: one killpg reaches every JVM
+                start_new_session=True,  # its own process group: the stopper reaches every JVM
             )
             try:
                 code = proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
-                _kill_group(proc)
+                stop_process_group(proc.pid, (), reap=proc)  # SIGKILL at once: nothing to save
                 tail = _tail(log_path)
                 raise ScoringError(
                     f"scoring timed out after {timeout_s:g} s during {_last_stage(tail)}; "
                     f"killed its process group (Java included){_format_tail(tail)}"
                 ) from None
             finally:
-                _kill_group(proc)  # leftovers (a METEOR JVM) and the wait on Ctrl-C
+                stop_process_group(proc.pid, (), reap=proc)  # leftovers (a METEOR JVM), and on Ctrl-C
         tail = _tail(log_path)
         response: dict[str, Any] | None = None
         with contextlib.suppress(OSError, ValueError), open(out_path, encoding="utf-8") as f:
@@ -230,19 +221,11 @@ def _run_child(request: dict[str, Any], timeout_s: float) -> dict[str, Any]:
         return result
 
 
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL the child's process group (itself and every JVM it started) and reap the child."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=10)
-
-
 def _tail(path: str) -> str:
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - _TAIL_CHARS))
+            f.seek(max(0, f.tell() - TAIL_CHARS))
             return f.read().decode("utf-8", "replace").strip()
     except OSError:
         return ""
@@ -253,7 +236,7 @@ def _format_tail(tail: str) -> str:
 
 
 def _last_stage(tail: str) -> str:
-    stages = [line[len(_STAGE_PREFIX) :] for line in tail.splitlines() if line.startswith(_STAGE_PREFIX)]
+    stages = [line[len(STAGE_PREFIX) :] for line in tail.splitlines() if line.startswith(STAGE_PREFIX)]
     return stages[-1].strip() if stages else "start-up, before any scorer"
 
 
@@ -288,184 +271,3 @@ def read_coco_results(path_or_uri: str | os.PathLike[str]) -> dict[int, str]:
             raise ValueError(f"{path_or_uri}: image {entry['image_id']} appears twice")
         captions[entry["image_id"]] = entry["caption"]
     return captions
-
-
-# --------------------------------------------------------------------------------------------------
-# The child's side: ``python -m captioning.evaluation.metrics IN OUT``
-# --------------------------------------------------------------------------------------------------
-
-
-class _ScorerFailed(Exception):
-    def __init__(self, scorer: str, message: str) -> None:
-        super().__init__(f"{scorer}: {message}")
-        self.scorer, self.message = scorer, message
-
-
-def _stage(name: str) -> None:
-    print(f"{_STAGE_PREFIX}{name}", file=sys.stderr, flush=True)
-
-
-def _decode_tail(data: bytes | None) -> str:
-    text = (data or b"").decode("utf-8", "replace").strip()
-    return text[-_TAIL_CHARS:]
-
-
-def ptb_tokenize(sentences: Sequence[str]) -> list[str]:
-    """pycocoevalcap's PTBTokenizer on a list of sentences, one JVM for all, exit status checked.
-
-    Every line break Python knows (``\\r``, ``\\v``, ``\\f``, ``\\u2028``, ...) becomes a space
-    first: with ``-preserveLines`` the JVM splits lines on them too, and one extra line would shift
-    every later caption onto the wrong image (pycocoevalcap only replaces ``\\n``).
-    """
-    from pycocoevalcap.tokenizer import ptbtokenizer
-
-    jar = os.path.join(
-        os.path.dirname(os.path.abspath(ptbtokenizer.__file__)), ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR
-    )
-    with tempfile.TemporaryDirectory(prefix="captioning-ptb-") as tmp:
-        path = os.path.join(tmp, "sentences.txt")
-        with open(path, "wb") as f:
-            f.write("\n".join(" ".join(s.splitlines()) for s in sentences).encode())
-        cmd = [
-            "java",
-            "-cp",
-            jar,
-            "edu.stanford.nlp.process.PTBTokenizer",
-            "-preserveLines",
-            "-lowerCase",
-            path,
-        ]
-        try:
-            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, check=False)
-        except OSError as e:
-            raise _ScorerFailed("PTBTokenizer", f"cannot start java ({e}); {JAVA_HINT}") from None
-    if proc.returncode != 0:
-        raise _ScorerFailed(
-            "PTBTokenizer",
-            f"java exited with status {proc.returncode}:\n{_decode_tail(proc.stderr)}",
-        )
-    lines = proc.stdout.decode().split("\n")
-    if len(lines) == len(sentences) + 1 and not lines[-1]:
-        lines.pop()  # the newline after the last line
-    if len(lines) != len(sentences):
-        raise _ScorerFailed(
-            "PTBTokenizer",
-            f"{len(lines)} lines back for {len(sentences)} sentences:\n{_decode_tail(proc.stderr)}",
-        )
-    punctuation = set(ptbtokenizer.PUNCTUATIONS)
-    return [
-        " ".join(w for w in line.rstrip().split(" ") if w not in punctuation)
-        for line in lines[: len(sentences)]
-    ]
-
-
-def _meteor(gts: dict[int, list[str]], res: dict[int, list[str]]) -> tuple[float, list[float]]:
-    from pycocoevalcap.meteor.meteor import Meteor
-
-    try:
-        meteor = Meteor()
-    except OSError as e:
-        raise _ScorerFailed("METEOR", f"cannot start java ({e}); {JAVA_HINT}") from None
-    process = meteor.meteor_p
-    try:
-        score, scores = meteor.compute_score(gts, res)
-        return float(score), [float(s) for s in scores]
-    except Exception as e:
-        process.kill()
-        process.wait()
-        stderr = _decode_tail(process.stderr.read() if process.stderr else None)
-        status = process.returncode
-        raise _ScorerFailed("METEOR", f"{type(e).__name__}: {e} (java status {status}):\n{stderr}") from None
-    finally:
-        process.kill()
-        process.wait()
-        # Meteor.__del__ takes the lock that compute_score leaves held when it raises; a fresh lock
-        # lets it finish instead of deadlocking the interpreter's exit.
-        meteor.lock = threading.Lock()
-
-
-def _spice(gts: dict[int, list[str]], res: dict[int, list[str]]) -> tuple[float, list[float]]:
-    from pycocoevalcap.spice.spice import Spice
-
-    try:
-        score, per_image = Spice().compute_score(gts, res)
-    except subprocess.CalledProcessError as e:
-        raise _ScorerFailed("SPICE", f"java exited with status {e.returncode}") from None
-    return float(score), [float(s["All"]["f"]) for s in per_image]
-
-
-def _score_in_process(
-    captions: dict[int, str], references: dict[int, list[str]], spice: bool
-) -> dict[str, Any]:
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.rouge.rouge import Rouge
-
-    ids = sorted(captions)  # every scorer lists per-image values in the order of gts' keys
-    _stage("PTBTokenizer")
-    sentences = [captions[i] for i in ids] + [r for i in ids for r in references[i]]
-    tokens = iter(ptb_tokenize(sentences))
-    res = {i: [next(tokens)] for i in ids}
-    gts = {i: [next(tokens) for _ in references[i]] for i in ids}
-
-    overall: dict[str, float] = {}
-    per_image: dict[int, dict[str, float]] = {i: {} for i in ids}
-
-    def record(name: str, score: float, scores: Sequence[float]) -> None:
-        overall[name] = float(score)
-        for i, s in zip(ids, scores, strict=True):
-            per_image[i][name] = float(s)
-
-    scorers: list[tuple[str, Callable[[], None]]] = []
-
-    def bleu() -> None:
-        score, scores = Bleu(4).compute_score(gts, res, verbose=0)
-        for n in range(4):
-            record(f"BLEU-{n + 1}", score[n], scores[n])
-
-    scorers.append(("BLEU", bleu))
-    scorers.append(("METEOR", lambda: record("METEOR", *_meteor(gts, res))))
-    scorers.append(("ROUGE-L", lambda: record("ROUGE-L", *Rouge().compute_score(gts, res))))
-    scorers.append(("CIDEr", lambda: record("CIDEr", *Cider().compute_score(gts, res))))
-    if spice:
-        scorers.append((SPICE, lambda: record(SPICE, *_spice(gts, res))))
-    for name, run in scorers:
-        _stage(name)
-        try:
-            run()
-        except _ScorerFailed:
-            raise
-        except Exception as e:
-            raise _ScorerFailed(name, f"{type(e).__name__}: {e}") from e
-    return {"overall": overall, "per_image": {str(i): v for i, v in per_image.items()}}
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """The child: read the request JSON, score, write ``{"result": ...}`` or ``{"error": ...}``."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 2:
-        print(f"usage: python -m {_MODULE} REQUEST.json RESPONSE.json", file=sys.stderr)
-        return 2
-    in_path, out_path = args
-    with open(in_path, encoding="utf-8") as f:
-        request = json.load(f)
-    captions = {int(k): v for k, v in request["captions"].items()}
-    references = {int(k): v for k, v in request["references"].items()}
-    response: dict[str, Any]
-    try:
-        response = {"result": _score_in_process(captions, references, bool(request.get("spice")))}
-        code = 0
-    except _ScorerFailed as e:
-        response = {"error": {"scorer": e.scorer, "message": e.message}}
-        code = 1
-    with open(out_path, "w", encoding="utf-8") as f:
-        json.dump(response, f, allow_nan=True)
-    return code
-
-
-if __name__ == "__main__":
-    exit_code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # No interpreter teardown: pycocoevalcap's finalizers (Meteor.__del__) can block at exit.
-    os._exit(exit_code)

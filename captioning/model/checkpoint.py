@@ -119,3 +119,8 @@ def captioner_from_checkpoint(
     model.model_config = model_config
     model.eval()
     return model, vocab, ckpt
+
+
+def vocab_of_checkpoint(uri: str) -> Vocab:
+    """The vocabulary a checkpoint was trained with (new data for its model is encoded with the same ids)."""
+    return Vocab.from_json(load_checkpoint(uri)["vocab"])

@@ -11,8 +11,8 @@ The model needs two methods (``StepModel``): ``init_state(features) -> dict`` of
 first dimension is the row (B), and ``step(tokens, state) -> (logprobs, state, alpha)``. The
 state is expanded to B*K rows once; each step does one top-k over (B, K*V) candidates, and a
 candidate's beam and word come from integer arithmetic (``idx // V``, ``idx % V``), so no Python
-loop runs over images or beams. ``captioning/model/_reference_search.py`` is the same search one
-image at a time, in plain Python; ``tests/test_search.py`` checks they agree token for token.
+loop runs over images or beams. ``tests/reference_search.py`` (test-only code) is the same search
+one image at a time, in plain Python; ``tests/test_search.py`` checks they agree token for token.
 
 The rules, which the reference follows exactly:
 

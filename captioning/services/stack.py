@@ -15,7 +15,7 @@ Everything binds to 127.0.0.1 and keeps its state in one folder (default ``demo-
     env.sh                 ``export`` lines for clients (``captioning stack env`` prints the same)
     pids/{prefect-server,worker,s3}.pid     logs/{prefect-server,worker,s3}.log
     prefect/               PREFECT_HOME: the server's SQLite database, profiles, UI build
-    mlflow/                the MLflow server's state (captioning/mlflow_server.py): mlflow.db,
+    mlflow/                the MLflow server's state (mlflow_server.py): mlflow.db,
                            artifacts/, and its own server.pid and server.log
     s3/                    the S3 root: each folder is a bucket (``captioning`` is made by default)
     rclone.conf            an empty rclone config, so a user's own never leaks in
@@ -24,171 +24,57 @@ Each component runs in a session of its own (``start_new_session``), so it outli
 up`` and no terminal signal reaches it, and stopping takes its whole process group (a worker's flow-run
 processes, a server's workers). A pid file counts only while its process is alive and is this stack's
 (its command line or ``PREFECT_HOME`` names the state folder), so a recycled pid is never signalled.
-Prefect is driven through its CLI and REST API as subprocesses: the library never imports it.
+Prefect is driven through its CLI and REST API as subprocesses (prefect_server.py): the library never
+imports it. The settings, their record and the status lines are in stack_settings.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import http.client
 import json
 import os
 import secrets
-import shlex
 import signal
 import subprocess
-import sys
 import time
-import urllib.parse
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from captioning.launch import live_process, stop_process_group
-from captioning.mlflow_server import MlflowServer, MlflowServerError, is_healthy, port_is_open
-from captioning.s3_server import S3Server
+from captioning.services.mlflow_server import MlflowServer, MlflowServerError, is_healthy, port_is_open
+from captioning.services.prefect_server import (
+    ensure_gpu_limit,
+    ensure_work_pool,
+    http_json,
+    prefect_env,
+    server_command,
+    server_healthy,
+    spawn_detached,
+    worker_command,
+    worker_online,
+)
+from captioning.services.s3_server import S3Server
+from captioning.services.stack_settings import (
+    COMPONENTS,
+    MLFLOW,
+    PORT_OPTIONS,
+    PREFECT_SERVER,
+    S3,
+    S3_BUCKET,
+    WORKER,
+    StackError,
+    StackSettings,
+    export_lines,
+    read_json,
+)
 
-PREFECT_SERVER, WORKER, MLFLOW, S3 = "prefect-server", "worker", "mlflow", "s3"
-COMPONENTS = (PREFECT_SERVER, WORKER, MLFLOW, S3)
-S3_BUCKET = "captioning"
-GPU_LIMIT = "gpu"
 LOG_TAIL_LINES = 20
 WORKER_GRACE_S = 20.0  # after SIGINT, a worker stops polling and waits for its flow runs
-PORT_OPTIONS = {"prefect_port": "--prefect-port", "mlflow_port": "--mlflow-port", "s3_port": "--s3-port"}
-
-
-class StackError(RuntimeError):
-    """The stack could not start (a taken port, a component that died) or is in an unexpected state."""
-
-
-@dataclass
-class StackSettings:
-    """Where the stack keeps its state, which ports it binds, and what runs."""
-
-    state_dir: Path = Path("demo-data/stack")
-    host: str = "127.0.0.1"
-    prefect_port: int = 4200
-    mlflow_port: int = 5000
-    s3: bool = False
-    s3_port: int = 9000
-    work_pool: str = "captioning-local"
-    gpu_slots: int = 1
-    worker: bool = True
-    workdir: Path = field(default_factory=Path.cwd)  # the worker's cwd: flow runs pull their code here
-
-    @property
-    def prefect_url(self) -> str:
-        return f"http://{self.host}:{self.prefect_port}"
-
-    @property
-    def api_url(self) -> str:
-        return f"{self.prefect_url}/api"
-
-    @property
-    def mlflow_url(self) -> str:
-        return f"http://{self.host}:{self.mlflow_port}"
-
-    @property
-    def s3_url(self) -> str:
-        return f"http://{self.host}:{self.s3_port}"
-
-    def to_json(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["state_dir"] = str(Path(self.state_dir).resolve())
-        data["workdir"] = str(Path(self.workdir).resolve())
-        return data
-
-
-def load_settings(state_dir: str | os.PathLike[str], **given: Any) -> StackSettings:
-    """Settings recorded by the last ``up`` in ``state_dir/stack.json`` (else the defaults), overridden by
-    the ``given`` fields that are not None: what the command line passes."""
-    state_dir = Path(state_dir)
-    recorded = _read_json(state_dir / "stack.json").get("settings", {})
-    names = {f.name for f in dataclasses.fields(StackSettings)}
-    unknown = set(given) - names
-    if unknown:
-        raise TypeError(f"unknown stack settings: {sorted(unknown)}; valid: {sorted(names)}")
-    values = {k: v for k, v in recorded.items() if k in names}
-    values.update({k: v for k, v in given.items() if v is not None})
-    values["state_dir"] = state_dir
-    if "workdir" in values:
-        values["workdir"] = Path(values["workdir"])
-    return StackSettings(**values)
-
-
-def prefect_env(state_dir: str | os.PathLike[str], api_url: str) -> dict[str, str]:
-    """The environment the Prefect server, its CLI and the worker need: a PREFECT_HOME (and SQLite
-    database) under ``state_dir/prefect``, the API URL, and no analytics."""
-    home = Path(state_dir).resolve() / "prefect"
-    return {
-        "PREFECT_HOME": str(home),
-        "PREFECT_API_URL": api_url,
-        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "DO_NOT_TRACK": "1",
-    }
-
-
-def export_lines(env: dict[str, str]) -> str:
-    """Shell ``export`` lines for ``env`` (``eval "$(captioning stack env)"``)."""
-    return "".join(f"export {name}={shlex.quote(value)}\n" for name, value in env.items())
-
-
-def format_status(status: dict[str, dict[str, Any]]) -> str:
-    """One line per component for ``captioning stack status``."""
-    lines = []
-    for name, info in status.items():
-        if not info["enabled"] and not info["running"]:
-            lines.append(f"{name:15} off")
-            continue
-        state = "stopped"
-        if info["running"]:
-            state = "running" if info["healthy"] else "unhealthy"
-        where = info.get("url") or ""
-        pid = f"pid {info['pid']}" if info["pid"] else ""
-        lines.append(
-            f"{name:15} {state:9} {pid:10} {where:28} log {info['log']}  pid file {info['pid_file']}"
-        )
-    return "\n".join(lines)
 
 
 # --- processes ----------------------------------------------------------------------------------------
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        raise StackError(f"cannot read {path}: {exc}") from exc
-    return data if isinstance(data, dict) else {}
-
-
-def _http(
-    method: str, url: str, body: dict[str, Any] | None = None, timeout_s: float = 5.0
-) -> tuple[int, Any]:
-    """(status, parsed JSON or None) of one request; status 0 when nothing answers. http.client, unlike
-    urllib, never goes through an HTTP(S)_PROXY from the environment."""
-    parsed = urllib.parse.urlsplit(url)
-    conn = http.client.HTTPConnection(parsed.hostname or "127.0.0.1", parsed.port, timeout=timeout_s)
-    try:
-        payload = json.dumps(body).encode() if body is not None else None
-        headers = {"Content-Type": "application/json"} if payload is not None else {}
-        conn.request(method, parsed.path or "/", body=payload, headers=headers)
-        response = conn.getresponse()
-        raw = response.read()
-    except OSError:
-        return 0, None
-    finally:
-        conn.close()
-    try:
-        return response.status, json.loads(raw) if raw else None
-    except ValueError:
-        return response.status, None
 
 
 def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -204,34 +90,6 @@ def _read_pid(pid_path: Path) -> int | None:
         return int(pid_path.read_text().strip())
     except (FileNotFoundError, ValueError):
         return None
-
-
-def _default_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def _spawn(
-    cmd: list[str], *, env: dict[str, str], log_path: Path, pid_path: Path, cwd: Path | None = None
-) -> subprocess.Popen[bytes]:
-    """Start ``cmd`` in a session of its own, output appended to ``log_path``, pid in ``pid_path``."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    pid_path.parent.mkdir(parents=True, exist_ok=True)
-    # A process started in the background by a shell (`captioning stack up &`, make -j) inherits an
-    # ignored SIGINT, and Prefect's worker then ignores the SIGINT that stops it gracefully.
-    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=cwd,
-            start_new_session=True,
-            preexec_fn=_default_sigint if ignored else None,
-        )
-    pid_path.write_text(f"{process.pid}\n")
-    return process
 
 
 # --- the stack ----------------------------------------------------------------------------------------
@@ -287,7 +145,7 @@ class LocalStack:
 
     def _s3_credentials(self) -> tuple[str, str]:
         """Keys made once per state folder and kept in stack.json, so clients' env stays valid."""
-        recorded = _read_json(self.json_path).get("s3_credentials") or {}
+        recorded = read_json(self.json_path).get("s3_credentials") or {}
         if recorded.get("access_key") and recorded.get("secret_key"):
             return recorded["access_key"], recorded["secret_key"]
         if self._new_credentials is None:
@@ -323,26 +181,12 @@ class LocalStack:
     def _healthy(self, component: str) -> bool:
         s = self.settings
         if component == PREFECT_SERVER:
-            return _http("GET", f"{s.api_url}/health", timeout_s=2.0)[0] == 200
+            return server_healthy(s.api_url)
         if component == MLFLOW:
             return is_healthy(s.mlflow_url)
         if component == S3:
-            return _http("GET", f"{s.s3_url}/", timeout_s=2.0)[0] != 0  # any answer (403) is serving
-        return self._worker_online()
-
-    def _worker_online(self, since: datetime | None = None) -> bool:
-        status, workers = _http(
-            "POST", f"{self.settings.api_url}/work_pools/{self.settings.work_pool}/workers/filter", {}
-        )
-        if status != 200 or not isinstance(workers, list):
-            return False
-        for worker in workers:
-            if worker.get("name") != self.worker_name or worker.get("status") != "ONLINE":
-                continue
-            beat = worker.get("last_heartbeat_time")
-            if since is None or (beat and datetime.fromisoformat(beat.replace("Z", "+00:00")) >= since):
-                return True
-        return False
+            return http_json("GET", f"{s.s3_url}/", timeout_s=2.0)[0] != 0  # any answer (403) is serving
+        return worker_online(s.api_url, s.work_pool, self.worker_name)
 
     @property
     def worker_name(self) -> str:
@@ -427,8 +271,8 @@ class LocalStack:
             for name in (MLFLOW, S3):
                 if self._enabled()[name] and name not in to_start:
                     self._wait_healthy(name, deadline)
-            self._ensure_work_pool()
-            self._ensure_gpu_limit()
+            ensure_work_pool(self.state_dir, self.settings.api_url, self.settings.work_pool)
+            ensure_gpu_limit(self.settings.api_url, self.settings.gpu_slots)
             if WORKER in to_start:
                 started.append(WORKER)
                 self._start_worker(deadline)
@@ -457,7 +301,7 @@ class LocalStack:
             MLFLOW: ("host", "mlflow_port"),
             S3: ("host", "s3_port"),
         }
-        recorded = _read_json(self.json_path).get("settings", {})
+        recorded = read_json(self.json_path).get("settings", {})
         wanted = self.settings.to_json()
         for key in sorted({key for name, pid in running.items() if pid is not None for key in keys[name]}):
             if key in recorded and recorded[key] != wanted[key]:
@@ -516,20 +360,10 @@ class LocalStack:
 
     def _spawn_prefect_server(self) -> None:
         s = self.settings
-        cmd = [
-            sys.executable,
-            "-m",
-            "prefect",
-            "server",
-            "start",
-            "--host",
-            s.host,
-            "--port",
-            str(s.prefect_port),
-        ]
+        cmd = server_command(s.host, s.prefect_port)
         (self.state_dir / "prefect").mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **prefect_env(self.state_dir, s.api_url)}
-        self._procs[PREFECT_SERVER] = _spawn(
+        self._procs[PREFECT_SERVER] = spawn_detached(
             cmd, env=env, log_path=self.log_path(PREFECT_SERVER), pid_path=self.pid_path(PREFECT_SERVER)
         )
 
@@ -547,16 +381,20 @@ class LocalStack:
 
     def _start_worker(self, deadline: float) -> None:
         s = self.settings
-        cmd = [sys.executable, "-m", "prefect", "worker", "start", "--pool", s.work_pool]
-        cmd += ["--type", "process", "--name", self.worker_name]
+        cmd = worker_command(s.work_pool, self.worker_name)
         env = {**os.environ, **prefect_env(self.state_dir, s.api_url), "MLFLOW_TRACKING_URI": s.mlflow_url}
         if s.s3:
             env.update(self.env())
         since = datetime.now(UTC) - timedelta(seconds=2)
-        self._procs[WORKER] = _spawn(
+        self._procs[WORKER] = spawn_detached(
             cmd, env=env, log_path=self.log_path(WORKER), pid_path=self.pid_path(WORKER), cwd=Path(s.workdir)
         )
-        self._wait(WORKER, lambda: self._worker_online(since), deadline, "is not online in its work pool")
+        self._wait(
+            WORKER,
+            lambda: worker_online(s.api_url, s.work_pool, self.worker_name, since),
+            deadline,
+            "is not online in its work pool",
+        )
 
     def _wait_healthy(self, component: str, deadline: float) -> None:
         self._wait(component, lambda: self._healthy(component), deadline, "is not healthy")
@@ -578,36 +416,6 @@ class LocalStack:
                     f"{component} {what} within the time allowed; last lines of {log}:\n{_log_tail(log)}"
                 )
             time.sleep(0.25)
-
-    def _prefect_cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, **prefect_env(self.state_dir, self.settings.api_url)}
-        return subprocess.run(
-            [sys.executable, "-m", "prefect", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            stdin=subprocess.DEVNULL,
-            timeout=120,
-        )
-
-    def _ensure_work_pool(self) -> None:
-        """A process work pool, made through the CLI (which fills in the process worker's job template)."""
-        pool = self.settings.work_pool
-        if _http("GET", f"{self.settings.api_url}/work_pools/{pool}")[0] == 200:
-            return
-        done = self._prefect_cli("work-pool", "create", pool, "--type", "process")
-        if done.returncode != 0 and "already exists" not in done.stdout + done.stderr:
-            raise StackError(f"prefect work-pool create {pool} failed:\n{done.stdout}{done.stderr}")
-
-    def _ensure_gpu_limit(self) -> None:
-        """The global concurrency limit ``gpu`` (slots = GPUs that flows may use at once); an existing
-        one is left as it is."""
-        url = f"{self.settings.api_url}/v2/concurrency_limits/"
-        if _http("GET", f"{url}{GPU_LIMIT}")[0] == 200:
-            return
-        status, answer = _http("POST", url, {"name": GPU_LIMIT, "limit": self.settings.gpu_slots})
-        if status not in (200, 201, 409):
-            raise StackError(f"creating the {GPU_LIMIT!r} concurrency limit failed: HTTP {status} {answer}")
 
     def _stop(self, components: list[str], deadline: float) -> None:
         for name in components:

@@ -1,15 +1,8 @@
-"""What the trainer reports to: the ``Tracker`` protocol, a no-op and a local JSON-lines tracker.
+"""A local tracker: every call one JSON line in a file, artifacts copied next to it.
 
-    tracker = JsonlTracker("runs/demo/metrics.jsonl", run_name="pipeline")
-    stage = tracker.child("xe")                       # one child per stage or evaluation
-    stage.log_params({"train.xe.lr_decoder": 4e-4})
-    stage.log_metrics({"train/loss": 3.2}, step=10)
-    stage.log_artifact("runs/demo/xe/best.pt", "checkpoints")
-    stage.close()
-
-The trainer only ever holds a ``Tracker`` and calls it on rank 0 (STYLE habit 8: never every rank).
-MLflow comes behind the same protocol (``MlflowTracker``, its own module). Metric names use
-``/`` to group them: ``train/loss``, ``train/lr_decoder``, ``val/CIDEr``, ``test/BLEU-4``.
+tracker = JsonlTracker("runs/demo/metrics.jsonl", run_name="pipeline")
+tracker.child("xe").log_metrics({"train/loss": 3.2}, step=10)
+metric_history(read_jsonl("runs/demo/metrics.jsonl"), "pipeline/xe", "train/loss")   # [(10, 3.2)]
 """
 
 from __future__ import annotations
@@ -21,47 +14,7 @@ import shutil
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any, Protocol
-
-
-class Tracker(Protocol):
-    """Where metrics, parameters and artifacts of one run go."""
-
-    def log_params(self, params: Mapping[str, Any]) -> None: ...
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
-
-    def set_tags(self, tags: Mapping[str, str]) -> None: ...
-
-    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None: ...
-
-    def child(self, name: str) -> Tracker:
-        """A nested run (a stage or an evaluation) under this one."""
-        ...
-
-    def close(self, status: str = "FINISHED") -> None: ...
-
-
-class NullTracker:
-    """Drops everything: non-zero ranks and runs without tracking."""
-
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        pass
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        pass
-
-    def set_tags(self, tags: Mapping[str, str]) -> None:
-        pass
-
-    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
-        pass
-
-    def child(self, name: str) -> NullTracker:
-        return self
-
-    def close(self, status: str = "FINISHED") -> None:
-        pass
+from typing import Any
 
 
 def _finite(value: float) -> float | str:

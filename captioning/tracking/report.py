@@ -1,42 +1,44 @@
-"""The test scores of the latest pipeline run, read back from MLflow: what ``make demo`` prints last.
+"""The test scores of the latest pipeline run, read back from MLflow; the project's one score table.
 
-    python -m captioning.report                      # experiment show-attend-tell at MLFLOW_TRACKING_URI
-    python -m captioning.report --experiment NAME --run-id ID
+    python -m captioning.tracking.report             # experiment show-attend-tell at MLFLOW_TRACKING_URI
+    python -m captioning.tracking.report --experiment NAME --run-id ID
 
 A pipeline run (``train-sat``) logs ``<stage>/test_<metric>`` for each stage and ``test_<metric>``
 for the best one on its parent run; the registered model's aliases say which version serves.
+``make demo`` prints this report last. ``scores_table`` is the one score formatter: this report,
+``captioning demo`` and the flows print their scores with it.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from captioning.config import STAGES
 from captioning.evaluation.metrics import METRICS
+
+
+def scores_table(rows: Mapping[str, Mapping[str, float]], metrics: Sequence[str] | None = None) -> str:
+    """A Markdown table: one row per name (stage, model), one column per metric (default: ``METRICS``)."""
+    cols = list(metrics or METRICS)
+    lines = ["| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, scores in rows.items():
+        cells = [f"{scores[m]:.4f}" if m in scores else "-" for m in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def stage_scores(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
     """``{"xe/test_CIDEr": 1.2}`` -> ``{"xe": {"CIDEr": 1.2}}``, stages in pipeline order."""
-    from captioning.train import STAGE_ORDER
-
     rows: dict[str, dict[str, float]] = {}
     for key, value in metrics.items():
         stage, _, name = key.partition("/test_")
         if name:
             rows.setdefault(stage, {})[name] = value
-    order = {s: i for i, s in enumerate(STAGE_ORDER)}
+    order = {s: i for i, s in enumerate(STAGES)}
     return dict(sorted(rows.items(), key=lambda kv: order.get(kv[0], len(order))))
-
-
-def format_table(rows: dict[str, dict[str, float]]) -> str:
-    lines = [f"{'stage':<10}" + "".join(f"{m:>9}" for m in METRICS)]
-    for stage, scores in rows.items():
-        lines.append(
-            f"{stage:<10}" + "".join(f"{scores[m]:>9.4f}" if m in scores else f"{'-':>9}" for m in METRICS)
-        )
-    return "\n".join(lines)
 
 
 def latest_pipeline_run(client: Any, experiment: str) -> Any:
@@ -54,10 +56,12 @@ def latest_pipeline_run(client: Any, experiment: str) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from captioning.mlflow_tracker import TrackingUnavailable, connect
     from captioning.registry import CHAMPION, champion
+    from captioning.tracking.client import TrackingUnavailable, connect
 
-    p = argparse.ArgumentParser(prog="python -m captioning.report", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m captioning.tracking.report", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI")
     p.add_argument("--experiment", default="show-attend-tell")
     p.add_argument("--registered-model", default="show-attend-tell")
@@ -74,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     rows = stage_scores(dict(run.data.metrics))
     print(f"test scores of run {run.info.run_name} ({run.info.run_id}, {run.info.status}):")
-    print(format_table(rows) if rows else "(no stage finished)")
+    print(scores_table(rows) if rows else "(no stage finished)")
     try:
         found = champion(client, args.registered_model)
     except Exception as exc:  # a registry without the model, or a champion with no score tag

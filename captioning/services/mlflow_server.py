@@ -4,7 +4,7 @@
     server.url                                                                 # http://127.0.0.1:5000
     server.stop()
 
-    captioning mlflow start [--port 5000] [--state-dir DIR] [--artifacts s3://bucket/mlflow]
+    captioning mlflow start [--port 5000] [--state-dir DIR] [--artifacts s3://bucket/mlflow]   # cli.py
     captioning mlflow ui                                                      # print (and open) the UI URL
     captioning mlflow stop
 
@@ -17,7 +17,6 @@ environment), ``server.log`` and ``server.pid``.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
@@ -27,6 +26,8 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from captioning.launch import live_process, stop_process_group
 
 DEFAULT_PORT = 5000
 READY_TIMEOUT_S = 90.0
@@ -48,16 +49,6 @@ def is_healthy(url: str, timeout_s: float = 2.0) -> bool:
         with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout_s) as response:
             return bool(response.status == 200)
     except (urllib.error.URLError, OSError, ValueError):
-        return False
-
-
-def _alive(pid: int) -> bool:
-    """True while ``pid`` runs; a zombie (exited, not yet reaped by whoever adopted it) counts as gone."""
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
         return False
 
 
@@ -136,26 +127,14 @@ class MlflowServer:
             pid = int(self.pid_path.read_text().strip())
         except (FileNotFoundError, ValueError):
             return None
-        return pid if _alive(pid) else None
+        return pid if live_process(pid) is not None else None
 
     def stop(self, timeout_s: float = 20.0) -> None:
-        """SIGTERM the server's process group, SIGKILL what is left after ``timeout_s``."""
+        """SIGTERM the server's process group (job consumers and workers included), SIGKILL what is left
+        after ``timeout_s`` (``captioning.launch.stop_process_group``)."""
         pid = self.process.pid if self.process is not None else self.running_pid()
         if pid is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process is not None:
-                if self.process.poll() is not None:
-                    break
-            elif not _alive(pid):
-                break
-            time.sleep(0.1)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGKILL)  # job consumers or workers that ignored SIGTERM
-        if self.process is not None:
-            self.process.wait(timeout=10)
+        stop_process_group(pid, ((signal.SIGTERM, timeout_s),), reap=self.process)
         self.pid_path.unlink(missing_ok=True)
         self.process = None

@@ -5,8 +5,8 @@ only, takes each one's K best words, sorts the candidates in Python and applies 
 ``captioning/model/search.py`` (its module doc) one hypothesis at a time. Scores and keys are
 computed in the batched search's dtype (the features', at least float32) with the same operations,
 so the two can differ only where the model's own arithmetic differs between row counts.
-Used by ``tests/test_search.py`` (exactness) and ``benchmarks/decode.py`` (speed); far too slow
-to decode with.
+Test-only code: used by ``tests/test_search.py`` (exactness) and ``benchmarks/decode.py`` (speed,
+which puts ``tests/`` on ``sys.path`` to import it); far too slow to decode with.
 
 Shapes: P attention pixels, V vocabulary, K beams, L = max_len.
 """

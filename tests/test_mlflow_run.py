@@ -1,5 +1,6 @@
-"""MlflowTracker against real `mlflow server`s on loopback: runs, metrics, params, artifacts (local and
-S3), a server killed and restarted mid-run, a server that never comes back (fallback file + replay)."""
+"""MlflowTracker (captioning/tracking/mlflow_run.py) against real `mlflow server`s on loopback: runs,
+metrics, params, artifacts (local and S3), a server killed and restarted mid-run, a server that never
+comes back (tracking/fallback.py: the fallback file, then replay)."""
 
 from __future__ import annotations
 
@@ -18,21 +19,11 @@ from mlflow import MlflowClient
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 from s3server import S3Server, free_port
 
-from captioning.mlflow_server import MlflowServer
-from captioning.mlflow_tracker import (
-    PARENT_TAG,
-    TRUNCATION_MARKER,
-    MlflowTracker,
-    TrackingUnavailable,
-    connect,
-    flatten,
-    main,
-    read_fallback,
-    replay_fallback,
-)
+from captioning.services.mlflow_server import MlflowServer
 from captioning.tracking import Tracker
-
-pytestmark = pytest.mark.slow
+from captioning.tracking.client import PARENT_TAG, TRUNCATION_MARKER, connect
+from captioning.tracking.fallback import main, read_fallback, replay_fallback
+from captioning.tracking.mlflow_run import MlflowTracker
 
 
 def _experiment() -> str:
@@ -48,42 +39,9 @@ def client(mlflow_server: Any) -> MlflowClient:
     return connect(mlflow_server.url)
 
 
-# --- pure helpers -----------------------------------------------------------------------------------
-
-
-def test_flatten_nests_with_dots() -> None:
-    config = {"train": {"xe": {"lr": 4e-4, "stages": ["xe", "scst"]}, "empty": {}}, "seed": 1, "name": None}
-    assert flatten(config) == {
-        "train.xe.lr": "0.0004",
-        "train.xe.stages": "['xe', 'scst']",
-        "train.empty": "{}",
-        "seed": "1",
-        "name": "None",
-    }
-    assert flatten({"a": {"b": 1}}, prefix="cfg.") == {"cfg.a.b": "1"}
-
-
 def test_tracker_satisfies_protocol(client: MlflowClient, tmp_path: Path) -> None:
     tracker: Tracker = MlflowTracker.start_run(client, _experiment(), "protocol", fallback_dir=str(tmp_path))
     tracker.close()
-
-
-# --- connecting -------------------------------------------------------------------------------------
-
-
-def test_connect_unreachable_fails_fast_and_says_how_to_start() -> None:
-    port = free_port()
-    start = time.monotonic()
-    with pytest.raises(TrackingUnavailable) as info:
-        connect(f"http://127.0.0.1:{port}", timeout_s=2.0)
-    assert time.monotonic() - start < 30  # a hang guard, generous: MLflow's own retries take minutes
-    message = str(info.value)
-    assert f"127.0.0.1:{port}" in message and "captioning mlflow start" in message
-
-
-def test_connect_reads_mlflow_tracking_uri(mlflow_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
-    assert connect().tracking_uri == mlflow_server.url
 
 
 # --- runs, metrics, params, artifacts ---------------------------------------------------------------
@@ -130,7 +88,7 @@ def test_metric_histories_arrive_whole_and_in_order(
         for key, value in values.items():
             expected[key].append((step, value))
     tracker.log_metrics({"odd/nan": math.nan, "odd/inf": math.inf}, step=0)
-    with caplog.at_level(logging.WARNING, logger="captioning.mlflow_tracker"):
+    with caplog.at_level(logging.WARNING, logger="captioning.tracking"):
         tracker.log_metrics({"odd/text": "high"}, step=0)  # type: ignore[dict-item]
     assert "not a number" in caplog.text
     assert tracker.flush(timeout_s=60)
@@ -181,7 +139,7 @@ def test_params_flattened_chunked_truncated_and_relogged_on_resume(
 
     resumed = MlflowTracker.attach(client, run_id, fallback_dir=str(tmp_path))
     assert client.get_run(run_id).info.status == "RUNNING"
-    with caplog.at_level(logging.WARNING, logger="captioning.mlflow_tracker"):
+    with caplog.at_level(logging.WARNING, logger="captioning.tracking"):
         resumed.log_params(config)  # the same values again: skipped, no error
         resumed.log_params({"seed": 2})  # a changed value: a warning and a tag, not a crash
         assert resumed.flush(timeout_s=30)
@@ -316,6 +274,7 @@ def _timed_log(tracker: MlflowTracker, step: int) -> None:
     assert time.monotonic() - start < 1.0  # a hang guard only: the call just appends to a queue
 
 
+@pytest.mark.usefixtures("subprocess_tree")
 def test_server_killed_and_restarted_mid_run_loses_nothing(killable: KillableServer, tmp_path: Path) -> None:
     killable.ensure_running()
     client = connect(killable.url)
@@ -364,6 +323,7 @@ def test_server_killed_and_restarted_mid_run_loses_nothing(killable: KillableSer
     assert _history(client, child_run.info.run_id, "test/CIDEr") == [(60, 0.9)]
 
 
+@pytest.mark.usefixtures("subprocess_tree")
 def test_hung_server_times_out_instead_of_blocking(killable: KillableServer, tmp_path: Path) -> None:
     killable.ensure_running()
     client = connect(killable.url)
@@ -388,6 +348,7 @@ def test_hung_server_times_out_instead_of_blocking(killable: KillableServer, tmp
     assert _history(client, tracker.run_id or "", "train/step") == [(s, float(s)) for s in range(20)]
 
 
+@pytest.mark.usefixtures("subprocess_tree")
 def test_server_gone_for_good_writes_fallback_then_replays(
     killable: KillableServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -417,7 +378,7 @@ def test_server_gone_for_good_writes_fallback_then_replays(
     tracker.log_artifact(str(checkpoint), "checkpoints")
     orphan = tracker.child("eval")  # never gets a run while the server is away
     orphan.log_metrics({"test/CIDEr": 0.7}, step=3)
-    with caplog.at_level(logging.WARNING, logger="captioning.mlflow_tracker"):
+    with caplog.at_level(logging.WARNING, logger="captioning.tracking"):
         orphan.close()
         tracker.close()
 

@@ -7,6 +7,7 @@ announcement (the ``captioning.data.landed`` event, emitted by ``flows/watch.py`
 
     for split_file in find_ready("data/inbox"):
         report = check_dataset(split_file)     # counts per split, missing images; errors name the entry
+    overrides = new_data_overrides(cfg, split_file, None, ["train.xe.epochs=1"])   # its own shards
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from captioning.config import Config, normalize_overrides
+from captioning.data.format import sha256_file
 from captioning.data.records import read_karpathy
-from captioning.data.shards import sha256_file
 
 NEW_DATA_EVENT = "captioning.data.landed"
 READY_FILE = "READY"
@@ -88,3 +91,23 @@ def mark_announced(karpathy_json: str | os.PathLike[str], report: dict[str, Any]
     tmp.write_text(json.dumps({"announced_at": time.time(), **report}, indent=1) + "\n")
     os.replace(tmp, marker)
     return marker
+
+
+def new_data_overrides(
+    cfg: Config, karpathy_json: str, image_dir: str | None, overrides: Sequence[str] | None
+) -> list[str]:
+    """The run's overrides plus a ``local`` dataset at ``karpathy_json`` with shards of its own
+    (``{data.shard_dir}-new/{dataset id}``), so the original shards stay as they are."""
+    if not os.path.isfile(karpathy_json):
+        raise FileNotFoundError(f"new data: no split file at {karpathy_json}")
+    images = image_dir or os.path.dirname(os.path.abspath(karpathy_json))
+    shard_dir = f"{cfg.data.shard_dir.rstrip('/')}-new/{dataset_id(karpathy_json)}"
+    replaced = ("--data.dataset", "--data.shard_dir", "--data.local.")
+    kept = [o for o in normalize_overrides(overrides) if not o.split("=", 1)[0].startswith(replaced)]
+    return [
+        *kept,
+        "--data.dataset=local",
+        f"--data.local.karpathy_json={os.path.abspath(karpathy_json)}",
+        f"--data.local.image_dir={images}",
+        f"--data.shard_dir={shard_dir}",
+    ]

@@ -1,0 +1,213 @@
+"""The shard format: the contract between the shard writer and the loader, and its readers.
+
+One sample per image, key ``f"{image_id:012d}"``, members ``KEY.jpg`` (the resized RGB JPEG) and
+``KEY.json``::
+
+    {"image_id": int, "split": str, "path": str, "orig_size": [w, h],
+     "captions": [{"raw": str, "tokens": [str], "ids": [int]}, ...]}    # every reference caption
+
+``ids = vocab.encode(tokens, max_len=max_caption_len)`` (``<start> ... <end>``). The train split
+goes through ``apply_length_policy`` first (overlong captions dropped or truncated, counted); val and
+test keep every reference. Under the output location (a local folder or ``s3://bucket/prefix``):
+``{split}-{index:06d}.tar`` holding the split's records ``[index*n, (index+1)*n)`` in file order
+(images that fail are skipped, so a shard can hold fewer), ``{split}-{index:06d}.stats.json`` next
+to each (``ShardStats``), and at the end ``sizes.json`` (split -> tar name -> samples: all the loader
+reads to plan an epoch), ``references.json``, ``vocab.json`` and ``manifest.json``
+(``ShardManifest.to_json()``, written last: its presence means the build finished). Readers::
+
+    sizes = split_sizes(read_sizes("data/shards"), "train")   # {"train-000000.tar": 1000, ...}
+    refs = read_references("data/shards", "train")           # image id -> caption ids (SCST's corpus)
+    manifest = read_manifest("data/shards")                   # FileNotFoundError until the build finished
+
+Writing is ``captioning.data.shard_build`` (one shard: ``shard_writer``), checking ``shard_check``,
+reading batches ``captioning.data.loader``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from captioning import storage
+
+FORMAT_VERSION = 1
+SIZES_FILE, VOCAB_FILE, MANIFEST_FILE = "sizes.json", "vocab.json", "manifest.json"
+REFERENCES_FILE = "references.json"  # split -> image id -> every stored caption's ids (SCST's CIDEr-D corpus)
+_HASH_CHUNK = 1 << 20
+
+
+# ------------------------------------------------------------------------------ stats, manifest
+
+
+@dataclass
+class ShardStats:
+    """What writing one shard did; saved as ``{split}-{index:06d}.stats.json`` next to the tar."""
+
+    shard: str  # tar file name
+    split: str
+    count: int  # samples written
+    failures: dict[str, int]  # skip reason -> images
+    failed: list[dict[str, Any]]  # {"image_id", "path", "reason", "detail"} per skipped image
+    converted: dict[str, int]  # conversion (cmyk, grayscale, ...) -> images
+    sha256: str
+    bytes: int
+    duration_s: float
+    job_hash: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any) -> ShardStats:
+        """Rebuild from ``to_json`` output; raises ValueError when a field is missing or mistyped."""
+        if not isinstance(data, dict):
+            raise ValueError(f"shard stats must be a JSON object, got {type(data).__name__}")
+        try:
+            stats = cls(**{f: data[f] for f in cls.__dataclass_fields__})
+        except KeyError as e:
+            raise ValueError(f"shard stats are missing field {e}") from None
+        if not isinstance(stats.sha256, str) or not isinstance(stats.bytes, int):
+            raise ValueError("shard stats have a malformed sha256 or bytes field")
+        return stats
+
+
+@dataclass(frozen=True)
+class SplitSummary:
+    """Per-split totals of a build."""
+
+    num_samples: int
+    num_shards: int
+    failures: dict[str, int]
+    converted: dict[str, int]
+
+
+@dataclass(frozen=True)
+class ShardManifest:
+    """What a build (``write_shards``, ``finish_shard_build``) produced; ``to_json()`` is manifest.json."""
+
+    out: str
+    config_hash: str
+    vocab_sha256: str
+    splits: dict[str, SplitSummary]
+    shards: dict[str, str]  # tar name -> sha256
+    sizes: dict[str, dict[str, int]]  # split -> tar name -> samples (the content of sizes.json)
+    length_policy: dict[str, Any]
+    image: dict[str, Any]  # the ImageSettings used
+    samples_per_shard: int
+    num_built: int  # shards written by this call
+    num_skipped: int  # shards found complete and left alone
+    duration_s: float
+    stats: dict[str, ShardStats] = field(repr=False, default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "config_hash": self.config_hash,
+            "vocab_sha256": self.vocab_sha256,
+            "splits": {name: asdict(summary) for name, summary in self.splits.items()},
+            "shards": self.shards,
+            "length_policy": self.length_policy,
+            "image": self.image,
+            "samples_per_shard": self.samples_per_shard,
+        }
+
+
+def shard_name(split: str, index: int) -> str:
+    """``train-000003``: the stem of a shard's tar and stats files."""
+    return f"{split}-{index:06d}"
+
+
+# -------------------------------------------------------------------------------------- readers
+
+
+def shard_url(location: str, name: str) -> str:
+    """Where shard ``name`` lives: a local path or an ``s3://`` URL."""
+    if storage.is_s3(location):
+        return location.rstrip("/") + "/" + name
+    return os.path.join(location, name)
+
+
+def read_sizes(location: str) -> dict[str, dict[str, int]]:
+    """Read and check ``sizes.json`` at ``location``: ``{split: {shard name: images}}``."""
+    uri = shard_url(location, SIZES_FILE)
+    if storage.is_s3(location):
+        data = storage.read_json(uri)
+    else:
+        try:
+            with open(uri, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{uri} not found: write the shards first (captioning shards)") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{uri}: expected an object of splits, got {type(data).__name__}")
+    for split, shards in data.items():
+        if not isinstance(shards, dict):
+            raise ValueError(f"{uri}: split {split!r} must map shard names to sizes")
+        for name, size in shards.items():
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise ValueError(
+                    f"{uri}: size of {split}/{name} must be a non-negative integer, got {size!r}"
+                )
+    return data
+
+
+def split_sizes(sizes: Mapping[str, Mapping[str, int]], split: str) -> dict[str, int]:
+    """The shard sizes of one split; raises ValueError naming the splits that exist."""
+    if split not in sizes:
+        raise ValueError(f"no split {split!r} in {SIZES_FILE}; it has {sorted(sizes)}")
+    return dict(sizes[split])
+
+
+def read_manifest(out: str) -> dict[str, Any]:
+    """The manifest.json of a finished build; FileNotFoundError when there is none."""
+    data = read_json_or_none(storage.join(os.fspath(out), MANIFEST_FILE))
+    if data is None:
+        raise FileNotFoundError(f"no {MANIFEST_FILE} under {out}: the shard build has not finished")
+    return dict(data)
+
+
+def read_references(out: str, split: str) -> dict[int, list[list[int]]]:
+    """``references.json``'s captions of ``split`` (ids without <start>/<end>), by image id."""
+    uri = storage.join(os.fspath(out), REFERENCES_FILE)
+    try:
+        data = storage.read_json(uri)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"no {REFERENCES_FILE} under {out}: the shards predate it; re-run the shard build"
+        ) from None
+    if not isinstance(data, dict) or split not in data.get("splits", {}):
+        raise ValueError(f"{uri}: no split {split!r}")
+    return {int(k): v for k, v in data["splits"][split].items()}
+
+
+# --------------------------------------------------------------------------- local or s3 files
+
+
+def read_json_or_none(uri: str) -> Any | None:
+    """Parsed JSON, or None when the file is missing or not valid JSON (a torn leftover)."""
+    try:
+        data = storage.read_bytes(uri)
+    except FileNotFoundError:
+        return None
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def write_stable_json(uri: str, obj: Any) -> None:
+    """Stable JSON text (sorted keys), written atomically locally and in one PUT on S3."""
+    storage.write_json(uri, obj, indent=1)
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """sha256 of a local file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,155 @@
+"""The Prefect side of the local stack, driven through its CLI and REST API as subprocesses (the library
+never imports Prefect): the server and worker commands and environment, health and worker checks, the
+process work pool and the ``gpu`` global concurrency limit.
+
+    env = {**os.environ, **prefect_env(state_dir, "http://127.0.0.1:4200/api")}
+    server_command("127.0.0.1", 4200)                        # python -m prefect server start ...
+    worker_online(api_url, "captioning-local", worker_name)  # True once it polls its pool
+    ensure_work_pool(state_dir, api_url, "captioning-local"); ensure_gpu_limit(api_url, slots=1)
+    spawn_detached(server_command(...), env=env, log_path=..., pid_path=...)   # in a session of its own
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.parse
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from captioning.services.stack_settings import StackError
+
+GPU_LIMIT = "gpu"
+
+
+def prefect_env(state_dir: str | os.PathLike[str], api_url: str) -> dict[str, str]:
+    """The environment the Prefect server, its CLI and the worker need: a PREFECT_HOME (and SQLite
+    database) under ``state_dir/prefect``, the API URL, and no analytics."""
+    home = Path(state_dir).resolve() / "prefect"
+    return {
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": api_url,
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+    }
+
+
+def http_json(
+    method: str, url: str, body: dict[str, Any] | None = None, timeout_s: float = 5.0
+) -> tuple[int, Any]:
+    """(status, parsed JSON or None) of one request; status 0 when nothing answers. http.client, unlike
+    urllib, never goes through an HTTP(S)_PROXY from the environment."""
+    parsed = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parsed.hostname or "127.0.0.1", parsed.port, timeout=timeout_s)
+    try:
+        payload = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json"} if payload is not None else {}
+        conn.request(method, parsed.path or "/", body=payload, headers=headers)
+        response = conn.getresponse()
+        raw = response.read()
+    except OSError:
+        return 0, None
+    finally:
+        conn.close()
+    try:
+        return response.status, json.loads(raw) if raw else None
+    except ValueError:
+        return response.status, None
+
+
+def server_command(host: str, port: int) -> list[str]:
+    """``prefect server start`` on ``host:port`` with this interpreter."""
+    return [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
+
+
+def worker_command(work_pool: str, worker_name: str) -> list[str]:
+    """A process worker named ``worker_name`` that polls ``work_pool``."""
+    cmd = [sys.executable, "-m", "prefect", "worker", "start", "--pool", work_pool]
+    return [*cmd, "--type", "process", "--name", worker_name]
+
+
+def server_healthy(api_url: str) -> bool:
+    return http_json("GET", f"{api_url}/health", timeout_s=2.0)[0] == 200
+
+
+def worker_online(api_url: str, work_pool: str, worker_name: str, since: datetime | None = None) -> bool:
+    """Whether worker ``worker_name`` is ONLINE in ``work_pool`` (with a heartbeat after ``since``)."""
+    status, workers = http_json("POST", f"{api_url}/work_pools/{work_pool}/workers/filter", {})
+    if status != 200 or not isinstance(workers, list):
+        return False
+    for worker in workers:
+        if worker.get("name") != worker_name or worker.get("status") != "ONLINE":
+            continue
+        beat = worker.get("last_heartbeat_time")
+        if since is None or (beat and datetime.fromisoformat(beat.replace("Z", "+00:00")) >= since):
+            return True
+    return False
+
+
+def prefect_cli(
+    state_dir: str | os.PathLike[str], api_url: str, *args: str
+) -> subprocess.CompletedProcess[str]:
+    """``prefect ARGS...`` against the stack's server; output captured."""
+    env = {**os.environ, **prefect_env(state_dir, api_url)}
+    return subprocess.run(
+        [sys.executable, "-m", "prefect", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=120,
+    )
+
+
+def ensure_work_pool(state_dir: str | os.PathLike[str], api_url: str, pool: str) -> None:
+    """A process work pool, made through the CLI (which fills in the process worker's job template)."""
+    if http_json("GET", f"{api_url}/work_pools/{pool}")[0] == 200:
+        return
+    done = prefect_cli(state_dir, api_url, "work-pool", "create", pool, "--type", "process")
+    if done.returncode != 0 and "already exists" not in done.stdout + done.stderr:
+        raise StackError(f"prefect work-pool create {pool} failed:\n{done.stdout}{done.stderr}")
+
+
+def ensure_gpu_limit(api_url: str, slots: int) -> None:
+    """The global concurrency limit ``gpu`` (slots = GPUs that flows may use at once); an existing
+    one is left as it is."""
+    url = f"{api_url}/v2/concurrency_limits/"
+    if http_json("GET", f"{url}{GPU_LIMIT}")[0] == 200:
+        return
+    status, answer = http_json("POST", url, {"name": GPU_LIMIT, "limit": slots})
+    if status not in (200, 201, 409):
+        raise StackError(f"creating the {GPU_LIMIT!r} concurrency limit failed: HTTP {status} {answer}")
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def spawn_detached(
+    cmd: list[str], *, env: dict[str, str], log_path: Path, pid_path: Path, cwd: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` in a session of its own, output appended to ``log_path``, pid in ``pid_path``."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    pid_path.parent.mkdir(parents=True, exist_ok=True)
+    # A process started in the background by a shell (`captioning stack up &`, make -j) inherits an
+    # ignored SIGINT, and Prefect's worker then ignores the SIGINT that stops it gracefully.
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+            preexec_fn=_default_sigint if ignored else None,
+        )
+    pid_path.write_text(f"{process.pid}\n")
+    return process

@@ -1,0 +1,262 @@
+"""The stage sequence xe -> finetune -> scst, one torchrun launch per stage: what ``captioning train``,
+``captioning demo`` and the train-sat flow all run.
+
+    result = launch_stage("demo", "xe", "runs/demo/r1", parent_run_id=run_id, on_line=print)
+    results = run_stages(["xe", "finetune"], lambda stage, init: launch_stage("demo", stage, out, init_from=init))
+    best = best_stage(results)                         # the highest test CIDEr; the later stage on a tie
+    summary = train_pipeline("demo", output="runs/demo/r1")   # parent run, the stages, registration
+
+Each stage runs as ``torchrun -m captioning.train --stage NAME`` in a child process tree
+(``captioning.launch``) that ends with its caller. The stage folder decides (one rule,
+``captioning.training.stage.stage_status``): a stage whose ``result.json`` exists is not launched
+again and its recorded result is returned; an interrupted one resumes from its ``last.pt``. So running
+a pipeline again with the same output continues where it stopped. Every stage starts from the
+previous stage's best model (``run_stages``); the first from ``init_from`` or from scratch.
+
+``train_pipeline`` is the sequence for a terminal: it opens the parent tracking run, runs the stages
+as a plain loop over ``launch_stage``, registers the best stage's model once (champion gate) and
+ends the parent run. The train-sat flow wires the same functions as Prefect tasks.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from captioning import storage
+from captioning.config import Config, load_config, normalize_overrides, resolve_stages, without_keys
+from captioning.launch import LaunchError, run_streaming, torchrun_command
+from captioning.training.stage import StageResult, read_stage_result, stage_status
+
+DEFAULT_METRIC = "CIDEr"  # what picks the best stage, as the registry's champion gate compares
+
+Launch = Callable[[str, str | None], StageResult]  # (stage, init_from) -> its result
+
+
+class StageError(RuntimeError):
+    """A stage sequence that cannot go on: an output holding another run, a stage that left no result."""
+
+
+def stage_args(
+    recipe: str,
+    stage: str,
+    output: str,
+    overrides: Sequence[str] = (),
+    *,
+    init_from: str | None = None,
+    parent_run_id: str | None = None,
+    tracker: str = "auto",
+) -> list[str]:
+    """The arguments of ``captioning.train`` (``main(argv)``) for one stage."""
+    args = ["--stage", stage, "--config", recipe, "--output", output, "--tracker", tracker]
+    if init_from:
+        args += ["--init-from", init_from]
+    if parent_run_id:
+        args += ["--parent-run-id", parent_run_id]
+    return [*args, *normalize_overrides(overrides)]
+
+
+def stage_command(
+    recipe: str,
+    stage: str,
+    output: str,
+    overrides: Sequence[str] = (),
+    *,
+    nproc_per_node: int,
+    init_from: str | None = None,
+    parent_run_id: str | None = None,
+    tracker: str = "auto",
+    nnodes: int = 1,
+    rdzv_endpoint: str | None = None,
+) -> list[str]:
+    """The ``torchrun -m captioning.train`` command line for one stage (one node, or several joined
+    by a c10d rendezvous at ``rdzv_endpoint``)."""
+    args = stage_args(
+        recipe, stage, output, overrides, init_from=init_from, parent_run_id=parent_run_id, tracker=tracker
+    )
+    return torchrun_command(
+        ["-m", "captioning.train", *args],
+        nproc_per_node=nproc_per_node,
+        nnodes=nnodes,
+        rdzv_endpoint=rdzv_endpoint,
+        rdzv_id=f"{os.path.basename(output.rstrip('/'))}-{stage}" if rdzv_endpoint else None,
+    )
+
+
+def launch_stage(
+    recipe: str,
+    stage: str,
+    output: str,
+    overrides: Sequence[str] = (),
+    *,
+    init_from: str | None = None,
+    parent_run_id: str | None = None,
+    tracker: str = "auto",
+    nproc_per_node: int | None = None,
+    timeout_s: float | None = None,
+    on_line: Callable[[str], None] = print,
+    env: Mapping[str, str] | None = None,
+) -> StageResult:
+    """Train ``stage`` under torchrun into ``output/stage``; return its result (best checkpoint, test scores).
+
+    A stage already finished under ``output`` is returned as it is, without a launch; one interrupted
+    earlier resumes. ``nproc_per_node`` defaults to the recipe's ``train.nproc_per_node``. Raises
+    LaunchError (with the last lines of output) when training fails, LaunchTimeout when it runs past
+    ``timeout_s``; its whole process tree is gone either way.
+    """
+    cfg = load_config(recipe, normalize_overrides(overrides))  # a bad override fails here, before a launch
+    status = stage_status(output, stage)
+    if status == "finished":
+        on_line(f"stage {stage} already finished in {storage.join(output, stage)}; not launched again")
+        found = read_stage_result(output, stage)
+        assert found is not None
+        return found
+    cmd = stage_command(
+        recipe,
+        stage,
+        output,
+        overrides,
+        nproc_per_node=nproc_per_node or cfg.train.nproc_per_node,
+        init_from=init_from,
+        parent_run_id=parent_run_id,
+        tracker=tracker,
+    )
+    child_env = dict(os.environ if env is None else env)
+    child_env.setdefault("OMP_NUM_THREADS", "1")
+    child_env.setdefault("TQDM_DISABLE", "1")  # progress bars are noise in orchestrator logs
+    on_line(("resuming: " if status == "interrupted" else "") + "torchrun " + " ".join(cmd[3:]))
+    launched = run_streaming(cmd, on_line=on_line, timeout_s=timeout_s, env=child_env)
+    if launched.returncode != 0:
+        raise LaunchError(
+            f"training stage {stage} failed (exit {launched.returncode}); running it again with the same "
+            f"output ({output}) resumes it. Last lines:",
+            launched.returncode,
+            launched.tail,
+        )
+    result = read_stage_result(output, stage)
+    if result is None:
+        raise StageError(f"stage {stage} exited 0 but left no result in {storage.join(output, stage)}")
+    return result
+
+
+def run_stages(stages: Sequence[str], launch: Launch, init_from: str | None = None) -> list[StageResult]:
+    """Each stage in order, started from the previous stage's best model (the first from ``init_from``)."""
+    results: list[StageResult] = []
+    for stage in stages:
+        result = launch(stage, init_from)
+        results.append(result)
+        init_from = result.checkpoint
+    return results
+
+
+def best_stage(results: Sequence[StageResult], metric: str = DEFAULT_METRIC) -> StageResult:
+    """The stage with the highest test ``metric`` (the later stage on a tie)."""
+    if not results:
+        raise StageError("no stage ran: nothing to choose from")
+    return max(reversed(results), key=lambda r: r.test_scores.get(metric, float("-inf")))
+
+
+def final_metrics(results: Sequence[StageResult], best: StageResult) -> dict[str, float]:
+    """The parent run's closing metrics: ``<stage>/test_<metric>`` per stage, ``test_<metric>`` of the best."""
+    metrics = {f"{r.stage}/test_{k}": float(v) for r in results for k, v in r.test_scores.items()}
+    metrics.update({f"test_{k}": float(v) for k, v in best.test_scores.items()})
+    return metrics
+
+
+def run_output(cfg: Config, run_name: str) -> str:
+    """``{storage.run_dir}/{recipe}/{run_name}``: the folder a pipeline run's stages share."""
+    return storage.join(cfg.storage.run_dir, cfg.recipe, run_name)
+
+
+def check_new_output(output: str, stages: Sequence[str]) -> None:
+    """Refuse an output that already holds some of ``stages`` (the caller did not ask to resume)."""
+    taken = [s for s in stages if stage_status(output, s) != "new"]
+    if taken:
+        raise StageError(
+            f"{output} already holds stages {taken}: pass --resume to continue that run, "
+            "or --output (or --storage.run_dir) for a new one"
+        )
+
+
+def train_pipeline(
+    recipe: str,
+    overrides: Sequence[str] = (),
+    *,
+    output: str,
+    stages: Sequence[str] | None = None,
+    init_from: str | None = None,
+    tracker: str = "auto",
+    register: bool = True,
+    resume: bool = False,
+    nproc_per_node: int | None = None,
+    on_line: Callable[[str], None] = print,
+    launch: Callable[..., StageResult] = launch_stage,
+) -> dict[str, Any]:
+    """The stages of ``recipe`` into ``output`` under one parent run, then the best one registered.
+
+    ``tracker``: auto (MLflow when a tracking URI is configured, else ``OUTPUT/metrics.jsonl``),
+    mlflow, jsonl or none. ``register``: with MLflow, register the best stage's model as a new
+    version and run the champion gate (a failed registration is reported, training results stay).
+    ``launch``: how a stage runs (``launch_stage``'s signature; tests run stages in-process).
+    Returns the run's summary: every stage's result, the best stage, the registration.
+    """
+    from captioning.registry import register_stage
+    from captioning.tracking.runs import PipelineRun
+
+    overrides = normalize_overrides(overrides)
+    cfg = load_config(recipe, overrides)
+    chosen = resolve_stages(stages, cfg)
+    if not resume:
+        check_new_output(output, chosen)
+    per_stage = without_keys(overrides, "train.stages")  # each launch trains its own stage
+    nproc = nproc_per_node or cfg.train.nproc_per_node
+    run = PipelineRun.open(
+        tracker,
+        cfg,
+        chosen,
+        output=output,
+        run_name=f"{cfg.recipe}-{os.path.basename(output.rstrip('/'))}",
+        world_size=nproc,
+        tags={"output": output, "orchestrator": "cli"},
+    )
+    registered: dict[str, Any] | None = None
+    try:
+        results = run_stages(
+            chosen,
+            lambda stage, init: launch(
+                recipe,
+                stage,
+                output,
+                per_stage,
+                init_from=init,
+                parent_run_id=run.run_id,
+                tracker=run.kind,
+                nproc_per_node=nproc,
+                on_line=on_line,
+            ),
+            init_from,
+        )
+        best = best_stage(results)
+        if register and run.kind == "mlflow":
+            try:
+                registered = register_stage(
+                    best, cfg.tracking.registered_model, recipe=cfg.recipe, tracking_uri=run.tracking_uri
+                )
+            except Exception as exc:  # the models stay on disk; registration can be redone
+                registered = {"error": f"{type(exc).__name__}: {exc}"}
+                on_line(f"registration failed: {registered['error']}")
+    except BaseException as exc:
+        run.end_after_error(exc)
+        raise
+    run.end("FINISHED", final_metrics(results, best), tags={"best_stage": best.stage})
+    return {
+        "recipe": cfg.recipe,
+        "output": output,
+        "stages": [r.to_json() for r in results],
+        "best_stage": best.stage,
+        "checkpoint": best.checkpoint,
+        "test_scores": dict(best.test_scores),
+        "registered": registered,
+        "tracking_run_id": run.run_id,
+    }

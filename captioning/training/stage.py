@@ -1,0 +1,215 @@
+"""One training stage: what it is told (``StageSetup``), what it leaves behind (``StageResult``, its
+files) and the one rule that decides whether it trains, resumes or is already done.
+
+    setup = build_stage_setup(cfg, "finetune", "runs/demo/r1")      # reads cfg.train, nothing else
+    stage_status("runs/demo/r1", "finetune")                         # "new" | "interrupted" | "finished"
+    read_stage_result("runs/demo/r1", "finetune")                    # StageResult, or None
+
+Files of a stage under ``OUTPUT/STAGE/`` (a local folder or s3://), written by rank 0:
+
+- ``last.pt``: everything needed to resume (model, optimiser, schedule, scaler, every rank's RNG
+  states, epoch and batch position, best score), rewritten every ``train.checkpoint_every_steps``
+  and at each epoch end;
+- ``best.pt``: the model of the best validation epoch; ``val/epoch-NNN.json``: each validation's
+  scores and captions; ``test-captions.json``: the test split in COCO results format;
+- ``result.json``: the ``StageResult``, written last. It is the stage's only completion marker.
+
+The rule (``stage_status``), applied by the stage's own process (``captioning.train``) and by the
+launcher that decides whether to start one (``captioning.stages``): ``result.json`` present ->
+finished (its result stands, nothing runs); else ``last.pt`` present -> interrupted (training
+resumes from it, exactly); else new.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from captioning import storage
+from captioning.config import STAGES, Config
+
+RESULT_FILE = "result.json"
+LAST_CHECKPOINT = "last.pt"
+BEST_CHECKPOINT = "best.pt"
+
+StageStatus = Literal["new", "interrupted", "finished"]
+
+
+@dataclass(frozen=True)
+class XeSettings:
+    """Stages 1-2: the cross-entropy objective's settings."""
+
+    alpha_c: float  # weight of the doubly stochastic attention term
+    scheduled_sampling: float  # final probability, reached linearly over the epochs
+
+
+@dataclass(frozen=True)
+class ScstSettings:
+    """Stage 3: the self-critical objective's settings."""
+
+    num_samples: int
+    baseline: Literal["mean", "greedy"]
+    temperature: float
+    max_len: int  # longest sample
+
+
+@dataclass(frozen=True)
+class StageSetup:
+    """One stage's settings as plain values (``build_stage_setup`` resolves them from the config)."""
+
+    name: str
+    stage_dir: str
+    epochs: int
+    batch_size: int  # images per batch per rank
+    lr_decoder: float
+    lr_encoder: float
+    train_encoder: bool
+    fine_tune_from_block: int
+    grad_clip: float | None
+    early_stop_patience: int
+    lr_schedule: Literal["plateau", "cosine", "constant"]
+    decay_factor: float
+    decay_patience: int
+    precision: Literal["fp32", "bf16", "fp16"]
+    checkpoint_every_steps: int
+    log_every_steps: int
+    seed: int
+    objective: XeSettings | ScstSettings
+    config: dict[str, Any]  # the resolved Config, stored in checkpoints
+
+    @property
+    def kind(self) -> Literal["xe", "scst"]:
+        return "scst" if isinstance(self.objective, ScstSettings) else "xe"
+
+    @property
+    def last_uri(self) -> str:
+        return storage.join(self.stage_dir, LAST_CHECKPOINT)
+
+    @property
+    def best_uri(self) -> str:
+        return storage.join(self.stage_dir, BEST_CHECKPOINT)
+
+    @property
+    def result_uri(self) -> str:
+        return storage.join(self.stage_dir, RESULT_FILE)
+
+    def params(self) -> dict[str, Any]:
+        """The settings as flat ``stage.*`` parameters for a tracker (the config itself excluded)."""
+        plain = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("config", "objective")}
+        plain.update(dataclasses.asdict(self.objective))
+        return {f"stage.{k}": v for k, v in plain.items()}
+
+
+def stage_seed(cfg: Config, name: str) -> int:
+    """Each stage its own seed, derived from the run's: the same stage always sees the same data order."""
+    return cfg.seed + 10 * STAGES.index(name)
+
+
+def build_stage_setup(cfg: Config, name: str, output: str) -> StageSetup:
+    """Stage ``name``'s settings from ``cfg.train`` (SCST: a constant learning rate, the encoder
+    trained only when ``train.scst.lr_encoder`` > 0, from the fine-tuning stage's first block)."""
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; valid: {list(STAGES)}")
+    t = cfg.train
+    common: dict[str, Any] = dict(
+        name=name,
+        stage_dir=storage.join(output, name),
+        precision=t.precision,
+        checkpoint_every_steps=t.checkpoint_every_steps,
+        log_every_steps=t.log_every_steps,
+        seed=stage_seed(cfg, name),
+        config=cfg.to_dict(),
+    )
+    if name == "scst":
+        s = t.scst
+        return StageSetup(
+            epochs=s.epochs,
+            batch_size=s.batch_size or cfg.data.loader.batch_size,
+            lr_decoder=s.lr,
+            lr_encoder=s.lr_encoder,
+            train_encoder=s.lr_encoder > 0,
+            fine_tune_from_block=t.finetune.fine_tune_from_block,
+            grad_clip=s.grad_clip,
+            early_stop_patience=s.early_stop_patience,
+            lr_schedule="constant",
+            decay_factor=1.0,  # a constant schedule never decays
+            decay_patience=1,
+            objective=ScstSettings(
+                num_samples=s.num_samples, baseline=s.baseline, temperature=s.temperature, max_len=s.max_len
+            ),
+            **common,
+        )
+    x = t.finetune if name == "finetune" else t.xe
+    return StageSetup(
+        epochs=x.epochs,
+        batch_size=x.batch_size or cfg.data.loader.batch_size,
+        lr_decoder=x.lr_decoder,
+        lr_encoder=x.lr_encoder,
+        train_encoder=x.fine_tune_encoder,
+        fine_tune_from_block=x.fine_tune_from_block,
+        grad_clip=x.grad_clip,
+        early_stop_patience=x.early_stop_patience,
+        lr_schedule=x.lr_schedule,
+        decay_factor=x.decay_factor,
+        decay_patience=x.decay_patience,
+        objective=XeSettings(alpha_c=x.alpha_c, scheduled_sampling=x.scheduled_sampling),
+        **common,
+    )
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What a finished stage reports; ``result.json`` holds it. ``checkpoint`` is its best model."""
+
+    stage: str
+    checkpoint: str  # best.pt (local path or s3:// URI)
+    last_checkpoint: str
+    monitor: str
+    best_score: float | None
+    best_epoch: int | None
+    epochs: int
+    steps: int
+    stopped_early: bool
+    test_scores: dict[str, float]
+    history: list[dict[str, float]]
+    duration_s: float
+    world_size: int
+    run_id: str | None  # the stage's MLflow run (None without MLflow)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any) -> StageResult:
+        """Rebuild from ``to_json`` output; ValueError when a field is missing."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a stage result must be a JSON object, got {type(data).__name__}")
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in data]
+        if missing:
+            raise ValueError(f"stage result is missing fields {missing}")
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+
+
+def result_uri(output: str, stage: str) -> str:
+    return storage.join(output, stage, RESULT_FILE)
+
+
+def stage_status(output: str, stage: str) -> StageStatus:
+    """The one resume rule: finished (result.json), interrupted (last.pt) or new."""
+    if storage.exists(result_uri(output, stage)):
+        return "finished"
+    if storage.exists(storage.join(output, stage, LAST_CHECKPOINT)):
+        return "interrupted"
+    return "new"
+
+
+def read_stage_result(output: str, stage: str) -> StageResult | None:
+    """The finished stage's result, or None when it has not finished under ``output``."""
+    uri = result_uri(output, stage)
+    if not storage.exists(uri):
+        return None
+    try:
+        return StageResult.from_json(storage.read_json(uri))
+    except ValueError as exc:
+        raise ValueError(f"{uri}: {exc}") from None
