@@ -23,7 +23,7 @@ from captioning.config import load_config, normalize_overrides, without_keys
 from captioning.data.inbox import new_data_overrides
 from captioning.stages import run_output
 from captioning.tracking.report import scores_table
-from captioning.tracking.runs import end_run_after_error, tracking_uri_of
+from captioning.tracking.runs import ended_on_error, tracking_uri_of
 from flows.prepare_data import prepare_data
 from tasks.tracking import (
     end_tracking_run,
@@ -67,7 +67,7 @@ def retrain(
             "prefect_flow_run_id": str(flow_run.get_id()),
         },
     )
-    try:
+    with ended_on_error(run_id, tracking_uri=tracking_uri):
         retrained = train_stage(
             recipe,
             stage,
@@ -94,9 +94,6 @@ def retrain(
             champion_score=incumbent["scores"]["CIDEr"],
             tags={"retrained_from": version, "new_data": karpathy_json},
         )
-    except BaseException as exc:
-        end_run_after_error(run_id, exc, tracking_uri=tracking_uri)
-        raise
     end_tracking_run(
         run_id,
         "FINISHED",

@@ -24,7 +24,7 @@ from prefect.runtime import flow_run
 from captioning.config import config_warnings, load_config, normalize_overrides, resolve_stages, without_keys
 from captioning.stages import best_stage, final_metrics, run_output, run_stages
 from captioning.tracking.report import scores_table
-from captioning.tracking.runs import end_run_after_error, tracking_uri_of
+from captioning.tracking.runs import ended_on_error, tracking_uri_of
 from captioning.training.stage import StageResult
 from flows.prepare_data import prepare_data
 from tasks.tracking import end_tracking_run, register_model, start_tracking_run
@@ -82,7 +82,7 @@ def train_sat(
             gpu_limit=gpu_limit,
         )
 
-    try:
+    with ended_on_error(run_id, tracking_uri=tracking_uri):
         results = run_stages(stages, launch, init_from)
         best = best_stage(results)
         promotion = (
@@ -90,9 +90,6 @@ def train_sat(
             if register_best
             else None
         )
-    except BaseException as exc:
-        end_run_after_error(run_id, exc, tracking_uri=tracking_uri)
-        raise
     end_tracking_run(
         run_id,
         "FINISHED",

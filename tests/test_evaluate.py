@@ -22,7 +22,7 @@ from gloo import join_gloo
 from s3server import free_port
 from torch import nn
 
-from captioning.config import LoaderConfig, load_config
+from captioning.config import EvalConfig, LoaderConfig, load_config
 from captioning.data.batch import Batch
 from captioning.data.format import read_references
 from captioning.data.loader import build_loader
@@ -47,6 +47,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 NUM_VAL = 13
 SIDE = 32
 DECODING: dict[str, Any] = dict(beam_size=2, max_len=8, length_normalization=False)
+EVAL = EvalConfig(**DECODING)  # and the defaults: no SPICE, the default Java timeout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,13 +103,11 @@ def one_rank(
         artefacts.checkpoint,
         artefacts.shard_dir,
         "val",
+        EVAL,
         batch_size=2,
         num_workers=1,
-        spice=False,
-        timeout_s=600.0,
         results_uri=results,
         device="cpu",
-        **DECODING,
     )
     return result, results
 
@@ -231,13 +230,13 @@ def eval_rank(rank: int, world: int, port: int, artefacts: Artefacts, out: str) 
             batch_size=2,
         )
         record: dict[str, Any] = {"batches": len(loader)}
-        result = evaluate(model, loader, vocab, dist, results_uri=str(Path(out, "results.json")), **DECODING)
+        result = evaluate(model, loader, vocab, dist, EVAL, results_uri=str(Path(out, "results.json")))
         record["result"] = dataclasses.asdict(result)
         errors: dict[str, str] = {}
         # rank 1's loader fails: every rank raises instead of waiting in a collective
         broken: Any = failing_loader() if rank == 1 else loader
         try:
-            evaluate(model, broken, vocab, dist, **DECODING)
+            evaluate(model, broken, vocab, dist, EVAL)
         except RuntimeError as e:
             errors["decode"] = f"{type(e).__name__}: {e}"
         # no java on rank 0's PATH: its ScoringError reaches every rank
@@ -245,7 +244,7 @@ def eval_rank(rank: int, world: int, port: int, artefacts: Artefacts, out: str) 
         empty.mkdir()
         os.environ["PATH"] = str(empty)
         try:
-            evaluate(model, loader, vocab, dist, **DECODING)
+            evaluate(model, loader, vocab, dist, EVAL)
         except RuntimeError as e:
             errors["scoring"] = f"{type(e).__name__}: {e}"
         record["errors"] = errors

@@ -190,8 +190,8 @@ def test_bad_inputs_are_clear_errors(models: dict[str, Captioner]) -> None:
 
 def test_decoders_take_plain_numbers() -> None:
     assert ShowAttendTell(V, 16, 8, 12, 10, 0.0).decode_step.input_size == 8 + 16
-    assert FCDecoder(V, 16, 8, 12).core.i2h.out_features == 5 * 12
-    assert ShowTell(V, 16, 8, 12).lstm.hidden_size == 12
+    assert FCDecoder(V, 16, 8, 12, 0.0).core.i2h.out_features == 5 * 12
+    assert ShowTell(V, 16, 8, 12, 0.0).lstm.hidden_size == 12
 
 
 # --------------------------------------------------------------------------------------------------

@@ -203,15 +203,12 @@ def fetch_dataset(
 
 def build_raw_dataset(cfg: DataConfig, *, progress: bool = True) -> RawDataset:
     """fetch_dataset with the settings of the ``data`` config section (download, synthetic, local)."""
-    download = cfg.download
     return fetch_dataset(
         cfg.dataset,
         cfg.raw_dir,
-        base_url=download.base_url,
-        flickr30k_archive=download.flickr30k_archive,
-        num_retries=download.num_retries,
-        timeout_s=download.timeout_s,
-        verify_checksums=download.verify_checksums,
+        **dataclasses.asdict(
+            cfg.download
+        ),  # base_url, flickr30k_archive, num_retries, timeout_s, verify_checksums
         progress=progress,
         synthetic=dataclasses.asdict(cfg.synthetic),
         karpathy_json=cfg.local.karpathy_json,

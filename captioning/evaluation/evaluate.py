@@ -1,6 +1,6 @@
 """Evaluation: beam-search captions for a split on every rank, gather them, score them on rank 0.
 
-    result = evaluate(ddp_model, loaders["val"], vocab, dist, beam_size=3, max_len=20)
+    result = evaluate(ddp_model, loaders["val"], vocab, dist, cfg.eval)   # cfg.eval: beam size, max_len, ...
     result.scores["CIDEr"], result.captions[image_id]        # the same EvalResult on every rank
     scores = score_checkpoint("runs/x/best.pt", cfg, "test")   # the recipe's eval and loader settings
 
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from captioning.config import Config, LoaderConfig
+from captioning.config import Config, EvalConfig, LoaderConfig
 from captioning.data.batch import Batch
 from captioning.data.loader import build_loader
 from captioning.data.vocab import SPECIALS, Vocab
@@ -171,17 +171,14 @@ def evaluate(
     loader: Iterable[Batch],
     vocab: Vocab,
     dist: DistInfo,
+    ev: EvalConfig,
     *,
-    beam_size: int = 3,
-    max_len: int = 20,
-    length_normalization: bool = False,
-    spice: bool = False,
-    timeout_s: float = 600.0,
     results_uri: str | None = None,
 ) -> EvalResult:
     """Decode ``loader``'s split on every rank, score it on rank 0, return the same result everywhere.
 
-    ``results_uri`` (local path or s3://): rank 0 writes the COCO results file there before
+    ``ev``: the ``eval`` section (beam size, max length, length normalisation, SPICE, the Java
+    timeout). ``results_uri`` (local path or s3://): rank 0 writes the COCO results file there before
     scoring. Call on every rank; raises ScoringError on every rank when scoring fails.
     """
     started = time.perf_counter()
@@ -193,9 +190,9 @@ def evaluate(
             loader,
             vocab,
             dist,
-            beam_size=beam_size,
-            max_len=max_len,
-            length_normalization=length_normalization,
+            beam_size=ev.beam_size,
+            max_len=ev.max_len,
+            length_normalization=ev.length_normalization,
         )
     except Exception as e:  # every rank must reach the gather, or the others wait forever
         local_exc, local["error"] = e, (type(e).__name__, str(e))
@@ -215,7 +212,7 @@ def evaluate(
         try:
             if results_uri is not None:
                 write_coco_results(results_uri, captions)
-            scores = score_captions(captions, references, spice=spice, timeout_s=timeout_s)
+            scores = score_captions(captions, references, spice=ev.spice, timeout_s=ev.java_timeout_s)
             num_images = len(captions)
             outcome["result"] = EvalResult(
                 scores=scores.overall,
@@ -258,14 +255,10 @@ def evaluate_checkpoint(
     uri: str,
     shard_dir: str,
     split: str,
+    ev: EvalConfig,
     *,
-    beam_size: int,
-    max_len: int,
-    length_normalization: bool,
     batch_size: int,
     num_workers: int,
-    spice: bool,
-    timeout_s: float,
     image_size: int | None = None,
     results_uri: str | None = None,
     dist: DistInfo | None = None,
@@ -292,18 +285,7 @@ def evaluate_checkpoint(
         batch_size=batch_size,
         device=target,
     )
-    return evaluate(
-        model,
-        loader,
-        vocab,
-        dist,
-        beam_size=beam_size,
-        max_len=max_len,
-        length_normalization=length_normalization,
-        spice=spice,
-        timeout_s=timeout_s,
-        results_uri=results_uri,
-    )
+    return evaluate(model, loader, vocab, dist, ev, results_uri=results_uri)
 
 
 def score_checkpoint(
@@ -311,18 +293,14 @@ def score_checkpoint(
 ) -> dict[str, Any]:
     """Score a checkpoint on ``split`` of ``cfg.data.shard_dir`` with the config's ``eval`` settings
     (and ``data.loader``'s batch size and workers): ``{"scores": {...}, "num_images": N}``."""
-    ev, lc = cfg.eval, cfg.data.loader
+    lc = cfg.data.loader
     result = evaluate_checkpoint(
         checkpoint,
         cfg.data.shard_dir,
         split,
-        beam_size=ev.beam_size,
-        max_len=ev.max_len,
-        length_normalization=ev.length_normalization,
+        cfg.eval,
         batch_size=lc.batch_size,
         num_workers=lc.num_workers,
-        spice=ev.spice,
-        timeout_s=ev.java_timeout_s,
         results_uri=results_uri,
     )
     return {"scores": dict(result.scores), "num_images": len(result.captions)}

@@ -178,10 +178,10 @@ class ShowAttendTell(CaptionDecoder):
         self,
         vocab_size: int,
         encoder_dim: int,
-        emb_dim: int = 512,
-        decoder_dim: int = 512,
-        attention_dim: int = 512,
-        dropout: float = 0.5,
+        emb_dim: int,
+        decoder_dim: int,
+        attention_dim: int,
+        dropout: float,
     ) -> None:
         super().__init__(vocab_size, emb_dim, decoder_dim, dropout)
         self.encoder_dim = encoder_dim
@@ -285,23 +285,47 @@ class MaxoutLSTMCell(nn.Module):
         return h, c
 
 
-class FCDecoder(CaptionDecoder):
+class PooledImageDecoder(CaptionDecoder):
+    """The two decoders without attention (FC, Show-Tell): the pooled image feature, projected to Em,
+    is the recurrent core's first input (its output is discarded), then <start> and the words. A
+    subclass says how one image step runs (``_image_step``) and how the core runs over a sequence."""
+
+    def __init__(
+        self, vocab_size: int, encoder_dim: int, emb_dim: int, decoder_dim: int, dropout: float
+    ) -> None:
+        super().__init__(vocab_size, emb_dim, decoder_dim, dropout)
+        self.encoder_dim = encoder_dim
+        self.img_embed = nn.Linear(encoder_dim, emb_dim)
+
+    def _image_step(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _teacher_forcing_inputs(
+        self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(h, c) after the image step, once per image and repeated per caption, (N, D) each, and the
+        embedded input words (N, T, Em); N = B*S captions, T = L-1 steps."""
+        _check_inputs(features, captions, lengths)
+        B, S, L = captions.shape
+        h0, c0 = self._image_step(features)  # once per image: every caption starts from it
+        embedded = self.embedding(captions[:, :, :-1]).reshape(B * S, L - 1, self.emb_dim)  # (N, T, Em)
+        return _per_caption(h0, S), _per_caption(c0, S), embedded
+
+    def init_state(self, features: torch.Tensor) -> DecodeState:
+        h, c = self._image_step(features)
+        return {"h": h, "c": c}
+
+
+class FCDecoder(PooledImageDecoder):
     """No attention: the pooled image feature, projected to Em, is the LSTM's first input (its
     output is discarded), then <start> and the words. Zero initial state, maxout LSTM cell."""
 
     arch: Arch = "fc"
 
     def __init__(
-        self,
-        vocab_size: int,
-        encoder_dim: int,
-        emb_dim: int = 512,
-        decoder_dim: int = 512,
-        dropout: float = 0.5,
+        self, vocab_size: int, encoder_dim: int, emb_dim: int, decoder_dim: int, dropout: float
     ) -> None:
-        super().__init__(vocab_size, emb_dim, decoder_dim, dropout)
-        self.encoder_dim = encoder_dim
-        self.img_embed = nn.Linear(encoder_dim, emb_dim)
+        super().__init__(vocab_size, encoder_dim, emb_dim, decoder_dim, dropout)
         self.core = MaxoutLSTMCell(emb_dim, decoder_dim)
         self.init_weights()
 
@@ -311,22 +335,13 @@ class FCDecoder(CaptionDecoder):
         return self.core(image, (zeros, zeros))  # (B, D) each
 
     def forward(self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor) -> CaptionOutput:
-        _check_inputs(features, captions, lengths)
-        B, S, L = captions.shape
-        N, T = B * S, L - 1
-        h0, c0 = self._image_step(features)  # once per image: every caption starts from it
-        h, c = _per_caption(h0, S), _per_caption(c0, S)  # (N, D)
-        embedded = self.embedding(captions[:, :, :-1]).reshape(N, T, self.emb_dim)  # (N, T, Em)
+        h, c, embedded = self._teacher_forcing_inputs(features, captions, lengths)  # (N, D) x2, (N, T, Em)
         hiddens = []
-        for t in range(T):
+        for t in range(embedded.shape[1]):
             h, c = self.core(embedded[:, t], (h, c))
             hiddens.append(h)
         logits = self.logits_where_valid(torch.stack(hiddens, dim=1), lengths)  # (N, T, V)
-        return CaptionOutput(logits=logits.view(B, S, T, -1), alphas=None)
-
-    def init_state(self, features: torch.Tensor) -> DecodeState:
-        h, c = self._image_step(features)
-        return {"h": h, "c": c}
+        return CaptionOutput(logits=logits.view(*captions.shape[:2], embedded.shape[1], -1), alphas=None)
 
     def step(
         self, tokens: torch.Tensor, state: DecodeState
@@ -340,23 +355,16 @@ class FCDecoder(CaptionDecoder):
 # --------------------------------------------------------------------------------------------------
 
 
-class ShowTell(CaptionDecoder):
+class ShowTell(PooledImageDecoder):
     """No attention: the pooled feature through Linear + BatchNorm1d is the LSTM's first input (its
     output is discarded), then <start> and the words, through one ``nn.LSTM`` call per sequence."""
 
     arch: Arch = "show_tell"
 
     def __init__(
-        self,
-        vocab_size: int,
-        encoder_dim: int,
-        emb_dim: int = 512,
-        decoder_dim: int = 512,
-        dropout: float = 0.5,
+        self, vocab_size: int, encoder_dim: int, emb_dim: int, decoder_dim: int, dropout: float
     ) -> None:
-        super().__init__(vocab_size, emb_dim, decoder_dim, dropout)
-        self.encoder_dim = encoder_dim
-        self.img_embed = nn.Linear(encoder_dim, emb_dim)
+        super().__init__(vocab_size, encoder_dim, emb_dim, decoder_dim, dropout)
         self.img_bn = nn.BatchNorm1d(emb_dim, momentum=0.01)
         self.lstm = nn.LSTM(emb_dim, decoder_dim, batch_first=True)
         self.init_weights()
@@ -367,21 +375,12 @@ class ShowTell(CaptionDecoder):
         return h[0], c[0]  # (B, D)
 
     def forward(self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor) -> CaptionOutput:
-        _check_inputs(features, captions, lengths)
-        B, S, L = captions.shape
-        N, T = B * S, L - 1
-        h0, c0 = self._image_step(features)  # once per image
-        h, c = _per_caption(h0, S), _per_caption(c0, S)  # (N, D)
-        embedded = self.embedding(captions[:, :, :-1]).reshape(N, T, self.emb_dim)  # (N, T, Em)
+        h, c, embedded = self._teacher_forcing_inputs(features, captions, lengths)  # (N, D) x2, (N, T, Em)
         hiddens, _ = self.lstm(
             embedded, (h.unsqueeze(0).contiguous(), c.unsqueeze(0).contiguous())
         )  # (N, T, D)
         logits = self.logits_where_valid(hiddens, lengths)  # (N, T, V)
-        return CaptionOutput(logits=logits.view(B, S, T, -1), alphas=None)
-
-    def init_state(self, features: torch.Tensor) -> DecodeState:
-        h, c = self._image_step(features)
-        return {"h": h, "c": c}
+        return CaptionOutput(logits=logits.view(*captions.shape[:2], embedded.shape[1], -1), alphas=None)
 
     def step(
         self, tokens: torch.Tensor, state: DecodeState

@@ -42,22 +42,39 @@ S3-compatible store) need MLFLOW_S3_ENDPOINT_URL (when not AWS) and the usual AW
 """
 
 
-def _add_mlflow_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _service_parser(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    state_help: str,
+    epilog: str,
+    *,
+    help: str,
+    description: str,
+) -> tuple[argparse._SubParsersAction[argparse.ArgumentParser], argparse.ArgumentParser]:
+    """``captioning NAME ACTION``: its action subparsers, and the ``--state-dir`` option every action
+    shares (a parent parser)."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--state-dir",
-        type=Path,
-        help=f"the server's folder: mlflow.db, artifacts/, server.log, server.pid (default: {MLFLOW_STATE_DIR})",
-    )
+    common.add_argument("--state-dir", type=Path, help=state_help)
     p = sub.add_parser(
+        name,
+        help=help,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    return p.add_subparsers(dest=f"{name}_command", required=True, metavar="ACTION"), common
+
+
+def _add_mlflow_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    actions, common = _service_parser(
+        sub,
         "mlflow",
+        f"the server's folder: mlflow.db, artifacts/, server.log, server.pid (default: {MLFLOW_STATE_DIR})",
+        MLFLOW_EPILOG,
         help="start, stop, check or open a local MLflow tracking server",
         description="A local `mlflow server` (SQLite, local or S3 artifacts) that runs in the background "
         "until stopped; the state folder's pid file names it.",
-        epilog=MLFLOW_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    actions = p.add_subparsers(dest="mlflow_command", required=True, metavar="ACTION")
     start = actions.add_parser(
         "start", parents=[common], help="start the server in the background (a running one is reused)"
     )
@@ -231,21 +248,15 @@ again, so `down`, `status` and `env` need only --state-dir.
 
 
 def _add_stack_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--state-dir",
-        type=Path,
-        help=f"the stack's folder: state, pid files, logs (default: {STACK_STATE_DIR})",
-    )
-    p = sub.add_parser(
+    actions, common = _service_parser(
+        sub,
         "stack",
+        f"the stack's folder: state, pid files, logs (default: {STACK_STATE_DIR})",
+        STACK_EPILOG,
         help="start, stop or check the local stack: Prefect server + worker, MLflow, optional S3",
         description="A local Prefect server with a process worker, an MLflow server and optionally an "
         "S3-compatible server (rclone), each in the background until `captioning stack down`.",
-        epilog=STACK_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    actions = p.add_subparsers(dest="stack_command", required=True, metavar="ACTION")
     up = actions.add_parser("up", parents=[common], help="start what is not running (running parts are kept)")
     up.add_argument("--s3", action=argparse.BooleanOptionalAction, help="also an S3 server (default: off)")
     up.add_argument("--worker", action=argparse.BooleanOptionalAction, help="a process worker (default: on)")

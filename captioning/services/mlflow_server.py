@@ -28,6 +28,7 @@ import urllib.request
 from pathlib import Path
 
 from captioning.launch import live_process, stop_process_group
+from captioning.services.processes import spawn_logged
 
 DEFAULT_PORT = 5000
 READY_TIMEOUT_S = 90.0
@@ -103,11 +104,7 @@ class MlflowServer:
             )
         self.state_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                self.command(), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-            )
-        self.pid_path.write_text(str(self.process.pid))
+        self.process = spawn_logged(self.command(), log_path=self.log_path, env=env, pid_path=self.pid_path)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

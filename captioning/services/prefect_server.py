@@ -6,7 +6,7 @@ process work pool and the ``gpu`` global concurrency limit.
     server_command("127.0.0.1", 4200)                        # python -m prefect server start ...
     worker_online(api_url, "captioning-local", worker_name)  # True once it polls its pool
     ensure_work_pool(state_dir, api_url, "captioning-local"); ensure_gpu_limit(api_url, slots=1)
-    spawn_detached(server_command(...), env=env, log_path=..., pid_path=...)   # in a session of its own
+    spawn_logged(server_command(...), env=env, log_path=..., pid_path=...)   # services/processes.py
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import signal
 import subprocess
 import sys
 import urllib.parse
@@ -125,31 +124,3 @@ def ensure_gpu_limit(api_url: str, slots: int) -> None:
     status, answer = http_json("POST", url, {"name": GPU_LIMIT, "limit": slots})
     if status not in (200, 201, 409):
         raise StackError(f"creating the {GPU_LIMIT!r} concurrency limit failed: HTTP {status} {answer}")
-
-
-def _default_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def spawn_detached(
-    cmd: list[str], *, env: dict[str, str], log_path: Path, pid_path: Path, cwd: Path | None = None
-) -> subprocess.Popen[bytes]:
-    """Start ``cmd`` in a session of its own, output appended to ``log_path``, pid in ``pid_path``."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    pid_path.parent.mkdir(parents=True, exist_ok=True)
-    # A process started in the background by a shell (`captioning stack up &`, make -j) inherits an
-    # ignored SIGINT, and Prefect's worker then ignores the SIGINT that stops it gracefully.
-    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=cwd,
-            start_new_session=True,
-            preexec_fn=_default_sigint if ignored else None,
-        )
-    pid_path.write_text(f"{process.pid}\n")
-    return process

@@ -35,6 +35,7 @@ from types import TracebackType
 from typing import Any
 
 from captioning.launch import live_process, stop_process_group
+from captioning.services.processes import spawn_logged
 
 # rclone wants keys of a few characters at least; these are test-only secrets for a loopback server
 # (the local stack generates its own).
@@ -199,23 +200,11 @@ class S3Server:
         # reads a list flag's variable as CSV: quoted, the comma stays inside the one key pair.
         pair = f"{self.access_key},{self.secret_key}".replace('"', '""')
         env = {**os.environ, "RCLONE_CONFIG": str(self.config_path), "RCLONE_AUTH_KEY": f'"{pair}"'}
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        detached = self.pid_path is not None
-        with self.log_path.open("ab") as log:
-            self._proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                # Detached: a session of its own. Else a process group of its own in ours, so that
-                # `stop` takes the same path either way.
-                start_new_session=detached,
-                process_group=None if detached else 0,
-            )
-        if self.pid_path is not None:
-            self.pid_path.parent.mkdir(parents=True, exist_ok=True)
-            self.pid_path.write_text(f"{self._proc.pid}\n")
+        # Detached (with a pid file): a session of its own. Else a process group of its own in ours, so
+        # that `stop` takes the same path either way.
+        self._proc = spawn_logged(
+            cmd, log_path=self.log_path, env=env, pid_path=self.pid_path, detached=self.pid_path is not None
+        )
         self._wait_until_up()
         return self
 

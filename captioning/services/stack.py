@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from captioning.launch import live_process, stop_process_group
-from captioning.services.mlflow_server import MlflowServer, MlflowServerError, is_healthy, port_is_open
+from captioning.services.mlflow_server import MlflowServer, is_healthy, port_is_open
 from captioning.services.prefect_server import (
     ensure_gpu_limit,
     ensure_work_pool,
@@ -51,10 +51,10 @@ from captioning.services.prefect_server import (
     prefect_env,
     server_command,
     server_healthy,
-    spawn_detached,
     worker_command,
     worker_online,
 )
+from captioning.services.processes import spawn_logged
 from captioning.services.s3_server import S3Server
 from captioning.services.stack_settings import (
     COMPONENTS,
@@ -348,36 +348,35 @@ class LocalStack:
         server = self._s3()
         server.start_timeout_s = max(1.0, deadline - time.monotonic())
         (server.root / S3_BUCKET).mkdir(parents=True, exist_ok=True)
+        self._start_server(S3, server, server.start, f"the S3 server (rclone) on {self.settings.s3_url}")
+
+    def _start_server(self, component: str, server: Any, start: Callable[[], object], what: str) -> None:
+        """``start()`` the server, or a StackError naming it, why, and the end of its log."""
         try:
-            server.start()
+            start()
         except (RuntimeError, TimeoutError) as exc:
             raise StackError(
-                f"the S3 server (rclone) did not start on {self.settings.s3_url}; last lines of "
-                f"{server.log_path}:\n{_log_tail(server.log_path)}"
+                f"{what} did not start: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}\n"
+                f"last lines of {server.log_path}:\n{_log_tail(server.log_path)}"
             ) from exc
         if server.process is not None:
-            self._procs[S3] = server.process
+            self._procs[component] = server.process
 
     def _spawn_prefect_server(self) -> None:
         s = self.settings
         cmd = server_command(s.host, s.prefect_port)
         (self.state_dir / "prefect").mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **prefect_env(self.state_dir, s.api_url)}
-        self._procs[PREFECT_SERVER] = spawn_detached(
+        self._procs[PREFECT_SERVER] = spawn_logged(
             cmd, env=env, log_path=self.log_path(PREFECT_SERVER), pid_path=self.pid_path(PREFECT_SERVER)
         )
 
     def _start_mlflow(self, deadline: float) -> None:
         server = self._mlflow()
-        try:
-            server.start(timeout_s=max(1.0, deadline - time.monotonic()))
-        except MlflowServerError as exc:
-            raise StackError(
-                f"the MLflow server did not start on {server.url}: {str(exc).splitlines()[0]}\n"
-                f"last lines of {server.log_path}:\n{_log_tail(server.log_path)}"
-            ) from exc
-        if server.process is not None:
-            self._procs[MLFLOW] = server.process
+        timeout_s = max(1.0, deadline - time.monotonic())
+        self._start_server(
+            MLFLOW, server, lambda: server.start(timeout_s=timeout_s), f"the MLflow server on {server.url}"
+        )
 
     def _start_worker(self, deadline: float) -> None:
         s = self.settings
@@ -386,7 +385,7 @@ class LocalStack:
         if s.s3:
             env.update(self.env())
         since = datetime.now(UTC) - timedelta(seconds=2)
-        self._procs[WORKER] = spawn_detached(
+        self._procs[WORKER] = spawn_logged(
             cmd, env=env, log_path=self.log_path(WORKER), pid_path=self.pid_path(WORKER), cwd=Path(s.workdir)
         )
         self._wait(

@@ -186,6 +186,12 @@ def write_json(uri: PathOrUri, obj: Any, *, indent: int = 2, endpoint_url: str |
     write_text(uri, text, endpoint_url=endpoint_url)
 
 
+def _copy_local(src: str, dst: str) -> None:
+    """A local file copied to a tmp file next to ``dst``, then renamed over it."""
+    with atomic_local(dst) as tmp:
+        shutil.copyfile(src, tmp)
+
+
 def upload_file(
     local_path: PathOrUri, uri: PathOrUri, *, chunk_mb: int = 64, endpoint_url: str | None = None
 ) -> None:
@@ -199,9 +205,7 @@ def upload_file(
     if not os.path.isfile(src):
         raise FileNotFoundError(errno.ENOENT, "upload: no such local file", src)
     if not is_s3(uri):
-        with atomic_local(uri) as tmp:
-            shutil.copyfile(src, tmp)
-        return
+        return _copy_local(src, uri)
     bucket, key = split_s3(uri)
     config = transfer_config(chunk_mb)
     retrying(
@@ -217,9 +221,7 @@ def download_file(
     """Copy `uri` to the local file `local_path`: written to a tmp file next to it, then `os.replace`."""
     uri, dst = _uri(uri), os.fspath(local_path)
     if not is_s3(uri):
-        with atomic_local(dst) as tmp:
-            shutil.copyfile(uri, tmp)
-        return
+        return _copy_local(uri, dst)
     bucket, key = split_s3(uri)
     config = transfer_config(chunk_mb)
     with atomic_local(dst) as tmp:

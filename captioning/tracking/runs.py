@@ -16,6 +16,7 @@ mlflow when a tracking URI is configured, else jsonl. The flows always use MLflo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -23,7 +24,7 @@ import os
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from captioning import storage
@@ -220,6 +221,17 @@ def end_run_after_error(run_id: str, exc: BaseException, *, tracking_uri: str | 
         )
     except Exception as err:
         logger.warning("could not end MLflow run %s as %s: %s", run_id, status, err)
+
+
+@contextlib.contextmanager
+def ended_on_error(run_id: str, *, tracking_uri: str | None = None) -> Iterator[None]:
+    """Around a pipeline's steps: an error, a cancellation or an interrupt ends the parent run
+    (``end_run_after_error``) before it propagates, so no parent run is left RUNNING by a failure."""
+    try:
+        yield
+    except BaseException as exc:
+        end_run_after_error(run_id, exc, tracking_uri=tracking_uri)
+        raise
 
 
 def log_evaluation(

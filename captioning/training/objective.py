@@ -79,25 +79,29 @@ class CaptionObjective:
         )
 
 
-def encode_images(model: Captioner, images: torch.Tensor, *, train_encoder: bool) -> torch.Tensor:
-    """(B, 3, H, W) -> (B, P, E), once per image; a frozen encoder runs without building a graph."""
-    if train_encoder:
-        return model.encode(images)
-    with torch.no_grad():
-        return model.encode(images)
-
-
-class XeForward(nn.Module):
-    """What DDP wraps in stages 1-2: images -> features (once per image) -> teacher-forced outputs.
-
-    With ``scheduled_sampling > 0`` each step's input is, with that probability, a token drawn from
-    the model's own previous prediction instead of the reference (stepwise decoding; slower).
-    """
+class ImageForward(nn.Module):
+    """What DDP wraps in a stage: the captioner, with its encoder trained or frozen in that stage;
+    each stage's forward starts from ``self.encode(images)``, once per image."""
 
     def __init__(self, model: Captioner, *, train_encoder: bool) -> None:
         super().__init__()
         self.model = model
         self.train_encoder = train_encoder
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, P, E), once per image; a frozen encoder runs without building a graph."""
+        if self.train_encoder:
+            return self.model.encode(images)
+        with torch.no_grad():
+            return self.model.encode(images)
+
+
+class XeForward(ImageForward):
+    """Stages 1-2: images -> features (once per image) -> teacher-forced outputs.
+
+    With ``scheduled_sampling > 0`` each step's input is, with that probability, a token drawn from
+    the model's own previous prediction instead of the reference (stepwise decoding; slower).
+    """
 
     def forward(
         self,
@@ -107,7 +111,7 @@ class XeForward(nn.Module):
         scheduled_sampling: float = 0.0,
         generator: torch.Generator | None = None,
     ) -> CaptionOutput:
-        features = encode_images(self.model, images, train_encoder=self.train_encoder)  # (B, P, E)
+        features = self.encode(images)  # (B, P, E)
         if scheduled_sampling > 0:
             return scheduled_sampling_forward(
                 self.model, features, captions, lengths, scheduled_sampling, generator

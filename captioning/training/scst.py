@@ -19,12 +19,11 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
 from captioning.data.vocab import END_ID, PAD_ID, START_ID
 from captioning.evaluation.cider import CiderD
 from captioning.model.captioner import Captioner, Generation
-from captioning.training.objective import encode_images
+from captioning.training.objective import ImageForward
 
 _SPECIALS = (PAD_ID, START_ID, END_ID)
 
@@ -83,13 +82,8 @@ def scst_loss(
     return total / weights.sum().clamp(min=1.0)
 
 
-class ScstForward(nn.Module):
-    """What DDP wraps in stage 3: images -> features -> K sampled captions with log-prob gradients."""
-
-    def __init__(self, model: Captioner, *, train_encoder: bool) -> None:
-        super().__init__()
-        self.model = model
-        self.train_encoder = train_encoder
+class ScstForward(ImageForward):
+    """Stage 3: images -> features -> K sampled captions with log-prob gradients."""
 
     def forward(
         self,
@@ -99,7 +93,7 @@ class ScstForward(nn.Module):
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
     ) -> tuple[Generation, torch.Tensor]:
-        features = encode_images(self.model, images, train_encoder=self.train_encoder)  # (B, P, E)
+        features = self.encode(images)  # (B, P, E)
         gen = self.model.generate(
             features,
             method="sample",

@@ -122,24 +122,16 @@ class ScstStep:
         model: Captioner,
         reward: CiderReward,
         opt: Optimization,
-        *,
-        num_samples: int,
-        baseline: str,
-        temperature: float,
-        max_len: int,
+        settings: ScstSettings,
         precision: str,
         device: torch.device,
         generator: torch.Generator,
     ) -> None:
-        if baseline == "mean" and num_samples < 2:
+        if settings.baseline == "mean" and settings.num_samples < 2:
             raise ValueError("train.scst.baseline='mean' needs train.scst.num_samples >= 2")
         self.forward, self.model, self.reward, self.opt = forward, model, reward, opt
-        self.num_samples, self.baseline, self.temperature, self.max_len = (
-            num_samples,
-            baseline,
-            temperature,
-            max_len,
-        )
+        self.num_samples, self.baseline = settings.num_samples, settings.baseline
+        self.temperature, self.max_len = settings.temperature, settings.max_len
         self.precision, self.device, self.generator = precision, device, generator
 
     def __call__(self, batch: Batch) -> StepMetrics:
@@ -212,16 +204,4 @@ def build_step(
         return opt, step
     if reward is None:
         raise ValueError("an SCST stage needs a CiderReward")
-    return opt, ScstStep(
-        ddp,
-        model,
-        reward,
-        opt,
-        num_samples=objective.num_samples,
-        baseline=objective.baseline,
-        temperature=objective.temperature,
-        max_len=objective.max_len,
-        precision=setup.precision,
-        device=device,
-        generator=generator,
-    )
+    return opt, ScstStep(ddp, model, reward, opt, objective, setup.precision, device, generator)

@@ -3,7 +3,7 @@
     result = fit_stage(setup, model, vocab, loaders, dist, tracker, cfg.eval)   # what train.py calls
 
 Plain functions that take their collaborators (STYLE habit 5): ``train_one_epoch`` runs batches
-through a step function (``captioning.training.steps``), ``validate`` decodes the validation split
+through a step function (``captioning.training.steps``), ``evaluate`` decodes the validation split
 with beam search and scores it with pycocoevalcap, ``fit_stage`` wires epochs, validation, the
 learning-rate schedule, early stopping, checkpoints and the final test evaluation. The stage's files
 and its completion marker are described in ``captioning.training.stage``.
@@ -142,29 +142,6 @@ def train_one_epoch(
     return {f"train/{k}": sum(w[k] * w["steps"] for w in windows) / total for k in keys}
 
 
-def validate(
-    model: Captioner,
-    loader: CaptionLoader,
-    vocab: Vocab,
-    dist: DistInfo,
-    ev: EvalConfig,
-    results_uri: str | None,
-) -> EvalResult:
-    """Beam-search the split and score it (every rank gets the same result)."""
-    return evaluate(
-        model,
-        loader,
-        vocab,
-        dist,
-        beam_size=ev.beam_size,
-        max_len=ev.max_len,
-        length_normalization=ev.length_normalization,
-        spice=ev.spice,
-        timeout_s=ev.java_timeout_s,
-        results_uri=results_uri,
-    )
-
-
 def save_training_checkpoint(
     setup: StageSetup,
     model: Captioner,
@@ -298,13 +275,13 @@ def fit_stage(
                 setup, model, vocab, opt, state, dist, generator
             ),
         )
-        result = validate(
+        result = evaluate(
             model,
             loaders[ev.split],
             vocab,
             dist,
             ev,
-            storage.join(setup.stage_dir, "val", f"epoch-{state.epoch + 1:03d}.json")
+            results_uri=storage.join(setup.stage_dir, "val", f"epoch-{state.epoch + 1:03d}.json")
             if dist.is_main
             else None,
         )
@@ -369,13 +346,13 @@ def finish_stage(
     else:
         model.load_state_dict(load_checkpoint(setup.best_uri)["model"])
     barrier(dist)
-    test = validate(
+    test = evaluate(
         model,
         loaders[ev.test_split],
         vocab,
         dist,
         ev,
-        storage.join(setup.stage_dir, "test-captions.json") if dist.is_main else None,
+        results_uri=storage.join(setup.stage_dir, "test-captions.json") if dist.is_main else None,
     )
     result = StageResult(
         stage=setup.name,
