@@ -42,6 +42,7 @@ from captioning.config import (
 )
 from captioning.services.cli import COMMANDS as SERVICE_COMMANDS
 from captioning.services.cli import add_parsers as add_service_parsers
+from captioning.tracking import TRACKERS
 
 if TYPE_CHECKING:
     from captioning.data.format import ShardManifest
@@ -149,7 +150,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --output")
     p.add_argument(
         "--tracker",
-        choices=("auto", "mlflow", "jsonl", "none"),
+        choices=TRACKERS,
         default="auto",
         help="auto: MLflow when tracking.tracking_uri or MLFLOW_TRACKING_URI is set, else OUTPUT/metrics.jsonl",
     )
@@ -307,6 +308,7 @@ def _cmd_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 
 def _train(args: argparse.Namespace, overrides: Sequence[str], cfg: Config, *, prefix: str = "") -> int:
     """The stage sequence (``captioning.stages.train_pipeline``), then every stage's test scores."""
+    from captioning.launch import LaunchError
     from captioning.stages import StageError, train_pipeline
     from captioning.tracking.report import scores_table
 
@@ -324,9 +326,12 @@ def _train(args: argparse.Namespace, overrides: Sequence[str], cfg: Config, *, p
             resume=args.resume,
             on_line=lambda line: print(f"{prefix}{line}", flush=True),
         )
-    except (StageError, RuntimeError) as exc:
+    except LaunchError as exc:  # a stage's torchrun failed or ran out of time: its last.pt resumes it
         print(f"{prefix}training failed: {exc}", file=sys.stderr)
         print(f"{prefix}continue it with the same command and --resume --output {output}", file=sys.stderr)
+        return exc.returncode or 1
+    except (StageError, RuntimeError) as exc:  # refused before training (the message says why)
+        print(f"{prefix}training: error: {exc}", file=sys.stderr)
         return 1
     minutes = (time.perf_counter() - start) / 60
     print(f"{prefix}test scores ({minutes:.1f} min of training, {output}):")

@@ -226,14 +226,21 @@ def register_stage(
     the stage's run), then the champion gate on its test ``metric``.
 
     ``champion_score``: the champion re-scored on the same test data (retraining on new data).
-    Returns the gate's decision as a dict (``Promotion`` plus ``promoted``).
+    Returns the gate's decision as a dict (``Promotion`` plus ``promoted``). Once per stage run: when
+    its run already has a version of ``model_name`` (a resumed pipeline whose stages were all done,
+    a retried task) that version is returned as it stands (``already_registered``), gate not re-run.
     """
     if result.run_id is None:
         raise RegistryError(f"stage {result.stage} has no MLflow run: cannot register its model")
     if metric not in result.test_scores:
         raise RegistryError(f"stage {result.stage} has no test {metric}: {sorted(result.test_scores)}")
+    client = connect(tracking_uri)
+    existing = registered_version(client, model_name, result.run_id, metric=f"test_{metric}")
+    if existing is not None:
+        log.info("%s: stage run %s is already version %s", model_name, result.run_id, existing["version"])
+        return existing
     promotion = register_checkpoint(
-        connect(tracking_uri),
+        client,
         model_name,
         result.run_id,
         result.checkpoint,
@@ -245,6 +252,33 @@ def register_stage(
     log.info("registered %s version %s (test %s %.4f): %s", model_name, promotion.version, metric,
              promotion.score, promotion.alias)  # fmt: skip
     return {**dataclasses.asdict(promotion), "promoted": promotion.promoted}
+
+
+def registered_version(client: MlflowClient, name: str, run_id: str, *, metric: str) -> dict[str, Any] | None:
+    """The version of ``name`` made from run ``run_id`` (its alias, score and the champion), or None."""
+    try:
+        found = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    if not found:
+        return None
+    version = str(min(int(v.version) for v in found))
+    aliases = _aliases(client, name)
+    alias = next((a for a, v in aliases.items() if v == version), None)
+    champ = aliases.get(CHAMPION)
+    return {
+        "name": name,
+        "version": version,
+        "alias": alias,
+        "score": _score_tag(client, name, version, metric),
+        "previous_champion": champ,
+        "previous_score": None if champ is None else _score_tag(client, name, champ, metric),
+        "metric": metric,
+        "promoted": alias == CHAMPION,
+        "already_registered": True,
+    }
 
 
 def checkpoint_from_model(model_uri: str, *, tracking_uri: str | None = None, dst: str | None = None) -> str:

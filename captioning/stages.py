@@ -27,7 +27,13 @@ from typing import Any
 from captioning import storage
 from captioning.config import Config, load_config, normalize_overrides, resolve_stages, without_keys
 from captioning.launch import LaunchError, run_streaming, torchrun_command
-from captioning.training.stage import StageResult, read_stage_result, stage_status
+from captioning.training.stage import (
+    SettingsChanged,
+    StageResult,
+    finished_result,
+    read_stage_result,
+    stage_status,
+)
 
 DEFAULT_METRIC = "CIDEr"  # what picks the best stage, as the registry's champion gate compares
 
@@ -48,8 +54,19 @@ def stage_args(
     parent_run_id: str | None = None,
     tracker: str = "auto",
 ) -> list[str]:
-    """The arguments of ``captioning.train`` (``main(argv)``) for one stage."""
-    args = ["--stage", stage, "--config", recipe, "--output", output, "--tracker", tracker]
+    """The arguments of ``captioning.train`` (``main(argv)``) for one stage of a pipeline (which warns
+    about inert options once, itself)."""
+    args = [
+        "--stage",
+        stage,
+        "--config",
+        recipe,
+        "--output",
+        output,
+        "--tracker",
+        tracker,
+        "--no-config-warnings",
+    ]
     if init_from:
         args += ["--init-from", init_from]
     if parent_run_id:
@@ -108,9 +125,12 @@ def launch_stage(
     cfg = load_config(recipe, normalize_overrides(overrides))  # a bad override fails here, before a launch
     status = stage_status(output, stage)
     if status == "finished":
-        on_line(f"stage {stage} already finished in {storage.join(output, stage)}; not launched again")
-        found = read_stage_result(output, stage)
+        try:
+            found = finished_result(output, stage, cfg.to_dict())
+        except SettingsChanged as exc:
+            raise StageError(str(exc)) from None
         assert found is not None
+        on_line(f"stage {stage} already finished in {storage.join(output, stage)}; not launched again")
         return found
     cmd = stage_command(
         recipe,

@@ -39,9 +39,8 @@ from captioning.data.vocab import Vocab
 from captioning.model.captioner import Captioner
 from captioning.model.checkpoint import captioner_from_checkpoint
 from captioning.model.factory import build_captioner, build_embeddings
-from captioning.tracking import Tracker
-from captioning.tracking.client import TrackingUnavailable
-from captioning.tracking.runs import TRACKERS, open_stage_tracker
+from captioning.tracking import TRACKERS, Tracker, TrackingUnavailable
+from captioning.tracking.runs import open_stage_tracker
 from captioning.training.dist import (
     DistInfo,
     barrier,
@@ -53,10 +52,11 @@ from captioning.training.dist import (
 from captioning.training.reporting import TrackerReporter
 from captioning.training.scst import CiderReward
 from captioning.training.stage import (
+    SettingsChanged,
     StageResult,
     StageSetup,
     build_stage_setup,
-    read_stage_result,
+    finished_result,
     stage_status,
 )
 from captioning.training.trainer import fit_stage
@@ -87,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
         "else OUTPUT/metrics.jsonl",
     )
     p.add_argument("--parent-run-id", help="MLflow run to report under (the pipeline's parent run)")
+    p.add_argument(
+        "--no-config-warnings",
+        action="store_true",
+        help="do not print the config's inert-option warnings (a pipeline printed them once for its stages)",
+    )
     return p
 
 
@@ -166,13 +171,16 @@ def main(argv: Sequence[str] | None = None, *, tracker: Tracker | None = None) -
         format=f"%(asctime)s [rank {dist.rank}] %(name)s: %(message)s",
     )
     cfg = load_config(args.config, overrides)
-    if dist.is_main and not args.parent_run_id:  # a pipeline warned once for all its stages
+    if dist.is_main and not args.no_config_warnings:
         for warning in config_warnings(cfg):
             logger.warning("config: %s", warning)
     output = args.output or storage.join(cfg.storage.run_dir, cfg.recipe)
     status = stage_status(output, args.stage)
     if status == "finished":
-        done = read_stage_result(output, args.stage)
+        try:
+            done = finished_result(output, args.stage, cfg.to_dict())
+        except SettingsChanged as exc:
+            raise TrainError(str(exc)) from None
         assert done is not None
         logger.info("stage %s already finished in %s; nothing to train", args.stage, output)
         return done
@@ -180,7 +188,13 @@ def main(argv: Sequence[str] | None = None, *, tracker: Tracker | None = None) -
     if tracker is None:  # before the process group: an unreachable server fails fast
         try:
             tracker = open_stage_tracker(
-                args.tracker, cfg, output, args.stage, parent_run_id=args.parent_run_id, is_main=dist.is_main
+                args.tracker,
+                cfg,
+                output,
+                args.stage,
+                parent_run_id=args.parent_run_id,
+                world_size=dist.world_size,
+                is_main=dist.is_main,
             )
         except TrackingUnavailable as exc:
             raise TrainError(str(exc)) from None

@@ -110,7 +110,7 @@ def retrain(
         "data": data,
         "champion_before": version,
         "champion_scores": incumbent["scores"],
-        "retrained": retrained.to_json(),
+        "outcome": retrained.to_json(),  # the fine-tuned stage's result
         "registered": promotion,
         "mlflow_run_id": run_id,
     }

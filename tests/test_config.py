@@ -277,9 +277,12 @@ def test_normalize_overrides() -> None:
 def test_without_keys_drops_train_stages_only() -> None:
     from captioning.config import without_keys
 
-    given = ["train.stages=xe", "--train.stages=xe,scst", "train.xe.epochs=2", "--data.shard_dir=x"]
-    assert without_keys(given, "train.stages") == ["--train.xe.epochs=2", "--data.shard_dir=x"]
+    given = ["train.stages=xe", "--train.stages=xe,scst", "train.xe.epochs=2", "--train.stages_extra=1"]
+    assert without_keys(given, "train.stages") == ["--train.xe.epochs=2", "--train.stages_extra=1"]
     assert without_keys(None, "train.stages") == []
+    # A section drops every key under it, and only those.
+    local = ["--data.local.karpathy_json=a.json", "--data.localish=1", "--data.dataset=local"]
+    assert without_keys(local, "data.local", "data.dataset") == ["--data.localish=1"]
 
 
 def test_resolve_stages() -> None:

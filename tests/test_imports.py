@@ -15,9 +15,11 @@ def imported_after(statement: str) -> set[str]:
 
 
 def test_import_captioning_pulls_in_neither_prefect_nor_mlflow() -> None:
+    """A stage process that tracks to JSON lines (or nothing) never loads MLflow."""
     modules = imported_after(
         "import captioning, captioning.config, captioning.cli, captioning.vision, "
-        "captioning.data.records, captioning.data.vocab, captioning.data.synthetic"
+        "captioning.data.records, captioning.data.vocab, captioning.data.synthetic, "
+        "captioning.train, captioning.stages, captioning.tracking.runs"
     )
     for heavy in ("prefect", "mlflow"):
         assert heavy not in modules, f"importing captioning imported {heavy}"

@@ -150,7 +150,9 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Data:
     for name, content in _bad_files().items():
         (root / "bad" / name).write_bytes(content)
     records = list(read_karpathy(synth.json_path).records) + _bad_records()
-    train, _ = apply_length_policy([r for r in records if r.split == "train"], max_caption_len=MAX_LEN)
+    train, _ = apply_length_policy(
+        [r for r in records if r.split == "train"], max_caption_len=MAX_LEN, overlong="drop"
+    )
     return Data(root, synth.json_path, records, build_vocab(train, min_word_freq=2))
 
 
@@ -218,7 +220,7 @@ def test_samples_follow_the_contract(data: Data, built: tuple[Path, ShardManifes
     samples = {s["__key__"]: s for s in wds.WebDataset(urls, shardshuffle=False).decode("pil")}
     by_id = {r.image_id: r for r in data.records}
     train_kept, _ = apply_length_policy(
-        [r for r in data.records if r.split == "train"], max_caption_len=MAX_LEN
+        [r for r in data.records if r.split == "train"], max_caption_len=MAX_LEN, overlong="drop"
     )
     expected_captions = {r.image_id: r.captions for r in train_kept}
     expected_captions.update({r.image_id: r.captions for r in data.records if r.split != "train"})

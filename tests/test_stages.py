@@ -14,10 +14,19 @@ from captioning import stages, storage
 from captioning.config import ConfigError, load_config
 from captioning.launch import LaunchError, LaunchResult, torchrun_command
 from captioning.stages import StageError, best_stage, run_output, run_stages, stage_command
-from captioning.training.stage import RESULT_FILE, StageResult, read_stage_result, stage_status
+from captioning.training.stage import (
+    RESULT_FILE,
+    StageResult,
+    read_stage_result,
+    settings_fingerprint,
+    stage_status,
+)
+
+DEMO_EPOCH_1 = settings_fingerprint(load_config("demo", ["--train.xe.epochs=1"]).to_dict())
 
 
 def result(stage: str, scores: Mapping[str, float], output: str = "runs/demo/r1") -> StageResult:
+    """A finished stage's result, as trained with the demo recipe and ``train.xe.epochs=1``."""
     return StageResult(
         stage=stage,
         checkpoint=f"{output}/{stage}/best.pt",
@@ -33,6 +42,7 @@ def result(stage: str, scores: Mapping[str, float], output: str = "runs/demo/r1"
         duration_s=1.0,
         world_size=2,
         run_id=f"run-{stage}",
+        settings=DEMO_EPOCH_1,
     )
 
 
@@ -107,6 +117,7 @@ def test_stage_command() -> None:
     assert cmd[:5] == torchrun_command([], nproc_per_node=2)
     assert args_after_module(cmd) == [
         "--stage", "xe", "--config", "demo", "--output", "runs/demo/r1", "--tracker", "auto",
+        "--no-config-warnings",
     ]  # fmt: skip
     full = stage_command(
         "demo",
@@ -120,7 +131,7 @@ def test_stage_command() -> None:
     )
     assert args_after_module(full) == [
         "--stage", "finetune", "--config", "demo", "--output", "runs/demo/r1", "--tracker", "mlflow",
-        "--init-from", "runs/demo/r1/xe/best.pt", "--parent-run-id", "abc123", "--train.finetune.epochs=1",
+        "--no-config-warnings", "--init-from", "runs/demo/r1/xe/best.pt", "--parent-run-id", "abc123", "--train.finetune.epochs=1",
     ]  # fmt: skip
 
 
@@ -194,6 +205,12 @@ def test_a_finished_stage_is_not_launched_again(root: str, monkeypatch: pytest.M
     # The overrides are still checked first.
     with pytest.raises(ConfigError, match="no_such_key"):
         stages.launch_stage("demo", "xe", output, ["train.no_such_key=1"], on_line=lines.append)
+    # Where it reports may change; what shapes it may not: never reused under other settings.
+    assert (
+        stages.launch_stage("demo", "xe", output, ["train.xe.epochs=1", "tracking.experiment=x"]) == recorded
+    )
+    with pytest.raises(StageError, match="trained with other settings"):
+        stages.launch_stage("demo", "xe", output, ["train.xe.epochs=2"], on_line=lines.append)
 
 
 class FakeLaunch:

@@ -154,7 +154,7 @@ def test_registry_errors_are_not_retried_other_failures_are() -> None:
     from prefect.states import Failed
 
     from captioning.registry import RegistryError
-    from captioning.tracking.client import TrackingUnavailable
+    from captioning.tracking import TrackingUnavailable
 
     for task in (tracking.fetch_champion, tracking.register_model):
         condition = task.retry_condition_fn

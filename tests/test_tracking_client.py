@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 from s3server import free_port
 
-from captioning.tracking.client import TrackingUnavailable, connect, flatten
+from captioning.tracking import TrackingUnavailable, flatten
+from captioning.tracking.client import connect
 
 
 def test_flatten_nests_with_dots() -> None:

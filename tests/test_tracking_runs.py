@@ -9,8 +9,7 @@ import pytest
 
 from captioning import storage
 from captioning.config import Config, load_config
-from captioning.tracking import NullTracker
-from captioning.tracking.client import TrackingUnavailable
+from captioning.tracking import NullTracker, TrackingUnavailable
 from captioning.tracking.jsonl import JsonlTracker, metric_history, read_jsonl
 from captioning.tracking.runs import (
     METRICS_FILE,

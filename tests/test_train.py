@@ -32,7 +32,7 @@ from captioning.model.checkpoint import load_checkpoint
 from captioning.stages import StageError, train_pipeline
 from captioning.tracking.jsonl import metric_history, read_jsonl
 from captioning.train import TrainError, main
-from captioning.training.stage import StageResult
+from captioning.training.stage import SettingsChanged, StageResult
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -199,6 +199,15 @@ def test_one_stage_per_process_and_a_finished_stage_returns_its_result(
     before = (tmp_path / "run" / "xe" / "best.pt").stat().st_mtime_ns
     assert main(args) == first  # the rule: result.json means done
     assert (tmp_path / "run" / "xe" / "best.pt").stat().st_mtime_ns == before
+    # ... but only for the same settings: another epoch count is refused, naming the difference.
+    changed = ["--stage", "xe", "--config", "demo", "--output", out, "--tracker", "none", *data]
+    with pytest.raises(TrainError, match=r"train\.xe\.epochs: 1 -> 2"):
+        main([*changed, *tiny("--train.xe.epochs=2")])
+    # An interrupted stage (last.pt, no result) is not continued under other settings either.
+    (tmp_path / "run" / "xe" / "result.json").unlink()
+    with pytest.raises(SettingsChanged, match=r"data\.loader\.batch_size: 8 -> 4"):
+        main([*changed, *tiny("--data.loader.batch_size=4")])
+    assert not (tmp_path / "run" / "xe" / "result.json").exists()
 
 
 def test_missing_shards_is_a_clear_error(tmp_path: Path) -> None:
@@ -285,6 +294,14 @@ def test_torchrun_two_processes_runs_all_three_stages_into_mlflow(
     assert summary["registered"]["alias"] == "champion" and summary["registered"]["promoted"]
     assert client.get_model_version_by_alias(name, "champion").run_id == runs[best].info.run_id
     assert "model" in {f.path for f in client.list_artifacts(runs[best].info.run_id)}
+    # Resumed when every stage is done: nothing launched, nothing registered twice.
+    lines.clear()
+    again = train_pipeline(
+        "demo", [*data, *TINY, *tracking], output=str(out), resume=True, on_line=lines.append
+    )
+    assert not any(line.startswith("torchrun") for line in lines)
+    assert again["registered"]["already_registered"] and again["registered"]["version"] == versions[0].version
+    assert len(client.search_model_versions(f"name='{name}'")) == 1
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)  # models:/ URIs resolve through it
     captioner = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     buffer = io.BytesIO()

@@ -84,8 +84,13 @@ def test_length_policy_truncate() -> None:
 
 
 def test_length_policy_defaults_keep_fifty() -> None:
+    from captioning.config import DataConfig
+
     records = [record(1, "train", " ".join(["w"] * 50), " ".join(["w"] * 51))]
-    kept, stats = apply_length_policy(records)
+    defaults = DataConfig()  # the defaults live in the config
+    kept, stats = apply_length_policy(
+        records, max_caption_len=defaults.max_caption_len, overlong=defaults.overlong_captions
+    )
     assert (stats.num_kept, stats.num_dropped) == (1, 1)
     assert len(kept[0].captions[0].tokens) == 50
 
@@ -95,7 +100,7 @@ def test_length_policy_defaults_keep_fifty() -> None:
 )
 def test_length_policy_rejects_bad_arguments(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        apply_length_policy(_length_corpus(), **kwargs)
+        apply_length_policy(_length_corpus(), **{"max_caption_len": 3, "overlong": "drop", **kwargs})
 
 
 # ---------------------------------------------------------------- building

@@ -198,10 +198,14 @@ def normalize_overrides(overrides: Sequence[str] | None) -> list[str]:
     return [o if o.startswith("--") else f"--{o}" for o in (overrides or [])]
 
 
-def without_keys(overrides: Sequence[str] | None, *prefixes: str) -> list[str]:
-    """The overrides (command-line form) minus those whose key starts with one of ``prefixes``
-    (``"train.stages"``: a stage launch sets its own)."""
-    return [o for o in normalize_overrides(overrides) if not o[2:].split("=", 1)[0].startswith(prefixes)]
+def without_keys(overrides: Sequence[str] | None, *keys: str) -> list[str]:
+    """The overrides (command-line form) minus those that set one of ``keys``, or a key under a
+    section among them (``"train.stages"``: a stage launch trains its own stage)."""
+
+    def dropped(key: str) -> bool:
+        return any(key == k or key.startswith(k + ".") for k in keys)
+
+    return [o for o in normalize_overrides(overrides) if not dropped(o[2:].split("=", 1)[0])]
 
 
 def resolve_stages(stages: Sequence[str] | None, cfg: Config) -> list[str]:

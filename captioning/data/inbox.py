@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from captioning.config import Config, normalize_overrides
+from captioning.config import Config, without_keys
 from captioning.data.format import sha256_file
 from captioning.data.records import read_karpathy
 
@@ -102,8 +102,7 @@ def new_data_overrides(
         raise FileNotFoundError(f"new data: no split file at {karpathy_json}")
     images = image_dir or os.path.dirname(os.path.abspath(karpathy_json))
     shard_dir = f"{cfg.data.shard_dir.rstrip('/')}-new/{dataset_id(karpathy_json)}"
-    replaced = ("--data.dataset", "--data.shard_dir", "--data.local.")
-    kept = [o for o in normalize_overrides(overrides) if not o.split("=", 1)[0].startswith(replaced)]
+    kept = without_keys(overrides, "data.dataset", "data.shard_dir", "data.local")
     return [
         *kept,
         "--data.dataset=local",

@@ -2,7 +2,7 @@
 
 Usage::
 
-    records, stats = apply_length_policy(dataset.records, max_caption_len=50)
+    records, stats = apply_length_policy(dataset.records, max_caption_len=50, overlong="drop")
     vocab = build_vocab(records, min_word_freq=5)
     vocab.save("vocab.json")
     ids = vocab.encode(["a", "man", "rides"])      # [START_ID, ..., END_ID]
@@ -47,7 +47,7 @@ class LengthStats:
 
 
 def apply_length_policy(
-    records: Iterable[ImageRecord], *, max_caption_len: int = 50, overlong: str = "drop"
+    records: Iterable[ImageRecord], *, max_caption_len: int, overlong: str
 ) -> tuple[list[ImageRecord], LengthStats]:
     """Drop or truncate captions longer than ``max_caption_len`` tokens, in every split.
 
@@ -233,7 +233,7 @@ class Vocab:
             raise VocabError(f"{path}: {e}") from None
 
 
-def build_vocab(records: Iterable[ImageRecord], *, min_word_freq: int = 5) -> Vocab:
+def build_vocab(records: Iterable[ImageRecord], *, min_word_freq: int) -> Vocab:
     """Count words over the captions of "train" records only and keep those seen >= min_word_freq times.
 
     Val and test words never enter, so evaluation cannot leak into the vocabulary. Order after the

@@ -1,4 +1,6 @@
-"""What the trainer reports to: the ``Tracker`` protocol, and ``NullTracker`` that drops everything.
+"""What the trainer reports to: the ``Tracker`` protocol, ``NullTracker`` that drops everything, the
+tracker kinds a run may ask for, and what every kind shares (flat parameters, the unreachable-server
+error). Nothing here imports MLflow: a run without it never loads it.
 
     tracker = JsonlTracker("runs/demo/metrics.jsonl", run_name="pipeline")   # tracking/jsonl.py
     stage = tracker.child("xe")                       # one child per stage or evaluation
@@ -17,8 +19,15 @@ them: ``train/loss``, ``train/lr_decoder``, ``val/CIDEr``, ``test/BLEU-4``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any, Protocol
+
+TRACKERS = ("auto", "mlflow", "jsonl", "none")  # auto: mlflow when a tracking URI is configured, else jsonl
+
+
+class TrackingUnavailable(RuntimeError):
+    """The MLflow tracking server does not answer (or none is configured where one is needed)."""
 
 
 class Tracker(Protocol):
@@ -59,3 +68,20 @@ class NullTracker:
 
     def close(self, status: str = "FINISHED") -> None:
         pass
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested mappings (and dataclass instances) to dotted keys with ``str()`` values.
+
+    ``flatten({"train": {"xe": {"lr": 4e-4}}, "seed": 1})`` -> ``{"train.xe.lr": "0.0004", "seed": "1"}``.
+    """
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = dataclasses.asdict(value)
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)
+    return flat

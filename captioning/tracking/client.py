@@ -4,7 +4,7 @@
     connect("http://127.0.0.1:5000")    # raises TrackingUnavailable when nothing answers in time
 
 Also here: ``Backend`` (a tracker's own calls to the server), ``is_transient`` (what is worth a
-retry), ``ensure_experiment``, and the param helpers ``flatten`` and ``truncate``.
+retry), ``ensure_experiment``, and the param helper ``truncate``.
 
 Why our own REST store: MLflow 3.17 reads MLFLOW_HTTP_REQUEST_MAX_RETRIES (default 7, backoff factor 2:
 about four minutes of retries against a dead server) and MLFLOW_HTTP_REQUEST_TIMEOUT (120 s) from the
@@ -16,7 +16,6 @@ keep MLflow's own retries (they run on their own thread; a long upload must not 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 import urllib.parse
@@ -31,16 +30,14 @@ from mlflow.utils.credentials import get_default_host_creds
 from mlflow.utils.proto_json_utils import parse_dict
 from mlflow.utils.rest_utils import http_request, verify_rest_response
 
+from captioning.tracking import TrackingUnavailable
+
 TRUNCATION_MARKER = "...[truncated]"
 PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
 # The retry policy of a tracker's background threads: 0.5 s doubling up to 5 s.
 MAX_BACKOFF_S = 5.0
 FIRST_BACKOFF_S = 0.5
-
-
-class TrackingUnavailable(RuntimeError):
-    """The MLflow tracking server does not answer."""
 
 
 def _is_http(uri: str) -> bool:
@@ -207,23 +204,6 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
             f"`mlflow experiments restore --experiment-id {experiment.experiment_id}` or choose another name"
         )
     return str(experiment.experiment_id)
-
-
-def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested mappings (and dataclass instances) to dotted keys with ``str()`` values.
-
-    ``flatten({"train": {"xe": {"lr": 4e-4}}, "seed": 1})`` -> ``{"train.xe.lr": "0.0004", "seed": "1"}``.
-    """
-    flat: dict[str, str] = {}
-    for key, value in params.items():
-        name = f"{prefix}{key}"
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            value = dataclasses.asdict(value)
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = str(value)
-    return flat
 
 
 def truncate(value: str, limit: int) -> str:

@@ -24,7 +24,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 
-from captioning.tracking.client import PARENT_TAG, TrackingUnavailable, connect
+from captioning.tracking import TrackingUnavailable
+from captioning.tracking.client import PARENT_TAG, connect
 
 logger = logging.getLogger(__name__)
 

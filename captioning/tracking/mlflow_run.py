@@ -42,6 +42,7 @@ from mlflow.entities import RunStatus
 from mlflow.tracking.context.registry import resolve_tags
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
+from captioning.tracking import flatten
 from captioning.tracking.artifacts import ArtifactUploads
 from captioning.tracking.client import (
     FIRST_BACKOFF_S,
@@ -49,7 +50,6 @@ from captioning.tracking.client import (
     RUN_NAME_TAG,
     Backend,
     ensure_experiment,
-    flatten,
     is_transient,
     now_ms,
     redact,

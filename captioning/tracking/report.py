@@ -57,7 +57,8 @@ def latest_pipeline_run(client: Any, experiment: str) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from captioning.registry import CHAMPION, champion
-    from captioning.tracking.client import TrackingUnavailable, connect
+    from captioning.tracking import TrackingUnavailable
+    from captioning.tracking.client import connect
 
     p = argparse.ArgumentParser(
         prog="python -m captioning.tracking.report", description=__doc__.split("\n")[0]

@@ -11,7 +11,8 @@ stage process reports to under it; evaluation runs.
 
 Tracker kinds: ``mlflow`` (``tracking.tracking_uri`` or MLFLOW_TRACKING_URI), ``jsonl``
 (``OUTPUT/metrics.jsonl``: the parent is run ``run``, a stage ``run/STAGE``), ``none``; ``auto`` is
-mlflow when a tracking URI is configured, else jsonl. The flows always use MLflow.
+mlflow when a tracking URI is configured, else jsonl. The flows always use MLflow. MLflow itself is
+imported only where an MLflow run is opened: a jsonl or untracked run never loads it.
 """
 
 from __future__ import annotations
@@ -25,21 +26,35 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from captioning import storage
 from captioning.config import Config
 from captioning.data.format import MANIFEST_FILE, VOCAB_FILE
-from captioning.tracking import NullTracker, Tracker
-from captioning.tracking.client import TrackingUnavailable, connect, flatten
+from captioning.tracking import TRACKERS, NullTracker, Tracker, TrackingUnavailable, flatten
 from captioning.tracking.jsonl import JsonlTracker
-from captioning.tracking.mlflow_run import MlflowTracker
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from captioning.tracking.mlflow_run import MlflowTracker
 
 logger = logging.getLogger(__name__)
 
-TRACKERS = ("auto", "mlflow", "jsonl", "none")
 METRICS_FILE = "metrics.jsonl"
 PIPELINE_RUN = "run"  # the JSON-lines parent's run name
+
+
+def _connect(uri: str | None, **kwargs: Any) -> MlflowClient:
+    from captioning.tracking.client import connect
+
+    return connect(uri, **kwargs)
+
+
+def _mlflow_tracker() -> type[MlflowTracker]:
+    from captioning.tracking.mlflow_run import MlflowTracker
+
+    return MlflowTracker
 
 
 def configured_uri(cfg: Config) -> str | None:
@@ -128,6 +143,7 @@ def open_stage_tracker(
     stage: str,
     *,
     parent_run_id: str | None = None,
+    world_size: int = 1,
     is_main: bool = True,
 ) -> Tracker:
     """Rank 0's tracker for one stage; every other rank gets a NullTracker.
@@ -148,16 +164,16 @@ def open_stage_tracker(
             )
             return NullTracker()
         return JsonlTracker(os.path.join(output, METRICS_FILE), run_name=f"{PIPELINE_RUN}/{stage}")
-    client = connect(configured_uri(cfg), timeout_s=cfg.tracking.connect_timeout_s)
+    client = _connect(configured_uri(cfg), timeout_s=cfg.tracking.connect_timeout_s)
     settings = _mlflow_settings(cfg, output)
     if parent_run_id:
-        tracker = MlflowTracker.start_run(
+        tracker = _mlflow_tracker().start_run(
             client, cfg.tracking.experiment, stage, parent_run_id=parent_run_id, **settings
         )
     else:
         run_name = f"{cfg.recipe}-{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
-        tracker = MlflowTracker.start_run(client, cfg.tracking.experiment, run_name, **settings)
-        describe_run(tracker, cfg, [stage], 0)
+        tracker = _mlflow_tracker().start_run(client, cfg.tracking.experiment, run_name, **settings)
+        describe_run(tracker, cfg, [stage], world_size)
     logger.info("MLflow: stage %s in run %s at %s", stage, tracker.run_id, client.tracking_uri)
     return tracker
 
@@ -173,8 +189,8 @@ def start_pipeline_run(
 ) -> str:
     """Create and describe the MLflow parent run of a pipeline; its id. The run stays RUNNING: each
     stage reports under it (``--parent-run-id``) and ``end_pipeline_run`` ends it."""
-    tracker = MlflowTracker.start_run(
-        connect(tracking_uri or tracking_uri_of(cfg), timeout_s=cfg.tracking.connect_timeout_s),
+    tracker = _mlflow_tracker().start_run(
+        _connect(tracking_uri or tracking_uri_of(cfg), timeout_s=cfg.tracking.connect_timeout_s),
         cfg.tracking.experiment,
         run_name,
         tags=dict(tags or {}),
@@ -198,7 +214,7 @@ def end_pipeline_run(
     tracking_uri: str | None = None,
 ) -> None:
     """Log the pipeline's final figures on its parent run and end it with ``status``."""
-    client = connect(tracking_uri)
+    client = _connect(tracking_uri)
     for metric, number in (metrics or {}).items():
         client.log_metric(run_id, metric, float(number))
     for tag, text in (tags or {}).items():
@@ -245,8 +261,8 @@ def log_evaluation(
     tracking_uri: str | None = None,
 ) -> str:
     """An MLflow run holding an evaluation's scores (and its captions file); its run id."""
-    tracker = MlflowTracker.start_run(
-        connect(tracking_uri),
+    tracker = _mlflow_tracker().start_run(
+        _connect(tracking_uri),
         experiment,
         run_name,
         parent_run_id=parent_run_id,

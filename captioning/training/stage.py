@@ -17,17 +17,23 @@ Files of a stage under ``OUTPUT/STAGE/`` (a local folder or s3://), written by r
 The rule (``stage_status``), applied by the stage's own process (``captioning.train``) and by the
 launcher that decides whether to start one (``captioning.stages``): ``result.json`` present ->
 finished (its result stands, nothing runs); else ``last.pt`` present -> interrupted (training
-resumes from it, exactly); else new.
+resumes from it, exactly); else new. Either way only under the same settings: a stage that finished
+(``finished_result``) or was interrupted (``check_same_settings`` against ``last.pt``) with other
+settings is refused with the differences named, never silently reused or continued. Where a run
+reports (``tracking.*``) and which other stages it runs (``train.stages``) may differ.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from captioning import storage
-from captioning.config import STAGES, Config
+from captioning.config import STAGES, Config, valid_keys
 
 RESULT_FILE = "result.json"
 LAST_CHECKPOINT = "last.pt"
@@ -176,6 +182,7 @@ class StageResult:
     duration_s: float
     world_size: int
     run_id: str | None  # the stage's MLflow run (None without MLflow)
+    settings: str  # settings_fingerprint of the config it was trained with
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -213,3 +220,76 @@ def read_stage_result(output: str, stage: str) -> StageResult | None:
         return StageResult.from_json(storage.read_json(uri))
     except ValueError as exc:
         raise ValueError(f"{uri}: {exc}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# The same settings, or a refusal
+# --------------------------------------------------------------------------------------------------
+
+
+def _is_free(key: str) -> bool:
+    """Settings a stage may be run again with changed: where it reports, which other stages run."""
+    return key.startswith("tracking.") or key == "train.stages"
+
+
+def _lookup(config: Mapping[str, Any], key: str) -> Any:
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return "(unset)"
+        node = node[part]
+    return node
+
+
+def settings_fingerprint(config: Mapping[str, Any]) -> str:
+    """sha256 of every setting of a resolved config (``Config.to_dict()``) that shapes a stage."""
+    kept = {key: _lookup(config, key) for key in valid_keys() if not _is_free(key)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def changed_settings(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """``key: recorded -> current`` for every setting that shapes a stage and differs."""
+    changes = []
+    for key in valid_keys():
+        old, new = _lookup(recorded, key), _lookup(current, key)
+        if not _is_free(key) and old != new:
+            changes.append(f"{key}: {old!r} -> {new!r}")
+    return changes
+
+
+class SettingsChanged(ValueError):
+    """A stage folder holds a stage trained with other settings than the ones asked for now."""
+
+
+def check_same_settings(recorded: Mapping[str, Any], current: Mapping[str, Any], where: str) -> None:
+    """SettingsChanged naming the differences when ``where`` was trained with other settings."""
+    changes = changed_settings(recorded, current)
+    if changes:
+        more = f" and {len(changes) - 5} more" if len(changes) > 5 else ""
+        raise SettingsChanged(
+            f"{where} was trained with other settings ({'; '.join(changes[:5])}{more}): run it with the "
+            "settings it was trained with, or give the new run an output folder of its own"
+        )
+
+
+def finished_result(output: str, stage: str, config: Mapping[str, Any]) -> StageResult | None:
+    """The stage's result when it finished under ``output`` with these settings (``config``: the
+    resolved config, ``Config.to_dict()``); None when it has not finished; SettingsChanged when it
+    finished with other settings (the differences read from its best.pt)."""
+    result = read_stage_result(output, stage)
+    if result is None or result.settings == settings_fingerprint(config):
+        return result
+    from captioning.model.checkpoint import load_checkpoint  # torch: only on this error path
+
+    where = storage.join(output, stage)
+    try:
+        recorded = load_checkpoint(result.checkpoint).get("config") or {}
+    except (OSError, ValueError) as exc:  # the differences cannot be named, the refusal stands
+        raise SettingsChanged(
+            f"{where} was trained with other settings (its best.pt, which records them, cannot be read: "
+            f"{exc}): give the new run an output folder of its own"
+        ) from None
+    check_same_settings(recorded, config, where)
+    raise SettingsChanged(
+        f"{where} was trained with other settings: give the new run an output folder of its own"
+    )

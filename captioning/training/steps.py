@@ -1,6 +1,6 @@
 """A training step of each kind, and the optimisation it updates: what ``train_one_epoch`` calls per batch.
 
-    opt, step_fn = build_step(setup, model, dist, generator, reward)   # wired from a StageSetup
+    opt, step_fn = build_step(setup, model, dist, generator, reward, len(train_loader))   # from a StageSetup
     metrics = step_fn(batch)                                            # forward, loss, backward, update
 
 ``XeStep`` (stages 1-2): encode once per image, teacher-force its captions, masked cross-entropy plus

@@ -35,7 +35,13 @@ from captioning.tracking import Tracker
 from captioning.training.dist import DistInfo, all_gather_object, all_reduce_sum, barrier
 from captioning.training.optim import group_lrs
 from captioning.training.scst import CiderReward
-from captioning.training.stage import StageResult, StageSetup, XeSettings
+from captioning.training.stage import (
+    StageResult,
+    StageSetup,
+    XeSettings,
+    check_same_settings,
+    settings_fingerprint,
+)
 from captioning.training.state import TrainState, capture_rng, restore_rng
 from captioning.training.steps import Optimization, StepMetrics, XeStep, build_step
 
@@ -195,6 +201,7 @@ def resume_stage(
 ) -> None:
     """Load last.pt into the model, optimisation, state and this rank's RNGs."""
     ckpt = load_checkpoint(setup.last_uri)
+    check_same_settings(ckpt.get("config") or {}, setup.config, setup.stage_dir)
     if ckpt.get("stage") != setup.name:
         raise ValueError(f"{setup.last_uri} belongs to stage {ckpt.get('stage')!r}, not {setup.name!r}")
     if ckpt["world_size"] != dist.world_size:
@@ -213,11 +220,6 @@ def resume_stage(
         state.batch_in_epoch,
         state.step,
     )
-
-
-# --------------------------------------------------------------------------------------------------
-# A stage
-# --------------------------------------------------------------------------------------------------
 
 
 # --------------------------------------------------------------------------------------------------
@@ -369,6 +371,7 @@ def finish_stage(
         duration_s=round(time.perf_counter() - start, 3),
         world_size=dist.world_size,
         run_id=getattr(tracker, "run_id", None),  # rank 0's tracker; the others hold a NullTracker
+        settings=settings_fingerprint(setup.config),
     )
     if dist.is_main:
         tracker.log_metrics({f"test/{k}": v for k, v in test.scores.items()}, step=state.step)
