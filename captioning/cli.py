@@ -428,9 +428,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"captioning {args.command}: config error: {exc}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError) as exc:
+    except Exception as exc:
+        if not isinstance(exc, (ValueError, FileNotFoundError, *_data_errors())):
+            raise
         print(f"captioning {args.command}: error: {exc}", file=sys.stderr)
         return 1
+
+
+def _data_errors() -> tuple[type[Exception], ...]:
+    """The data path's refusals that carry their own one-line message (a download that failed or
+    does not match its checksum); imported only when an exception is on its way out."""
+    from captioning.data.download import DownloadError
+
+    return (DownloadError,)
 
 
 if __name__ == "__main__":

@@ -333,7 +333,7 @@ def test_process_pool_gives_the_same_bytes(
 
 
 def test_dask_cluster_gives_the_same_bytes(
-    data: Data, built: tuple[Path, ShardManifest], tmp_path: Path
+    data: Data, built: tuple[Path, ShardManifest], tmp_path: Path, subprocess_tree: None
 ) -> None:
     from distributed import LocalCluster
 
@@ -431,7 +431,7 @@ if __name__ == "__main__":
 """
 
 
-def test_sigkill_then_rerun_gives_identical_shards(data: Data, tmp_path: Path) -> None:
+def test_sigkill_then_rerun_gives_identical_shards(data: Data, tmp_path: Path, subprocess_tree: None) -> None:
     records = read_karpathy(data.json_path).records  # the 32 synthetic images
     vocab_path = tmp_path / "vocab.json"
     data.vocab.save(vocab_path)
@@ -543,7 +543,7 @@ def test_inspect_reports_counts_and_decodes_samples(built: tuple[Path, ShardMani
 
 
 def test_dask_without_address_starts_a_local_cluster(
-    data: Data, built: tuple[Path, ShardManifest], tmp_path: Path
+    data: Data, built: tuple[Path, ShardManifest], tmp_path: Path, subprocess_tree: None
 ) -> None:
     write_shards(
         data.records, data.vocab, data.source, str(tmp_path), num_procs=2, **{**BUILD, "executor": "dask"}

@@ -149,6 +149,11 @@ def config_warnings(cfg: Config) -> list[str]:
         warnings.append("data.local.* is set but data.dataset is not 'local'")
     if cfg.data.dataset != "flickr30k" and cfg.data.download.flickr30k_archive is not None:
         warnings.append("data.download.flickr30k_archive is set but data.dataset is not 'flickr30k'")
+    download = cfg.data.download
+    if not download.verify_checksums and (download.checksums or download.checksums_file is not None):
+        warnings.append(
+            "data.download.checksums/checksums_file are ignored when data.download.verify_checksums is false"
+        )
     if (
         cfg.model.embeddings_path is None
         and cfg.model.fine_tune_embeddings != defaults.model.fine_tune_embeddings

@@ -71,11 +71,20 @@ class DownloadConfig:
         None, "Replaces the scheme+host+path prefix of every dataset URL (mirrors, loopback tests)."
     )
     flickr30k_archive: str | None = setting(
-        None, "Local path of flickr30k-images.tar.gz (Flickr30k needs a manual request)."
+        None,
+        "Flickr30k's image archive: a local .tar.gz/.zip or a URL; none: base_url's flickr30k-images.tar.gz.",
     )
     num_retries: int = setting(5, "Attempts per file before a download fails.", min=1)
     timeout_s: float = setting(60.0, "Socket timeout per request, in seconds.", min=0.1)
-    verify_checksums: bool = setting(True, "Check sizes and checksums where they are known.")
+    verify_checksums: bool = setting(
+        True, "Check published sizes/checksums; false still checks completeness and that archives open."
+    )
+    checksums: tuple[str, ...] = setting(
+        (), "A mirror's own checksums, NAME=md5:HEX or NAME=sha256:HEX; replace the published ones."
+    )
+    checksums_file: str | None = setting(
+        None, "A mirror's sums file (md5sum/sha256sum output, or BSD tags); checksums entries win."
+    )
 
 
 @dataclass(frozen=True)

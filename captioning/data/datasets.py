@@ -9,9 +9,10 @@ file is and how to read its images (``RawDataset``)::
     jpeg = raw.images.read(dataset.records[0].path)
 
 Only the small Karpathy JSON is extracted; the COCO and Flickr8k image zips are read in place
-(``captioning.data.sources``). Flickr30k has no public URL (it is given out on request), so its
-``flickr30k-images.tar.gz`` comes from a local path and is extracted, because a tar.gz cannot be
-read at random. ``synthetic`` generates the learnable synthetic dataset under ``raw_dir/synthetic``.
+(``captioning.data.sources``). Flickr30k has no public URL (it is given out on request): its image
+archive (``.tar.gz`` or ``.zip`` holding ``flickr30k-images/``) is a local path, a URL, or
+``flickr30k-images.tar.gz`` under ``base_url``, and is extracted, because a tar.gz cannot be read at
+random; once extracted, later runs use the images without the archive. ``synthetic`` generates the learnable synthetic dataset under ``raw_dir/synthetic``.
 ``local`` fetches nothing: new data that landed as a folder (a Karpathy-format split file and its
 images) is read where it is::
 
@@ -19,8 +20,11 @@ images) is read where it is::
                         num_retries=5, timeout_s=60.0, verify_checksums=True)
     raw.images                                           # DirSource("/data/new"): the JSON's folder
 
-Files arrive through ``captioning.data.download`` (resumable, verified HTTP) and
-``captioning.data.archives`` (safe extraction). The download settings (``num_retries``,
+Files arrive through ``captioning.data.download`` (resumable, verified HTTP; archives checked on
+arrival) and ``captioning.data.archives`` (safe extraction). Sizes and checksums come from
+``REMOTE_FILES`` unless the user gives a file's own (``checksums`` entries and/or a
+``checksums_file``, ``captioning.data.checksums``); a mismatch names the file, both values and the
+options to proceed. The download settings (``num_retries``,
 ``timeout_s``, ``verify_checksums``) are required even where nothing is downloaded (synthetic,
 local): their defaults live in ``captioning.config`` (``data.download``), and ``build_raw_dataset``
 reads the ``data`` config section. No torch, Prefect or MLflow here.
@@ -33,7 +37,7 @@ import json
 import os
 import re
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -41,8 +45,9 @@ from urllib.parse import urlsplit
 
 from captioning import storage
 from captioning.config import ConfigError
-from captioning.data.archives import extract_archive
-from captioning.data.download import DownloadError, download_file, resolve_url
+from captioning.data.archives import ArchiveError, extract_archive, extracted_files
+from captioning.data.checksums import Checksum, how_to_proceed, user_checksums
+from captioning.data.download import ChecksumMismatch, DownloadError, download_file, resolve_url
 from captioning.data.sources import (
     FLICKR30K_FOLDER,
     SYNTHETIC_FOLDER,
@@ -110,13 +115,17 @@ REMOTE_FILES: dict[str, RemoteFile] = {
     )
 }
 
-# What each downloadable dataset needs, by REMOTE_FILES name. Flickr30k's images come from a local
-# archive (flickr30k_archive); synthetic is generated; local is already on disk.
+# What each downloadable dataset needs, by REMOTE_FILES name. Flickr30k's images come from its own
+# archive (flickr30k_archive, or FLICKR30K_ARCHIVE under base_url); synthetic is generated; local is
+# already on disk.
 DATASET_FILES: dict[str, tuple[str, ...]] = {
     "coco": ("caption_datasets.zip", "train2014.zip", "val2014.zip"),
     "flickr8k": ("caption_datasets.zip", "Flickr8k_Dataset.zip"),
     "flickr30k": ("caption_datasets.zip",),
 }
+
+
+FLICKR30K_ARCHIVE = "flickr30k-images.tar.gz"  # the name the authors give out
 
 
 @dataclass(frozen=True)
@@ -137,6 +146,8 @@ def fetch_dataset(
     num_retries: int,
     timeout_s: float,
     verify_checksums: bool,
+    checksums: Sequence[str] = (),
+    checksums_file: str | os.PathLike[str] | None = None,
     progress: bool = True,
     retry_delay_s: float = 1.0,
     synthetic: Mapping[str, Any] | None = None,
@@ -147,13 +158,21 @@ def fetch_dataset(
 
     coco / flickr8k: download caption_datasets.zip and the image zip(s) (``base_url`` replaces the
     URLs' prefix), extract only ``dataset_<name>.json``, read images straight from the zips.
-    flickr30k: the Karpathy JSON as above; images from the local (or http[s]) ``flickr30k_archive``,
-    extracted to ``raw_dir/flickr30k-images``. synthetic: ``generate_synthetic(raw_dir/synthetic,
-    **synthetic)`` unless the same settings were generated there already. local: nothing is fetched
+    flickr30k: the Karpathy JSON as above; images from ``flickr30k_archive`` (a local .tar.gz or
+    .zip, or an http[s] URL; none: ``FLICKR30K_ARCHIVE`` under ``base_url``), extracted to
+    ``raw_dir/flickr30k-images`` once: later calls reuse the extracted images even when the archive
+    is gone; members that fail to read are left out and read as UnreadableImage (skipped, counted).
+    synthetic: ``generate_synthetic(raw_dir/synthetic, **synthetic)`` unless the same settings were
+    generated there already. local: nothing is fetched
     (raw_dir is unused); the split file is ``karpathy_json`` and the images are read from
     ``image_dir`` (default: the JSON's folder), so the records' paths (``filepath/filename`` for
     COCO-style entries, ``filename`` for Flickr-style ones) must be relative to it.
-    ``verify_checksums=False`` ignores the known sizes and MD5s (mirrors serving other bytes, tests).
+    ``checksums`` (``NAME=md5:HEX`` entries) and ``checksums_file`` (md5sum/sha256sum output) give
+    a mirror's own checksums, which replace the published size and MD5 of those files.
+    ``verify_checksums=False`` ignores every size and checksum (mirrors serving other bytes, tests):
+    a download must still be complete and, for an archive, open. A file stored under either
+    override stays trusted by later calls without it. A mismatch raises ChecksumMismatch: one line
+    naming the file, the expected and actual values, and the options to proceed.
     """
     raw = Path(raw_dir)
     if dataset == "synthetic":
@@ -162,43 +181,112 @@ def fetch_dataset(
         return _local(karpathy_json, image_dir)
     if dataset not in DATASET_FILES:
         raise ValueError(f"unknown dataset {dataset!r}; valid datasets: {', '.join(DATASETS)}")
-    if dataset == "flickr30k" and flickr30k_archive is None:
-        raise ValueError(
-            "flickr30k has no public download: request flickr30k-images.tar.gz from its authors "
-            "and set data.download.flickr30k_archive to its path"
-        )
-
+    own = user_checksums(checksums, checksums_file)
     fetch_options: dict[str, Any] = {
         "num_retries": num_retries,
         "timeout_s": timeout_s,
         "progress": progress,
         "retry_delay_s": retry_delay_s,
     }
-    for name in DATASET_FILES[dataset]:
-        remote = REMOTE_FILES[name]
-        download_file(
-            resolve_url(remote.url, base_url),
-            raw / name,
-            size=remote.size if verify_checksums else None,
-            md5=remote.md5 if verify_checksums else None,
-            **fetch_options,
-        )
-    karpathy_json = _extract_karpathy_json(raw / "caption_datasets.zip", dataset, raw)
 
-    if dataset == "flickr30k":
-        assert flickr30k_archive is not None
-        archive = os.fspath(flickr30k_archive)
-        if re.match(r"https?://", archive):
-            name = PurePosixPath(urlsplit(archive).path).name or "flickr30k-images.tar.gz"
-            archive_path = download_file(archive, raw / name, **fetch_options)
-        else:
-            archive_path = Path(archive).expanduser()
-            if not archive_path.is_file():
-                raise FileNotFoundError(f"flickr30k_archive not found: {archive_path}")
-        extract_archive(archive_path, raw)
-        if not (raw / FLICKR30K_FOLDER).is_dir():
-            raise DownloadError(f"{archive_path}: no {FLICKR30K_FOLDER}/ folder in the archive")
-    return RawDataset(name=dataset, karpathy_json=karpathy_json, images=source_for(dataset, raw))
+    def fetch(name: str, url: str) -> Path:
+        return _fetch_file(url, raw / name, REMOTE_FILES.get(name), own, verify_checksums, fetch_options)
+
+    images: ImageSource | None = None
+    if dataset == "flickr30k":  # first: a missing archive is refused before anything is downloaded
+        location = os.fspath(flickr30k_archive) if flickr30k_archive is not None else None
+        if location is None and base_url is not None:
+            location = f"{base_url.rstrip('/')}/{FLICKR30K_ARCHIVE}"
+        images = _flickr30k_images(location, raw, fetch)
+    for name in DATASET_FILES[dataset]:
+        fetch(name, resolve_url(REMOTE_FILES[name].url, base_url))
+    karpathy_json = _extract_karpathy_json(raw / "caption_datasets.zip", dataset, raw)
+    return RawDataset(name=dataset, karpathy_json=karpathy_json, images=images or source_for(dataset, raw))
+
+
+def _fetch_file(
+    url: str,
+    dest: Path,
+    published: RemoteFile | None,
+    own: Mapping[str, Checksum],
+    verify: bool,
+    options: Mapping[str, Any],
+) -> Path:
+    """download_file with the user's checksums for dest's name (else the published size and MD5), or
+    none with verify off; a mismatch's message gets where the expected value came from and the
+    options to proceed."""
+    mine = own.get(dest.name)
+    if not verify:
+        expected: dict[str, Any] = {"override": True}
+    elif mine is not None:
+        expected = {"md5": mine.md5, "sha256": mine.sha256, "override": True}
+    else:
+        expected = {"size": published.size, "md5": published.md5} if published else {}
+    try:
+        return download_file(url, dest, **expected, **options)
+    except ChecksumMismatch as e:
+        source = f"from {mine.source}" if verify and mine is not None else "the published one"
+        e.args = (f"{e}; the expected value is {source}. {how_to_proceed(dest.name, e.md5, e.kept)}",)
+        raise
+
+
+def _flickr30k_images(location: str | None, raw: Path, fetch: Callable[[str, str], Path]) -> ImageSource:
+    """Flickr30k's images: the archive at location (a local path, or a URL fetched into raw)
+    extracted into raw, or an earlier extraction of it when the archive is not there."""
+    is_url = location is not None and re.match(r"https?://", location) is not None
+    if location is None:
+        path = None
+    elif is_url:
+        path = raw / (PurePosixPath(urlsplit(location).path).name or FLICKR30K_ARCHIVE)
+    else:
+        path = Path(location).expanduser()
+    have_archive = path is not None and (
+        path.is_file() or (is_url and path.with_name(path.name + ".part").is_file())
+    )
+    earlier = None if have_archive else _earlier_flickr30k(raw, None if path is None else path.name)
+    if earlier is not None:
+        skipped = earlier
+    elif location is None:
+        raise ValueError(
+            "flickr30k has no public download: request flickr30k-images.tar.gz from its authors and set "
+            "data.download.flickr30k_archive to its path (a .tar.gz or .zip) or URL, or serve it "
+            f"as {FLICKR30K_ARCHIVE} under data.download.base_url"
+        )
+    else:
+        assert path is not None
+        if is_url:
+            fetch(path.name, location)
+        elif not path.is_file():
+            raise FileNotFoundError(
+                f"data.download.flickr30k_archive: no file {path}, and no earlier extraction of it "
+                f"under {raw}"
+            )
+        skipped = {}
+        extract_archive(path, raw, skipped=skipped)
+    if not (raw / FLICKR30K_FOLDER).is_dir():
+        raise DownloadError(f"{path or raw}: no {FLICKR30K_FOLDER}/ folder in the archive")
+    prefix = f"{FLICKR30K_FOLDER}/"
+    unreadable = []
+    for rel, why in skipped.items():  # "reason: detail" by path under raw
+        if rel.startswith(prefix):
+            reason, _, detail = why.partition(": ")
+            unreadable.append((rel.removeprefix(prefix), reason, detail))
+    return DirSource(raw / FLICKR30K_FOLDER, unreadable=unreadable)
+
+
+def _earlier_flickr30k(raw: Path, name: str | None) -> dict[str, str] | None:
+    """The skipped members of an earlier complete extraction of the archive called name (any archive
+    that filled flickr30k-images/ when name is None) into raw; None when there is none."""
+    names = (
+        [name]
+        if name is not None
+        else [m.name[1 : -len(".all.extracted")] for m in raw.glob(".*.all.extracted")]
+    )
+    for candidate in names:
+        done = extracted_files(candidate, raw)
+        if done is not None and any(f.parent.name == FLICKR30K_FOLDER for f in done[0]):
+            return done[1]
+    return None
 
 
 def build_raw_dataset(cfg: DataConfig, *, progress: bool = True) -> RawDataset:
@@ -206,9 +294,8 @@ def build_raw_dataset(cfg: DataConfig, *, progress: bool = True) -> RawDataset:
     return fetch_dataset(
         cfg.dataset,
         cfg.raw_dir,
-        **dataclasses.asdict(
-            cfg.download
-        ),  # base_url, flickr30k_archive, num_retries, timeout_s, verify_checksums
+        # base_url, flickr30k_archive, num_retries, timeout_s, verify_checksums, checksums(_file)
+        **dataclasses.asdict(cfg.download),
         progress=progress,
         synthetic=dataclasses.asdict(cfg.synthetic),
         karpathy_json=cfg.local.karpathy_json,
@@ -219,8 +306,11 @@ def build_raw_dataset(cfg: DataConfig, *, progress: bool = True) -> RawDataset:
 def _extract_karpathy_json(caption_zip: Path, dataset: str, dest_dir: Path) -> Path:
     """Extract dataset_<name>.json (at the zip's root or in a folder) from caption_datasets.zip."""
     wanted = f"dataset_{dataset}.json"
-    with zipfile.ZipFile(caption_zip) as zf:
-        names = [n for n in zf.namelist() if PurePosixPath(n).name == wanted and "__MACOSX" not in n]
+    try:
+        with zipfile.ZipFile(caption_zip) as zf:
+            names = [n for n in zf.namelist() if PurePosixPath(n).name == wanted and "__MACOSX" not in n]
+    except zipfile.BadZipFile as e:
+        raise ArchiveError(f"{caption_zip}: not a readable zip archive ({e})") from None
     if not names:
         raise DownloadError(f"{caption_zip}: no {wanted} inside")
     member = min(names, key=len)

@@ -13,7 +13,9 @@ test keep every reference. Under the output location (a local folder or ``s3://b
 (images that fail are skipped, so a shard can hold fewer), ``{split}-{index:06d}.stats.json`` next
 to each (``ShardStats``), and at the end ``sizes.json`` (split -> tar name -> samples: all the loader
 reads to plan an epoch), ``references.json``, ``vocab.json`` and ``manifest.json``
-(``ShardManifest.to_json()``, written last: its presence means the build finished). Readers::
+(``ShardManifest.to_json()``, written last: its presence means the build finished). These four are
+``stable_json`` bytes, replaced atomically and only when their bytes change (``write_if_changed``);
+every file of a local build has the same mode (0666 less the umask). Readers::
 
     sizes = split_sizes(read_sizes("data/shards"), "train")   # {"train-000000.tar": 1000, ...}
     refs = read_references("data/shards", "train")           # image id -> caption ids (SCST's corpus)
@@ -28,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -199,9 +202,45 @@ def read_json_or_none(uri: str) -> Any | None:
         return None
 
 
-def write_stable_json(uri: str, obj: Any) -> None:
-    """Stable JSON text (sorted keys), written atomically locally and in one PUT on S3."""
-    storage.write_json(uri, obj, indent=1)
+def stable_json(obj: Any, *, indent: int = 1) -> bytes:
+    """The bytes every metadata file is written as: JSON with sorted keys and a final newline."""
+    return (json.dumps(obj, indent=indent, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def write_stable_json(uri: str, obj: Any, *, indent: int = 1) -> bool:
+    """Write ``stable_json(obj)`` to ``uri`` unless it already holds those bytes (``write_if_changed``)."""
+    return write_if_changed(uri, stable_json(obj, indent=indent))
+
+
+def write_if_changed(uri: str, data: bytes) -> bool:
+    """Replace ``uri`` with ``data`` only when its bytes differ; return whether it was written.
+
+    Written atomically (a tmp file renamed over the old one: a reader sees the old bytes or the new,
+    never none) or in one PUT on S3. A local file left as it was gets the mode a new one would get
+    (0666 less the umask), so every output of a build has the same mode whichever run wrote it.
+    """
+    try:
+        same = storage.size(uri) == len(data) and storage.read_bytes(uri) == data
+    except FileNotFoundError:
+        same = False
+    if not same:
+        storage.write_bytes(uri, data)
+        return True
+    if not storage.is_s3(uri):
+        mode = 0o666 & ~_umask()
+        if stat.S_IMODE(os.stat(uri).st_mode) != mode:
+            try:
+                os.chmod(uri, mode)
+            except PermissionError:  # another user's file: a new copy of ours gets the usual mode
+                storage.write_bytes(uri, data)
+                return True
+    return False
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,11 @@ from typing import Any
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 RESTVAL = "restval"
 SOURCE_SPLITS: tuple[str, ...] = (*SPLITS, RESTVAL)
+
+_BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark, which editors on Windows like to add
+_DRIVE = re.compile(r"[A-Za-z]:")
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
 
 
 class RecordsError(ValueError):
@@ -84,7 +91,9 @@ def read_karpathy(path: str | os.PathLike[str], *, restval_split: str | None = "
     ``restval_split`` says where COCO's "restval" images go: "train" (the usual choice), "val",
     "test", or None to leave them out (counted in ``num_restval_skipped``). The image id is
     ``cocoid`` when present, else ``imgid``. Raises FileNotFoundError for a missing file and
-    RecordsError, naming the file and the entry, for anything malformed.
+    RecordsError, naming the file and the entry, for anything malformed: bytes that are not UTF-8
+    (named by byte offset and the entry holding them; a leading BOM is allowed), invalid JSON, and
+    image paths that could leave the image folder or zip ('..', absolute, empty or '.' segments).
     """
     if restval_split is not None and restval_split not in SPLITS:
         raise RecordsError(
@@ -92,16 +101,11 @@ def read_karpathy(path: str | os.PathLike[str], *, restval_split: str | None = "
         )
     file_name = os.fspath(path)
     try:
-        with open(file_name, encoding="utf-8") as f:
-            text = f.read()
+        with open(file_name, "rb") as f:
+            raw = f.read()
     except FileNotFoundError:
         raise FileNotFoundError(f"Karpathy split file not found: {file_name}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise RecordsError(
-            f"{file_name}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
-        ) from None
+    data = _load_json(file_name, raw)
 
     if not isinstance(data, dict):
         raise RecordsError(f"{file_name}: top level must be an object, got {_type_name(data)}")
@@ -157,6 +161,13 @@ def _parse_image(file_name: str, index: int, image: Any) -> ImageRecord:
     filepath = image.get("filepath")
     if filepath is not None and not isinstance(filepath, str):
         raise RecordsError(f"{where}: field 'filepath' must be a string, got {_type_name(filepath)}")
+    for key, part in (("filepath", filepath), ("filename", filename)):
+        problem = _unsafe_path_problem(part) if part else None
+        if problem:
+            raise RecordsError(
+                f"{where}: unsafe image path: field {key!r} {part!r} {problem}; image paths must be "
+                "relative, '/'-separated names inside the image folder: fix or remove the entry"
+            )
 
     id_key = "cocoid" if "cocoid" in image else "imgid" if "imgid" in image else None
     if id_key is None:
@@ -207,6 +218,148 @@ def _parse_sentence(where: str, sentence: Any) -> Caption:
         # An empty caption cannot be trained on or scored against, whatever raw says.
         raise RecordsError(f"{where}: field 'tokens' is empty (raw {raw!r})")
     return Caption(raw=raw, tokens=tuple(tokens), sent_id=sent_id)
+
+
+def _unsafe_path_problem(part: str) -> str | None:
+    """Why a 'filepath' or 'filename' could leave the image folder or zip prefix (None when safe).
+
+    A backslash counts as a separator for the escape checks ('..', a leading one), as it does on
+    Windows and for ``sources``; '.' and empty segments name no file in a zip, so they are refused.
+    """
+    if "\0" in part:
+        return "contains a NUL character"
+    if part.startswith(("/", "\\")):
+        return "is absolute"
+    if _DRIVE.match(part):
+        return "starts with a drive letter"
+    if ".." in re.split(r"[/\\]", part):
+        return "has a '..' segment"
+    segments = part.split("/")
+    if "" in segments or "." in segments:
+        return "has an empty or '.' segment"
+    return None
+
+
+def _load_json(file_name: str, raw: bytes) -> Any:
+    """Decode a split file's bytes (UTF-8, an optional BOM dropped) and parse them as JSON.
+
+    Every failure is a RecordsError naming the file and, where the text still parses around it,
+    the entry: a byte that is not UTF-8 is named by its offset and the entry whose text holds it.
+    """
+    skipped = len(_BOM) if raw.startswith(_BOM) else 0
+    try:
+        text = raw[skipped:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        offset = skipped + e.start
+        # surrogateescape maps each bad byte to one character, so offsets stay aligned with `prefix`.
+        lenient = raw[skipped:].decode("utf-8", errors="surrogateescape")
+        prefix = raw[skipped:offset].decode("utf-8")
+        line, where = prefix.count("\n") + 1, _where_in_text(lenient, len(prefix))
+        raise RecordsError(
+            f"{file_name}: not valid UTF-8: byte 0x{raw[offset]:02x} at byte offset {offset} "
+            f"(line {line}){where}; re-save the file as UTF-8"
+        ) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RecordsError(
+            f"{file_name}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
+        ) from None
+    except RecursionError:
+        raise RecordsError(f"{file_name}: invalid JSON: arrays or objects nested too deeply") from None
+    except ValueError as e:  # the int digit limit: json names no position, so look for the number
+        limit = sys.get_int_max_str_digits()
+        match = re.search(rf"[:\[,]\s*-?([0-9]{{{limit + 1},}})", text) if limit else None
+        if match is None:
+            raise RecordsError(f"{file_name}: invalid JSON: {e}") from None
+        line = text.count("\n", 0, match.start(1)) + 1
+        raise RecordsError(
+            f"{file_name}: invalid JSON: an integer of more than {limit} digits "
+            f"at line {line}{_where_in_text(text, match.start(1))}"
+        ) from None
+
+
+def _where_in_text(text: str, offset: int) -> str:
+    """ ", in images[2] (filename ..., imgid 2) sentences[1] field 'raw'" for the entry holding offset.
+
+    Empty when the text does not parse far enough to say; the full parse (when it succeeds) only
+    adds the entry's filename and id.
+    """
+    path = _json_path_at(text, offset)
+    if not path:
+        return ""
+    if path[0] != "images" or len(path) < 2 or not isinstance(path[1], int):
+        return f", in top-level field {path[0]!r}" if isinstance(path[0], str) else ""
+    try:
+        data = json.loads(text)
+        image = data["images"][path[1]]
+    except (ValueError, RecursionError, LookupError, TypeError):
+        image = None
+    where, rest = _describe(path[1], image), path[2:]
+    if len(rest) >= 2 and rest[0] == "sentences" and isinstance(rest[1], int):
+        where, rest = f"{where} sentences[{rest[1]}]", rest[2:]
+    if rest and isinstance(rest[0], str):
+        where += f" field {rest[0]!r}"
+    return f", in {where}"
+
+
+def _json_path_at(text: str, offset: int) -> list[str | int]:
+    """The keys and indexes leading to the innermost JSON value whose text holds ``offset``.
+
+    Walks down from the top, skipping siblings with the C scanner, and stops where the text stops
+    parsing; an offset in a key or between values names the enclosing container.
+    """
+    path: list[str | int] = []
+    pos = _skip_ws(text, 0)
+    try:
+        while pos < len(text) and text[pos] in "{[":
+            found = _child_at(text, pos, offset)
+            if found is None:
+                break
+            key, pos = found
+            path.append(key)
+            if pos < 0:  # the offset is in this member's key
+                break
+    except (ValueError, RecursionError, IndexError):
+        pass
+    return path
+
+
+def _child_at(text: str, pos: int, offset: int) -> tuple[str | int, int] | None:
+    """In the object or array starting at ``pos``: the member holding ``offset`` and its value's start.
+
+    The start is -1 when the offset lies in the member's key. None when no member holds it.
+    """
+    is_object = text[pos] == "{"
+    pos = _skip_ws(text, pos + 1)
+    index = 0
+    while pos <= offset and text[pos] not in "]}":
+        key: str | int = index
+        if is_object:
+            key, pos = _DECODER.raw_decode(text, pos)
+            pos = _skip_ws(text, pos)
+            if text[pos] != ":":
+                return None
+            pos = _skip_ws(text, pos + 1)
+            if offset < pos:
+                return str(key), -1
+        try:
+            _, end = _DECODER.raw_decode(text, pos)
+        except (ValueError, RecursionError):
+            return key, pos  # the text stops parsing in this value: it is the one to name
+        if offset < end:
+            return key, pos
+        pos = _skip_ws(text, end)
+        if text[pos] == ",":
+            pos = _skip_ws(text, pos + 1)
+        index += 1
+    return None
+
+
+def _skip_ws(text: str, pos: int) -> int:
+    """The first position at or after ``pos`` that is not JSON whitespace."""
+    match = _WHITESPACE.match(text, pos)
+    return match.end() if match else pos
 
 
 def _describe(index: int, image: Any) -> str:

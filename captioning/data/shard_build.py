@@ -27,10 +27,10 @@ no file).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -48,7 +48,9 @@ from captioning.data.format import (
     ShardManifest,
     ShardStats,
     SplitSummary,
-    sha256_file,
+    read_json_or_none,
+    stable_json,
+    write_if_changed,
     write_stable_json,
 )
 from captioning.data.images import ImageSettings
@@ -61,7 +63,7 @@ from captioning.data.vocab import Vocab
 logger = logging.getLogger(__name__)
 
 # Hidden temporaries a killed build may leave: ".train-000003.tar.<hex>.tmp" (write_shard),
-# ".sizes.json.<random>.tmp" (storage's atomic writes), ".vocab-<random>.tmp" (Vocab.save).
+# ".sizes.json.<random>.tmp" (storage's atomic writes), ".vocab-<random>.tmp" (an older Vocab.save).
 _TMP_PATTERN = re.compile(
     r"^\.(?:[a-z]+-\d{6}\.(?:tar|stats\.json)|sizes\.json|manifest\.json|vocab\.json|references\.json)\..+\.tmp$"
     r"|^\.vocab-.+\.tmp$"
@@ -140,8 +142,9 @@ def plan_shard_build(
     """Plan a build into ``out`` and make the location ready for ``write_shard_group`` calls.
 
     Validates the settings, splits the records into shard jobs (``plan_shards``), creates a local
-    output folder and removes what a killed build left there, and removes manifest.json: its
-    presence means "finished", and shards may change underneath it until ``finish_shard_build``.
+    output folder and removes what a killed build left there. A manifest.json of this same build
+    (same non-empty ``config_hash`` and settings) stays: shards are rebuilt to the bytes it lists,
+    and a reader meanwhile finds it. Another build's is removed: shards change underneath it.
     """
     out = os.fspath(out)
     settings = ImageSettings(
@@ -160,8 +163,7 @@ def plan_shard_build(
     if not storage.is_s3(out):
         os.makedirs(out, exist_ok=True)
         _clean_leftovers(out, planned={name for job in jobs for name in (job.tar_name, job.stats_name)})
-    storage.remove(storage.join(out, MANIFEST_FILE))
-    return ShardPlan(
+    plan = ShardPlan(
         out=out,
         jobs=tuple(jobs),
         settings=settings,
@@ -174,6 +176,16 @@ def plan_shard_build(
         },
         config_hash=config_hash,
     )
+    if not _records_plan(read_json_or_none(storage.join(out, MANIFEST_FILE)), plan):
+        storage.remove(storage.join(out, MANIFEST_FILE))
+    return plan
+
+
+def _records_plan(manifest: Any, plan: ShardPlan) -> bool:
+    """Whether a manifest.json's content records ``plan``'s build (a build key is what says so)."""
+    ours = (plan.config_hash, asdict(plan.settings), plan.samples_per_shard, plan.length_policy)
+    fields = ("config_hash", "image", "samples_per_shard", "length_policy")
+    return bool(plan.config_hash) and isinstance(manifest, dict) and tuple(map(manifest.get, fields)) == ours
 
 
 def write_shard_group(
@@ -231,7 +243,8 @@ def write_shard_group(
 def finish_shard_build(
     plan: ShardPlan, vocab: Vocab, results: Sequence[ShardGroupResult], *, start: float | None = None
 ) -> ShardManifest:
-    """Merge the groups' results; write sizes.json, references.json, vocab.json and (last) manifest.json.
+    """Merge the groups' results; write sizes.json, references.json, vocab.json and (last) manifest.json,
+    each only when its bytes change (``write_if_changed``: a re-run of a finished build rewrites none).
 
     Raises ShardError, writing nothing, when a planned shard has no stats in ``results`` (a group
     that was not written) or when a result's stats belong to another plan. ``num_built`` and
@@ -350,7 +363,7 @@ def _finish(
     num_skipped: int,
     start: float,
 ) -> ShardManifest:
-    """Write sizes.json, vocab.json and (last) manifest.json; return the manifest."""
+    """Write sizes.json, references.json, vocab.json and (last) manifest.json; return the manifest."""
     sizes: dict[str, dict[str, int]] = {split: {} for split in SPLITS}
     shards: dict[str, str] = {}
     failures: dict[str, Counter[str]] = {split: Counter() for split in SPLITS}
@@ -404,20 +417,14 @@ def _write_references(out: str, jobs: list[ShardJob], stats: dict[str, ShardStat
         for item in job.items:
             if item.image_id not in skipped and item.captions:
                 refs[job.split][str(item.image_id)] = [list(c.ids[1:-1]) for c in item.captions]
-    storage.write_json(storage.join(out, REFERENCES_FILE), {"format": "token-ids", "splits": refs})
+    write_stable_json(storage.join(out, REFERENCES_FILE), {"format": "token-ids", "splits": refs}, indent=2)
 
 
 def _save_vocab(vocab: Vocab, out: str) -> str:
-    """Save vocab.json with Vocab.save (uploading it for s3://); return the file's sha256."""
-    if not storage.is_s3(out):
-        path = os.path.join(out, VOCAB_FILE)
-        vocab.save(path)
-        return sha256_file(path)
-    with tempfile.TemporaryDirectory(prefix="vocab-") as tmp:
-        path = os.path.join(tmp, VOCAB_FILE)
-        vocab.save(path)
-        storage.upload_file(path, storage.join(out, VOCAB_FILE))
-        return sha256_file(path)
+    """Write vocab.json (the bytes ``Vocab.save`` writes) when they change; return their sha256."""
+    data = stable_json(vocab.to_json())
+    write_if_changed(storage.join(out, VOCAB_FILE), data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def _clean_leftovers(out: str, planned: set[str]) -> None:
@@ -438,5 +445,5 @@ def _clean_leftovers(out: str, planned: set[str]) -> None:
             "%d shard files in %s are not part of this build (left alone): %s",
             len(stale),
             out,
-            ", ".join(stale[:5]) + (", ..." if len(stale) > 5 else ""),
+            _name_list(stale, 5),
         )

@@ -4,24 +4,33 @@
         ...   # result: the job's ShardStats, or the exception it raised (the other jobs go on)
 
 ``executor="process"``: a pool of ``num_procs`` processes (0 = all cores; 1 runs in this process),
-started by forkserver (or spawn), never fork, each adopting the caller's environment.
-``"dask"``: a distributed Client at ``dask_address`` or, without one, a LocalCluster of ``num_procs``
-single-threaded workers. Results come back as each job finishes, in no particular order.
+started by spawn (never fork: the caller may hold threads and open handles), so each is a child of
+this process and inherits its environment at submission time. ``"dask"``: a distributed Client at
+``dask_address`` or, without one, a LocalCluster of ``num_procs`` single-threaded worker processes.
+Results come back as each job finishes, in no particular order.
+
+Workers started here die with this process however it ends, SIGKILL included: each asks the kernel
+(PR_SET_PDEATHSIG, Linux) for SIGKILL when its parent goes, so none goes on writing shards into an
+output its build has abandoned. Workers of a cluster at ``dask_address`` belong to that cluster.
 """
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
+import signal
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from typing import Literal
+from typing import Any, Literal
 
 from captioning.data.format import ShardStats
 from captioning.data.shard_writer import ShardJob, write_shard
 
 Executor = Literal["process", "dask"]
+_PR_SET_PDEATHSIG = 1
 
 
 def check_executor(executor: str, num_procs: int) -> None:
@@ -47,16 +56,12 @@ def run_shard_jobs(
         for job in jobs:
             yield job, _call(write_shard, job)
     else:
-        methods = multiprocessing.get_all_start_methods()
-        # Never fork: the parent may hold threads (tqdm, boto3, Dask) and open handles.
-        context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-        # A forkserver outlives this call and keeps the environment it started with; hand the
-        # workers today's (S3 credentials and endpoint set in-process by a caller or a test).
+        # spawn, not forkserver: a forkserver's children are the server's, which outlives a killed
+        # caller (and is shared by the whole process); spawned workers are this process's own.
         with ProcessPoolExecutor(
             max_workers=min(num_procs, len(jobs)),
-            mp_context=context,
-            initializer=_adopt_environment,
-            initargs=(dict(os.environ),),
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=die_with_parent,
         ) as pool:
             futures = {pool.submit(write_shard, job): job for job in jobs}
             try:
@@ -68,6 +73,32 @@ def run_shard_jobs(
                 raise
 
 
+def die_with_parent() -> bool:
+    """In a multiprocessing child: have the kernel SIGKILL it when its parent dies (Linux).
+
+    The pool initializer and the Dask workers' preload (``dask_setup``). A parent that died before
+    the request was armed is caught by its sentinel (closed when the parent is gone), and this
+    process ends at once. Returns True when armed; False in a main process or off Linux.
+    The request belongs to the thread that makes it (one thread's signal kills the whole process)
+    and fires when the parent's thread that started this process ends: a pool's submitting thread,
+    alive for the whole ``run_shard_jobs`` call, or a LocalCluster's event-loop thread.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None or not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return False
+    if not parent.is_alive():  # the parent died before the request was armed
+        os.kill(os.getpid(), signal.SIGKILL)
+    return True
+
+
+def dask_setup(worker: Any) -> None:
+    """Dask preload hook (``preload=["captioning.data.shard_executors"]``): workers die with their parent."""
+    die_with_parent()
+
+
 def _resolve_procs(num_procs: int) -> int:
     if num_procs > 0:
         return num_procs
@@ -77,23 +108,15 @@ def _resolve_procs(num_procs: int) -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _adopt_environment(environ: dict[str, str]) -> None:
-    """Pool initializer: make the worker's environment the parent's at submission time."""
-    os.environ.clear()
-    os.environ.update(environ)
-
-
 def _run_dask(
     jobs: list[ShardJob], *, num_procs: int, dask_address: str | None
 ) -> Iterator[tuple[ShardJob, ShardStats | BaseException]]:
-    from distributed import Client, LocalCluster
+    from distributed import Client
     from distributed import as_completed as dask_as_completed
 
     cluster = None
     if dask_address is None:
-        cluster = LocalCluster(
-            n_workers=min(num_procs, len(jobs)), threads_per_worker=1, processes=True, dashboard_address=None
-        )
+        cluster = local_cluster(min(num_procs, len(jobs)))
         client = Client(cluster)
     else:
         client = Client(dask_address)
@@ -113,6 +136,24 @@ def _run_dask(
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def local_cluster(num_workers: int) -> Any:
+    """A Dask LocalCluster of ``num_workers`` single-threaded worker processes that die with this one.
+
+    The workers are this process's children; the preload (this module's ``dask_setup``) arms
+    ``die_with_parent`` in each, next to any worker preloads the Dask config names.
+    """
+    import dask
+    from distributed import LocalCluster
+
+    return LocalCluster(
+        n_workers=num_workers,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=None,
+        preload=[*dask.config.get("distributed.worker.preload", []), __name__],
+    )
 
 
 def _call(fn: Callable[[ShardJob], ShardStats], job: ShardJob) -> ShardStats | BaseException:

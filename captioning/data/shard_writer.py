@@ -40,7 +40,7 @@ from captioning.data.format import (
 )
 from captioning.data.images import ImageSettings, ImageSkipped, prepare_image
 from captioning.data.records import SPLITS, ImageRecord
-from captioning.data.sources import ImageSource
+from captioning.data.sources import ImageSource, UnreadableImage
 from captioning.data.vocab import LengthStats, Vocab, apply_length_policy
 
 # Fixed tar header fields, so the same samples always give the same bytes.
@@ -194,9 +194,10 @@ def _job_hash(name: str, items: Sequence[ShardItem], settings: ImageSettings) ->
 def write_shard(job: ShardJob) -> ShardStats:
     """Write one shard (tar, then stats, each atomically) and return its stats.
 
-    Unreadable or undecodable images are skipped and counted; only errors of the source other than
-    FileNotFoundError (and output I/O errors) raise. With an s3:// output the tar is built in a
-    local staging folder, uploaded, and the staging folder removed.
+    Unreadable or undecodable images are skipped and counted (damaged archive members too, their
+    detail naming the archive); only other errors of the source (and output I/O errors) raise.
+    With an s3:// output the tar is built in a local staging folder, uploaded, and the staging
+    folder removed.
     """
     start = time.perf_counter()
     remote = storage.is_s3(job.out)
@@ -271,6 +272,8 @@ def _make_sample(
         data = source.read(item.path)
     except FileNotFoundError as e:
         raise ImageSkipped("missing", str(e)) from None
+    except UnreadableImage as e:  # a damaged archive member: this image only, with the archive named
+        raise ImageSkipped(e.reason, e.detail) from None
     image = prepare_image(data, settings)
     meta = {
         "image_id": item.image_id,

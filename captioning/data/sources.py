@@ -7,6 +7,11 @@ on-disk layout after ``fetch_dataset``::
     images = source_for("coco", "data/raw")          # train2014.zip + val2014.zip, never extracted
     jpeg = images.read(record.path)                  # bytes; FileNotFoundError when it is not there
 
+An image the source has but cannot read (a zip member with a bad CRC or a damaged stream, or an
+archive member that extraction had to leave out) raises ``UnreadableImage`` with its skip reason and
+the archive's path, so the shard writer skips and counts it like any other bad image; a zip that
+cannot be opened at all raises ``ArchiveError`` naming it.
+
 Sources are small picklable values that open their files lazily, once per process: they are sent to
 DataLoader workers, ``multiprocessing`` children and Dask workers, and a forked child must not share
 its parent's file offset, so a zip handle is reopened whenever ``os.getpid()`` changed. Plain
@@ -18,10 +23,12 @@ from __future__ import annotations
 import os
 import threading
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol, runtime_checkable
+
+from captioning.data.archives import MEMBER_READ_ERRORS, ArchiveError, unreadable_reason
 
 # Where each real archive keeps its images (member = prefix + ImageRecord.path).
 FLICKR8K_PREFIX = "Flicker8k_Dataset/"  # sic: the real Flickr8k_Dataset.zip misspells its folder
@@ -32,12 +39,22 @@ SYNTHETIC_FOLDER = "synthetic"  # under raw_dir, so it never collides with a rea
 _SYNTHETIC_PREFIXES = {"coco": "", "flickr8k": FLICKR8K_PREFIX, "flickr30k": f"{FLICKR30K_FOLDER}/"}
 
 
+class UnreadableImage(Exception):
+    """The source has the image but its bytes cannot be read; ``reason`` is "corrupt" or "truncated",
+    ``detail`` names the archive and member and says what failed."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
 @runtime_checkable
 class ImageSource(Protocol):
     """Anything that returns an image's encoded bytes given its Karpathy relative path."""
 
     def read(self, rel_path: str) -> bytes:
-        """Return the file's bytes; raise FileNotFoundError when the source has no such image."""
+        """Return the file's bytes; raise FileNotFoundError when the source has no such image and
+        UnreadableImage when it has one whose bytes cannot be read."""
         ...
 
 
@@ -51,20 +68,34 @@ def _check_relative(rel_path: str) -> str:
 
 @dataclass(frozen=True)
 class DirSource:
-    """Images under a folder: file = root / (prefix + rel_path)."""
+    """Images under a folder: file = root / (prefix + rel_path).
+
+    ``unreadable`` lists the files an extraction had to leave out, as (path under root, reason,
+    detail): reading one raises UnreadableImage instead of FileNotFoundError.
+    """
 
     root: Path
     prefix: str = ""
+    unreadable: tuple[tuple[str, str, str], ...] = ()
 
-    def __init__(self, root: str | os.PathLike[str], prefix: str = "") -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        prefix: str = "",
+        unreadable: Iterable[tuple[str, str, str]] = (),
+    ) -> None:
         object.__setattr__(self, "root", Path(root))
         object.__setattr__(self, "prefix", prefix)
+        object.__setattr__(self, "unreadable", tuple(sorted(tuple(entry) for entry in unreadable)))
 
     def read(self, rel_path: str) -> bytes:
         path = self.root / (self.prefix + _check_relative(rel_path))
         try:
             return path.read_bytes()
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            for name, reason, detail in self.unreadable:  # only looked at for a file that is not there
+                if name == self.prefix + rel_path:
+                    raise UnreadableImage(reason, detail) from None
             raise FileNotFoundError(f"image {rel_path!r} not found: no file {path}") from None
 
 
@@ -92,7 +123,13 @@ class ZipSource:
         with self._lock:
             if self._zip is None or self._pid != os.getpid():
                 # After a fork the inherited handle shares the parent's file offset: drop it unused.
-                archive = zipfile.ZipFile(self.zip_path)
+                try:
+                    archive = zipfile.ZipFile(self.zip_path)
+                except (zipfile.BadZipFile, EOFError) as e:
+                    raise ArchiveError(
+                        f"{self.zip_path}: not a readable zip archive ({e}); delete it and its "
+                        ".verified marker and run again to fetch it anew"
+                    ) from None
                 self._index = {info.filename: info for info in archive.infolist() if not info.is_dir()}
                 self._zip, self._pid = archive, os.getpid()
             return self._zip, self._index
@@ -103,7 +140,12 @@ class ZipSource:
         info = index.get(member)
         if info is None:
             raise FileNotFoundError(f"image {rel_path!r} not found: no member {member!r} in {self.zip_path}")
-        return archive.read(info)
+        try:
+            return archive.read(info)
+        except MEMBER_READ_ERRORS as e:  # a bad CRC, a damaged or cut-short stream: this image only
+            raise UnreadableImage(
+                unreadable_reason(e), f"{self.zip_path}: member {member!r}: {type(e).__name__}: {e}"
+            ) from None
 
     def names(self) -> list[str]:
         """Relative paths (prefix removed) of every file under the prefix, in archive order."""

@@ -16,12 +16,12 @@ from __future__ import annotations
 import json
 import operator
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from captioning import storage
 from captioning.data.records import ImageRecord
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
@@ -201,21 +201,10 @@ class Vocab:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the vocab as JSON atomically; the same vocab always gives byte-identical files."""
-        path = os.fspath(path)
         text = json.dumps(self.to_json(), sort_keys=True, indent=1, ensure_ascii=False) + "\n"
-        directory = os.path.dirname(os.path.abspath(path))
-        # Write next to the target, then rename: readers never see a half-written vocab.
-        fd, tmp_path = tempfile.mkstemp(prefix=".vocab-", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp_path, path)
-        except BaseException:
-            if os.path.exists(tmp_path):
-                os.unlink(tmp_path)
-            raise
+        # storage writes next to the target, then renames (readers never see a half-written vocab),
+        # and gives the file the usual mode (0666 less the umask): a bare mkstemp file stays 0600.
+        storage.write_text(os.fspath(path), text)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Vocab:
