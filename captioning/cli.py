@@ -437,10 +437,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _data_errors() -> tuple[type[Exception], ...]:
     """The data path's refusals that carry their own one-line message (a download that failed or
-    does not match its checksum); imported only when an exception is on its way out."""
+    does not match its checksum, an archive that does not open, shards that failed); imported only
+    when an exception is on its way out."""
+    from captioning.data.archives import ArchiveError
     from captioning.data.download import DownloadError
+    from captioning.data.shard_build import ShardError
 
-    return (DownloadError,)
+    return (DownloadError, ArchiveError, ShardError)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ logs every request, and can be told to fail the way real servers do::
         server.cut_after(1000)            # next GET: send 1000 body bytes, then drop the connection
         server.fail(500, times=2)         # next two GETs: HTTP 500
         server.ignore_range = True        # answer Range requests with 200 and the whole file
+        server.no_length = True           # no Content-Length: the body ends when the connection closes
         server.substitute["a.zip"] = b"other bytes"   # serve a different file under that name
         download_file(f"{server.url}/a.zip", dest, num_retries=5, timeout_s=10.0)
         server.requests                   # [Request(path, range, status, body_bytes), ...]
@@ -41,6 +42,7 @@ class FileServer:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.ignore_range = False
+        self.no_length = False
         self.substitute: dict[str, bytes] = {}
         self.requests: list[Request] = []
         self._lock = threading.Lock()
@@ -145,14 +147,16 @@ def _make_handler(server: FileServer) -> type[BaseHTTPRequestHandler]:
         ) -> None:
             sent = body if cut is None else body[:cut]
             server._log(Request(name, range_header, status, len(sent)))  # before the client can see it
+            unframed = server.no_length and status in (200, 206)  # the body ends where the connection does
             self.send_response(status)
-            self.send_header("Content-Length", str(len(body)))
+            if not unframed:
+                self.send_header("Content-Length", str(len(body)))
             self.send_header("Accept-Ranges", "bytes")
             for key, value in headers.items():
                 self.send_header(key, value)
             self.end_headers()
             self.wfile.write(sent)
-            if cut is not None:  # announce the whole body, deliver part of it, hang up
+            if cut is not None or unframed:  # (part of) the body, then hang up
                 self.wfile.flush()
                 self.connection.shutdown(socket.SHUT_RDWR)
                 self.close_connection = True

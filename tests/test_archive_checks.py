@@ -8,6 +8,7 @@ is one image skipped and counted with its reason and the archive's path, and the
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import tarfile
@@ -21,14 +22,17 @@ import pytest
 from archive_faults import cut_short, flip_member_byte, overstate_last_member
 from httpserver import FileServer
 
+from captioning.cli import main
 from captioning.config import Config
 from captioning.data.archives import ArchiveError, check_archive, extract_archive, unreadable_reason
 from captioning.data.datasets import fetch_dataset
 from captioning.data.download import DownloadError, download_file
 from captioning.data.prepare import prepare_data
 from captioning.data.records import read_karpathy
+from captioning.data.shard_build import ShardError, write_shards
 from captioning.data.sources import UnreadableImage, ZipSource
 from captioning.data.synthetic import SyntheticDataset, generate_synthetic
+from captioning.data.vocab import build_vocab
 
 FAST: dict[str, Any] = {"progress": False, "retry_delay_s": 0.001, "timeout_s": 10.0, "num_retries": 2}
 
@@ -241,3 +245,125 @@ def test_a_caption_zip_without_the_split_file_is_named(
         DownloadError, match=re.escape(f"{raw / 'caption_datasets.zip'}: no dataset_flickr8k.json")
     ):
         fetch_dataset("flickr8k", raw, base_url=server.url, verify_checksums=False, **FAST)
+
+
+def test_a_good_copy_put_there_by_hand_is_used_when_nothing_is_expected(
+    tmp_path: Path, mirror: tuple[FileServer, Path]
+) -> None:
+    """caption_datasets.zip has no published size or checksum, and checks off expects none: a copy put
+    at DEST by hand is used once its index reads (and marked verified), a damaged one fetched anew."""
+    server, folder = mirror
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for name in ("caption_datasets.zip", "Flickr8k_Dataset.zip"):
+        shutil.copy(folder / name, raw / name)
+    fetch_dataset("flickr8k", raw, base_url=server.url, verify_checksums=False, **FAST)
+    assert server.requests == []
+    for name in ("caption_datasets.zip", "Flickr8k_Dataset.zip"):
+        assert json.loads((raw / f"{name}.verified").read_text())["checked"] is True
+
+    (raw / "caption_datasets.zip").write_bytes(cut_short(folder / "caption_datasets.zip", 0.5))
+    fetch_dataset("flickr8k", raw, base_url=server.url, verify_checksums=True, **FAST)
+    assert [r.path for r in server.requests] == ["caption_datasets.zip"]
+    assert (raw / "caption_datasets.zip").read_bytes() == (folder / "caption_datasets.zip").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory: pytest.TempPathFactory) -> SyntheticDataset:
+    return generate_synthetic(
+        tmp_path_factory.mktemp("coco"), num_train=6, num_val=2, num_test=2, image_size=32, style="coco"
+    )
+
+
+def _damage_keeping_size_and_mtime(path: Path) -> None:
+    """Zero the zip's end-of-central-directory record the way bit rot would: size and mtime unchanged,
+    so the download step's marker still matches and only opening the zip finds it."""
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-22:] = bytes(22)
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_an_image_zip_that_does_not_open_stops_shards_with_one_line(
+    tmp_path: Path, coco: SyntheticDataset, capsys: pytest.CaptureFixture[str]
+) -> None:
+    raw = tmp_path / "raw"
+    zip_path, good = raw / "train2014.zip", (coco.root / "archives" / "train2014.zip").read_bytes()
+
+    def shards(server: FileServer, out: str) -> int:
+        return main(
+            [
+                "shards",
+                "--no-progress",
+                "--data.dataset=coco",
+                f"--data.raw_dir={raw}",
+                f"--data.shard_dir={tmp_path / out}",
+                f"--data.download.base_url={server.url}",
+                "--data.download.verify_checksums=false",  # the synthetic zips are not the published ones
+                "--data.download.num_retries=2",
+                "--data.shards.image_size=32",
+                "--data.shards.samples_per_shard=2",
+                "--data.shards.num_procs=1",
+                "--data.min_word_freq=1",
+            ]
+        )
+
+    with FileServer(coco.root / "archives") as server:
+        assert shards(server, "shards") == 0
+        zip_path.write_bytes(cut_short(zip_path, 0.7))  # truncated after verification: fetched anew
+        assert shards(server, "shards") == 0 and zip_path.read_bytes() == good
+        capsys.readouterr()
+
+        _damage_keeping_size_and_mtime(zip_path)
+        server.reset_log()
+        assert shards(server, "shards2") == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err and err.count(str(zip_path)) == 1
+        assert err.startswith(f"captioning shards: error: {zip_path}: not a readable zip archive")
+        assert "delete it and its .verified marker and run again" in err and server.requests == []
+        assert not (tmp_path / "shards2").exists()  # stopped before planning
+
+        zip_path.unlink()  # doing what it says
+        zip_path.with_name(zip_path.name + ".verified").unlink()
+        assert shards(server, "shards2") == 0 and zip_path.read_bytes() == good
+
+
+def test_a_source_zip_that_does_not_open_fails_the_build_once_not_per_shard(
+    tmp_path: Path, coco: SyntheticDataset
+) -> None:
+    """A hand-built source (no fetch step to check it): the shards' ArchiveError is raised once."""
+    zip_path = Path(shutil.copy(coco.root / "archives" / "train2014.zip", tmp_path / "train2014.zip"))
+    _damage_keeping_size_and_mtime(zip_path)
+    records = read_karpathy(coco.json_path).records
+    settings: dict[str, Any] = {"image_size": 32, "resize_mode": "squash", "jpeg_quality": 90}
+    with pytest.raises(ArchiveError) as err:
+        write_shards(
+            records,
+            build_vocab(records, min_word_freq=1),
+            ZipSource(zip_path),
+            str(tmp_path / "shards"),
+            **settings,
+            samples_per_shard=2,
+            max_image_pixels=10**8,
+            max_caption_len=50,
+            overlong="drop",
+            num_procs=1,
+            executor="process",
+            dask_address=None,
+            progress=False,
+        )
+    assert str(err.value).count(str(zip_path)) == 1 and "delete it and its .verified marker" in str(err.value)
+
+
+def test_shard_failures_print_one_line_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    message = "1 of 3 shards failed (re-run to resume): train-000001.tar: OSError: No space left on device"
+
+    def failing(*args: Any, **kwargs: Any) -> None:
+        raise ShardError(message)
+
+    monkeypatch.setattr("captioning.data.prepare.prepare_data", failing)
+    assert main(["shards", "--no-progress"]) == 1
+    assert capsys.readouterr().err == f"captioning shards: error: {message}\n"

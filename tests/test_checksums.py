@@ -5,6 +5,7 @@ is needed once (``captioning.data.checksums``, ``download``, ``datasets``), agai
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -19,7 +20,8 @@ from httpserver import FileServer
 
 from captioning.cli import main
 from captioning.config import Config, ConfigError, config_warnings, describe_config
-from captioning.data.checksums import user_checksums
+from captioning.data import datasets as datasets_module
+from captioning.data.checksums import Checksum, user_checksums
 from captioning.data.datasets import REMOTE_FILES, RawDataset, fetch_dataset
 from captioning.data.download import ChecksumMismatch, DownloadError, download_file
 from captioning.data.synthetic import SyntheticDataset, generate_synthetic
@@ -203,3 +205,67 @@ def test_the_settings_are_documented_and_warn_when_they_do_nothing() -> None:
     )
     assert warning in config_warnings(Config().replace({**off, "data.download.checksums_file": "SUMS"}))
     assert warning not in config_warnings(Config().replace({"data.download.checksums_file": "SUMS"}))
+
+
+def test_size_mismatch_from_the_server_is_one_line_with_the_options(
+    tmp_path: Path, mirror: FileServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server announces another size than the published one: nothing is kept (a partial download
+    left by an earlier run is removed), and the options offered are those that apply to a copy not
+    downloaded: the mirror's own checksum or checks off, never the MD5 of bytes that are not here."""
+    actual = (mirror.root / ZIP).stat().st_size
+    published = dataclasses.replace(REMOTE_FILES[ZIP], size=actual + 1000)
+    monkeypatch.setitem(datasets_module.REMOTE_FILES, ZIP, published)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    part = raw / f"{ZIP}.part"
+    part.write_bytes((mirror.root / ZIP).read_bytes()[:100])  # an earlier run's partial download
+    message = _mismatch(mirror, raw)
+    assert "\n" not in message
+    assert message.startswith(
+        f"{raw / ZIP}: size mismatch: expected {actual + 1000} bytes, the server at {mirror.url}/{ZIP} has "
+        f"{actual} (removed the partial download {part}); the expected value is the published one."
+    )
+    assert f"--data.download.checksums={ZIP}=md5:HEX, HEX being the MD5 the mirror publishes" in message
+    assert f"'HEX  {ZIP}'" in message and "data.download.checksums_file" in message
+    assert "--data.download.verify_checksums=false" in message and "later runs need neither option" in message
+    assert "<its MD5>" not in message and "kept download" not in message
+    assert not part.exists() and not (raw / ZIP).exists() and not (raw / f"{ZIP}.rejected").exists()
+    _fetch(mirror, raw, verify_checksums=False)  # one of the options offered
+    assert (raw / ZIP).read_bytes() == (mirror.root / ZIP).read_bytes()
+
+
+def test_a_cut_without_a_length_announced_is_resumed_not_rejected(tmp_path: Path, mirror: FileServer) -> None:
+    good = (mirror.root / ZIP).read_bytes()
+    mirror.no_length = True  # no Content-Length: a dropped connection looks like the end of the file
+    mirror.cut_after(len(good) // 3)
+    dest = tmp_path / ZIP
+    download_file(f"{mirror.url}/{ZIP}", dest, size=len(good), md5=_md5(mirror.root / ZIP), **FAST)
+    assert dest.read_bytes() == good and not dest.with_name(f"{ZIP}.rejected").exists()
+    cut = len(good) // 3
+    assert [(r.range, r.status, r.body_bytes) for r in mirror.requests] == [
+        (None, 200, cut),
+        (f"bytes={cut}-", 206, len(good) - cut),
+    ]
+
+
+def test_sums_file_lines_of_other_algorithms_are_skipped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    sums = tmp_path / "SUMS"
+    sums.write_text(
+        f"{'1' * 40}  x.zip\n{'2' * 128} *x.zip\nSHA512 (x.zip) = {'3' * 128}\nSHA1 (y.zip) = {'4' * 40}\n"
+        f"BLAKE2b (x.zip) = {'5' * 128}\n{'6' * 96}  y.zip\n{'a' * 32}  x.zip\n"
+    )
+    found = user_checksums([], sums)
+    assert found == {
+        "x.zip": Checksum(md5="a" * 32, sha256=None, source=f"data.download.checksums_file {sums}")
+    }
+    for bad in (f"SHA256 (x.zip) = {'7' * 63}", f"{'8' * 33}  x.zip", f"SHA512 (x.zip) = {'g' * 128}"):
+        sums.write_text(f"{'1' * 40}  x.zip\n{bad}\n")  # a line that does not parse is still refused
+        with pytest.raises(ConfigError, match=re.escape(f"data.download.checksums_file {sums}, line 2")):
+            user_checksums([], sums)
+    sums.write_text(f"SHA512 (x.zip) = {'3' * 128}\n")
+    with caplog.at_level("WARNING", logger="captioning.data.checksums"):
+        assert user_checksums([], sums) == {}
+    assert f"data.download.checksums_file {sums}: no MD5 or SHA-256 line" in caplog.text

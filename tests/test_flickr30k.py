@@ -162,3 +162,17 @@ def test_a_damaged_member_is_skipped_and_counted_and_remembered(
     with pytest.raises(UnreadableImage) as err:
         raw.images.read(damaged.path)
     assert err.value.reason == "corrupt" and str(archive) in err.value.detail and "CRC" in err.value.detail
+
+
+def test_no_archive_under_base_url_says_how_else_to_give_it(
+    tmp_path: Path, flickr30k: SyntheticDataset
+) -> None:
+    folder = tmp_path / "mirror"  # a mirror with the caption zip but no flickr30k-images.tar.gz
+    folder.mkdir()
+    shutil.copy(flickr30k.root / "archives" / "caption_datasets.zip", folder)
+    with FileServer(folder) as server, pytest.raises(DownloadError) as err:
+        _fetch(tmp_path / "raw", base_url=server.url)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{server.url}/{TAR}: HTTP 404 Not Found")
+    assert f"looked for as {TAR} under data.download.base_url" in message
+    assert "or set data.download.flickr30k_archive to its path or URL" in message

@@ -120,6 +120,13 @@ def test_up_to_date_manifest(small: Small, tmp_path: Path) -> None:
     assert prepare.up_to_date_manifest(str(tmp_path / "nothing-here"), key) is None
 
 
+def other_stats_sha256(stats_file: Path) -> None:
+    """What a rebuild killed after writing a shard (same size, new bytes) but before its manifest leaves."""
+    stats = json.loads(stats_file.read_text())
+    stats["sha256"] = "0" * 64
+    stats_file.write_text(json.dumps(stats))
+
+
 def truncate(path: Path) -> None:
     with open(path, "r+b") as f:
         f.truncate(path.stat().st_size - 512)
@@ -133,8 +140,16 @@ def truncate(path: Path) -> None:
         lambda d: (d / "train-000002.stats.json").unlink(),
         lambda d: (d / "manifest.json").unlink(),
         lambda d: (d / "manifest.json").write_text("{not json"),
+        lambda d: other_stats_sha256(d / "train-000000.stats.json"),
     ],
-    ids=["tar-deleted", "tar-truncated", "stats-deleted", "manifest-deleted", "manifest-garbled"],
+    ids=[
+        "tar-deleted",
+        "tar-truncated",
+        "stats-deleted",
+        "manifest-deleted",
+        "manifest-garbled",
+        "rebuilt-after-the-manifest",
+    ],
 )
 def test_up_to_date_manifest_notices_damage(small: Small, tmp_path: Path, damage: Any) -> None:
     shard_dir = tmp_path / "shards"

@@ -147,9 +147,11 @@ def test_a_killed_build_leaves_no_worker_and_no_later_write(
         assert len(workers) >= 2, [p.cmdline() for p in tree]
         os.kill(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
+        # The kernel sends the workers their death signal as the parent exits, before it can be
+        # reaped: from here on nothing may change in the output, not even while they die.
+        after_kill = _snapshot(out)
         survivors = _wait_dead(tree)
         assert not survivors, f"outlived their SIGKILLed parent: {[p.cmdline() for p in survivors]}"
-        after_kill = _snapshot(out)
         time.sleep(1.0)  # the workers had ~1.5 s of shards still queued: a survivor would write now
         assert _snapshot(out) == after_kill
         assert not (out / "manifest.json").exists()

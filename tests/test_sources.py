@@ -12,8 +12,17 @@ from typing import Any
 
 import pytest
 
+from captioning.data.archives import ArchiveError
 from captioning.data.records import read_karpathy
-from captioning.data.sources import ChainSource, DirSource, ImageSource, ZipSource, source_for
+from captioning.data.sources import (
+    ChainSource,
+    DirSource,
+    ImageSource,
+    ZipSource,
+    check_source,
+    raise_source_error,
+    source_for,
+)
 from captioning.data.synthetic import SyntheticDataset, generate_synthetic
 
 
@@ -138,3 +147,21 @@ def test_source_for_maps_each_layout(tmp_path: Path) -> None:
         source_for("imagenet", tmp_path)
     with pytest.raises(ValueError, match="valid styles"):
         source_for("synthetic", tmp_path, synthetic_style="imagenet")
+
+
+def test_check_source_opens_each_zip_once_and_names_one_that_does_not_open(
+    tmp_path: Path, coco: SyntheticDataset
+) -> None:
+    good = ZipSource(coco.root / "archives" / "val2014.zip")
+    chain = ChainSource([good, ZipSource(tmp_path / "train2014.zip"), DirSource(tmp_path / "nowhere")])
+    check_source(chain)  # a zip that is not there is left to the reads (images not found)
+    assert good._zip is None  # checked with a probe: the source itself is still unopened
+    bad = tmp_path / "train2014.zip"
+    bad.write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(ArchiveError, match=re.escape(f"{bad}: not a readable zip archive")):
+        check_source(chain)
+    with pytest.raises(ArchiveError, match=r"delete it and its \.verified marker"):
+        raise_source_error(
+            ArchiveError(f"{bad}: not a readable zip archive; delete it and its .verified marker")
+        )
+    raise_source_error(OSError("disk full"))  # a shard's own failure: gathered, not raised here

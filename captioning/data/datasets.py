@@ -53,6 +53,7 @@ from captioning.data.sources import (
     SYNTHETIC_FOLDER,
     DirSource,
     ImageSource,
+    check_source,
     source_for,
 )
 from captioning.data.synthetic import generate_synthetic
@@ -157,9 +158,11 @@ def fetch_dataset(
     """Download (or generate) a dataset under raw_dir and return its split file and image source.
 
     coco / flickr8k: download caption_datasets.zip and the image zip(s) (``base_url`` replaces the
-    URLs' prefix), extract only ``dataset_<name>.json``, read images straight from the zips.
+    URLs' prefix), extract only ``dataset_<name>.json``, read images straight from the zips (each
+    is opened once here: one damaged since it was verified raises ArchiveError naming it).
     flickr30k: the Karpathy JSON as above; images from ``flickr30k_archive`` (a local .tar.gz or
-    .zip, or an http[s] URL; none: ``FLICKR30K_ARCHIVE`` under ``base_url``), extracted to
+    .zip, or an http[s] URL; none: ``FLICKR30K_ARCHIVE`` under ``base_url``, and a failure to fetch
+    it says how to give it otherwise), extracted to
     ``raw_dir/flickr30k-images`` once: later calls reuse the extracted images even when the archive
     is gone; members that fail to read are left out and read as UnreadableImage (skipped, counted).
     synthetic: ``generate_synthetic(raw_dir/synthetic, **synthetic)`` unless the same settings were
@@ -195,13 +198,16 @@ def fetch_dataset(
     images: ImageSource | None = None
     if dataset == "flickr30k":  # first: a missing archive is refused before anything is downloaded
         location = os.fspath(flickr30k_archive) if flickr30k_archive is not None else None
-        if location is None and base_url is not None:
-            location = f"{base_url.rstrip('/')}/{FLICKR30K_ARCHIVE}"
-        images = _flickr30k_images(location, raw, fetch)
+        mirrored = location is None and base_url is not None
+        if mirrored:
+            location = f"{str(base_url).rstrip('/')}/{FLICKR30K_ARCHIVE}"
+        images = _flickr30k_images(location, raw, fetch, mirrored=mirrored)
     for name in DATASET_FILES[dataset]:
         fetch(name, resolve_url(REMOTE_FILES[name].url, base_url))
     karpathy_json = _extract_karpathy_json(raw / "caption_datasets.zip", dataset, raw)
-    return RawDataset(name=dataset, karpathy_json=karpathy_json, images=images or source_for(dataset, raw))
+    images = images or source_for(dataset, raw)
+    check_source(images)  # a zip damaged since it was verified: one error now, not one per shard
+    return RawDataset(name=dataset, karpathy_json=karpathy_json, images=images)
 
 
 def _fetch_file(
@@ -230,9 +236,12 @@ def _fetch_file(
         raise
 
 
-def _flickr30k_images(location: str | None, raw: Path, fetch: Callable[[str, str], Path]) -> ImageSource:
-    """Flickr30k's images: the archive at location (a local path, or a URL fetched into raw)
-    extracted into raw, or an earlier extraction of it when the archive is not there."""
+def _flickr30k_images(
+    location: str | None, raw: Path, fetch: Callable[[str, str], Path], *, mirrored: bool
+) -> ImageSource:
+    """Flickr30k's images: the archive at location (a local path, or a URL fetched into raw;
+    ``mirrored``: the one under base_url) extracted into raw, or an earlier extraction of it when the
+    archive is not there."""
     is_url = location is not None and re.match(r"https?://", location) is not None
     if location is None:
         path = None
@@ -255,7 +264,16 @@ def _flickr30k_images(location: str | None, raw: Path, fetch: Callable[[str, str
     else:
         assert path is not None
         if is_url:
-            fetch(path.name, location)
+            try:
+                fetch(path.name, location)
+            except DownloadError as e:
+                if not mirrored or isinstance(e, ChecksumMismatch):
+                    raise
+                raise DownloadError(
+                    f"{e}; flickr30k's images are looked for as {FLICKR30K_ARCHIVE} under "
+                    "data.download.base_url: put it there, or set data.download.flickr30k_archive to "
+                    "its path or URL"
+                ) from None
         elif not path.is_file():
             raise FileNotFoundError(
                 f"data.download.flickr30k_archive: no file {path}, and no earlier extraction of it "

@@ -106,15 +106,18 @@ def download_file(
 
     Complete means: a marker written when dest was stored still matches its size and mtime, and
     dest has the expected size and checksums (or was stored under an override, see below); a file
-    put there by hand is hashed once against a known checksum. Bytes go to ``dest.part``, which a
+    put there by hand is hashed once against a known size and checksum, or, when none is known,
+    used once its structure passes (an archive's index reads). Bytes go to ``dest.part``, which a
     later attempt (or call) resumes with an HTTP Range request. Connection errors, timeouts and
     408/429/5xx answers are retried: ``num_retries`` failed attempts in a row make it give up
-    (DownloadError), and an attempt that brought new bytes starts the count afresh. After the k-th
-    failure in a row it waits ``retry_delay_s * 2**(k-1)`` seconds (at most two minutes). Other HTTP
-    errors fail at once. ``timeout_s`` bounds connecting and each read.
+    (DownloadError), and an attempt that brought new bytes starts the count afresh; a body that
+    ends short of the known size without a length announced is resumed the same way. After the
+    k-th failure in a row it waits ``retry_delay_s * 2**(k-1)`` seconds (at most two minutes).
+    Other HTTP errors fail at once. ``timeout_s`` bounds connecting and each read.
 
     A size or checksum mismatch raises ChecksumMismatch naming dest, the URL, the expected and the
-    actual value, and keeps the bytes as ``dest.rejected``. ``override=True`` says the expected
+    actual value, and keeps the bytes as ``dest.rejected`` (for a size the server announces up
+    front nothing is kept: a partial ``dest.part`` is removed). ``override=True`` says the expected
     values are the caller's own (a mirror's checksums; none at all: checks off): a kept
     ``dest.rejected`` that satisfies them is used without downloading, and what is stored under an
     override is trusted by later calls whatever they expect (until the file changes or its
@@ -261,9 +264,9 @@ def _fetch_into(
             raise DownloadError(f"{url}: HTTP {status} {response.reason}")
         if size is not None and total is not None and total != size:
             part.unlink(missing_ok=True)
+            kept = f"removed the partial download {part}" if offset else "nothing downloaded"
             raise ChecksumMismatch(
-                f"{dest}: size mismatch: expected {size} bytes, the server at {url} has {total} "
-                "(nothing downloaded)",
+                f"{dest}: size mismatch: expected {size} bytes, the server at {url} has {total} ({kept})",
                 "size",
             )
 
@@ -287,6 +290,8 @@ def _fetch_into(
                 bar.update(len(chunk))
     if total is not None and written < total:
         raise _Retryable(f"connection closed after {written} of {total} bytes")
+    if total is None and size is not None and written < size:  # no length announced: resume it
+        raise _Retryable(f"connection closed after {written} of {size} bytes (the server sent no length)")
     if total is not None and written > total:
         part.unlink()
         raise _Retryable(f"server sent {written} bytes but announced {total}; restarting")
@@ -395,8 +400,12 @@ def _is_complete(dest: Path, expected: _Expected) -> bool:
         log.warning("%s: %s mismatch (expected %s, got %s): downloading it again", dest, *mismatch)
         return False
     # No marker, or the file changed since: a file put there by hand is checked once, then trusted.
-    if expected.size is None and not expected.checksum:
-        return False
+    if expected.size is None and not expected.checksum:  # nothing to compare: its structure decides
+        if not _structure_ok(dest):
+            return False
+        log.info("%s: no size or checksum to check it against; using the file that is there", dest)
+        _write_marker(dest, "", _file_digests(dest, sha256=False), expected.override)
+        return True
     if expected.size is not None and st.st_size != expected.size:
         log.warning("%s has %d bytes, expected %d: downloading it again", dest, st.st_size, expected.size)
         return False

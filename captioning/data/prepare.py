@@ -85,18 +85,24 @@ def build_key(cfg: Config, karpathy_json: str | os.PathLike[str], vocab: Vocab) 
 
 def up_to_date_manifest(shard_dir: str, key: str) -> dict[str, Any] | None:
     """The finished build's manifest when it was made with ``key`` and every shard it lists is there
-    with the size its stats file records (a stat and a small read per shard, no hashing); else None."""
+    as the manifest says: its stats file records the manifest's sha256 for it, and the tar has the
+    size the stats record (a stat and a small read per shard, no hashing); else None.
+
+    Sizes, not mtimes: a copied shard folder stays up to date. The stats' sha256 catches a rebuild
+    that wrote new shards but was stopped before it wrote their manifest."""
     try:
         manifest = storage.read_json(storage.join(shard_dir, MANIFEST_FILE))
     except (FileNotFoundError, ValueError):
         return None
     if not isinstance(manifest, dict) or manifest.get("config_hash") != key:
         return None
-    for tar_name in manifest.get("shards") or {}:
+    for tar_name, sha256 in (manifest.get("shards") or {}).items():
         stem = tar_name.removesuffix(".tar")
         try:
-            recorded = storage.read_json(storage.join(shard_dir, f"{stem}.stats.json")).get("bytes")
-            if storage.size(storage.join(shard_dir, tar_name)) != recorded:
+            stats = storage.read_json(storage.join(shard_dir, f"{stem}.stats.json"))
+            if stats.get("sha256") != sha256:
+                return None
+            if storage.size(storage.join(shard_dir, tar_name)) != stats.get("bytes"):
                 return None
         except (FileNotFoundError, ValueError, AttributeError):
             return None

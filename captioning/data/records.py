@@ -16,6 +16,11 @@ Usage::
     dataset = read_karpathy("dataset_coco.json")         # restval folded into train
     train = dataset.split("train")
 
+Image paths are cleaned at validation: empty and '.' segments are dropped (``a//b.jpg``,
+``./a.jpg``, a ``filepath`` of ``val2014/`` are read as ``a/b.jpg``, ``a.jpg``, ``val2014``), as a
+folder read always did; a path that could leave the image folder or zip ('..', absolute, a drive
+letter, NUL) is refused, naming the entry.
+
 Plain Python on purpose: no torch, so data preparation imports fast.
 """
 
@@ -57,7 +62,9 @@ class ImageRecord:
     """One image with its reference captions."""
 
     image_id: int
-    path: str  # relative to the image root: "filepath/filename" (COCO) or "filename" (Flickr)
+    # relative to the image root: "filepath/filename" (COCO) or "filename" (Flickr), '/'-joined,
+    # without empty or '.' segments
+    path: str
     split: str  # effective split after restval mapping: "train", "val" or "test"
     source_split: str  # as in the file: "train", "val", "test" or "restval"
     captions: tuple[Caption, ...]
@@ -93,7 +100,8 @@ def read_karpathy(path: str | os.PathLike[str], *, restval_split: str | None = "
     ``cocoid`` when present, else ``imgid``. Raises FileNotFoundError for a missing file and
     RecordsError, naming the file and the entry, for anything malformed: bytes that are not UTF-8
     (named by byte offset and the entry holding them; a leading BOM is allowed), invalid JSON, and
-    image paths that could leave the image folder or zip ('..', absolute, empty or '.' segments).
+    image paths that could leave the image folder or zip ('..', absolute, a drive letter, NUL) or
+    that name no file; empty and '.' segments are dropped from the record's path.
     """
     if restval_split is not None and restval_split not in SPLITS:
         raise RecordsError(
@@ -161,13 +169,13 @@ def _parse_image(file_name: str, index: int, image: Any) -> ImageRecord:
     filepath = image.get("filepath")
     if filepath is not None and not isinstance(filepath, str):
         raise RecordsError(f"{where}: field 'filepath' must be a string, got {_type_name(filepath)}")
-    for key, part in (("filepath", filepath), ("filename", filename)):
-        problem = _unsafe_path_problem(part) if part else None
-        if problem:
-            raise RecordsError(
-                f"{where}: unsafe image path: field {key!r} {part!r} {problem}; image paths must be "
-                "relative, '/'-separated names inside the image folder: fix or remove the entry"
-            )
+    folder = _clean_path(where, "filepath", filepath) if filepath else ""
+    name = _clean_path(where, "filename", filename)
+    if not name:
+        raise RecordsError(
+            f"{where}: field 'filename' {filename!r} names no file (only empty or '.' segments); "
+            "give the image's file name: fix or remove the entry"
+        )
 
     id_key = "cocoid" if "cocoid" in image else "imgid" if "imgid" in image else None
     if id_key is None:
@@ -193,7 +201,7 @@ def _parse_image(file_name: str, index: int, image: Any) -> ImageRecord:
 
     return ImageRecord(
         image_id=image_id,
-        path=f"{filepath}/{filename}" if filepath else filename,
+        path=f"{folder}/{name}" if folder else name,
         split=split,
         source_split=split,
         captions=captions,
@@ -220,23 +228,37 @@ def _parse_sentence(where: str, sentence: Any) -> Caption:
     return Caption(raw=raw, tokens=tuple(tokens), sent_id=sent_id)
 
 
-def _unsafe_path_problem(part: str) -> str | None:
-    """Why a 'filepath' or 'filename' could leave the image folder or zip prefix (None when safe).
+def _clean_path(where: str, key: str, part: str) -> str:
+    """A 'filepath' or 'filename' with its empty and '.' segments dropped ('a//./b/' -> 'a/b').
+
+    Raises RecordsError naming the entry when the path could leave the image folder or zip prefix.
+    A folder read (pathlib) always ignored those segments; a zip member name must not have them.
+    """
+    clean = "/".join(segment for segment in part.split("/") if segment not in ("", "."))
+    problem = _unsafe_path_problem(part, clean)
+    if problem:
+        raise RecordsError(
+            f"{where}: unsafe image path: field {key!r} {part!r} {problem}; image paths must be "
+            "relative, '/'-separated names inside the image folder: fix or remove the entry"
+        )
+    return clean
+
+
+def _unsafe_path_problem(part: str, clean: str) -> str | None:
+    """Why a path (as written, and ``clean`` of '.' and empty segments) could escape; None if safe.
 
     A backslash counts as a separator for the escape checks ('..', a leading one), as it does on
-    Windows and for ``sources``; '.' and empty segments name no file in a zip, so they are refused.
+    Windows and for ``sources``; the leading checks also look at the clean path, so './C:/x' and
+    './\\x' are caught like 'C:/x' and '\\x'.
     """
     if "\0" in part:
         return "contains a NUL character"
-    if part.startswith(("/", "\\")):
+    if part.startswith(("/", "\\")) or clean.startswith("\\"):
         return "is absolute"
-    if _DRIVE.match(part):
+    if _DRIVE.match(clean):
         return "starts with a drive letter"
     if ".." in re.split(r"[/\\]", part):
         return "has a '..' segment"
-    segments = part.split("/")
-    if "" in segments or "." in segments:
-        return "has an empty or '.' segment"
     return None
 
 

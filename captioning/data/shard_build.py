@@ -57,7 +57,7 @@ from captioning.data.images import ImageSettings
 from captioning.data.records import SPLITS, ImageRecord
 from captioning.data.shard_executors import Executor, check_executor, run_shard_jobs
 from captioning.data.shard_writer import ShardJob, completed_stats, plan_shards
-from captioning.data.sources import ImageSource
+from captioning.data.sources import ImageSource, raise_source_error
 from captioning.data.vocab import Vocab
 
 logger = logging.getLogger(__name__)
@@ -227,6 +227,7 @@ def write_shard_group(
             todo, num_procs=num_procs, executor=executor, dask_address=dask_address
         ):
             if isinstance(result, BaseException):
+                raise_source_error(result)  # an image zip that does not open: once, not once per shard
                 errors.append(f"{job.tar_name}: {type(result).__name__}: {result}")
             else:
                 done[job.name] = result

@@ -10,7 +10,8 @@ on-disk layout after ``fetch_dataset``::
 An image the source has but cannot read (a zip member with a bad CRC or a damaged stream, or an
 archive member that extraction had to leave out) raises ``UnreadableImage`` with its skip reason and
 the archive's path, so the shard writer skips and counts it like any other bad image; a zip that
-cannot be opened at all raises ``ArchiveError`` naming it.
+cannot be opened at all raises ``ArchiveError`` naming it, which ``check_source`` finds once, before
+a build starts.
 
 Sources are small picklable values that open their files lazily, once per process: they are sent to
 DataLoader workers, ``multiprocessing`` children and Dask workers, and a forked child must not share
@@ -198,6 +199,26 @@ class ChainSource:
             except FileNotFoundError as e:
                 misses.append(str(e))
         raise FileNotFoundError(f"image {rel_path!r} not found in any source: " + "; ".join(misses))
+
+
+def check_source(source: ImageSource) -> None:
+    """Open every zip archive a source reads (a ZipSource, or one inside a ChainSource) once, so a
+    zip that does not open stops a build before any shard is planned or written: ArchiveError names
+    it and says what to do. A zip that is not there is left to the reads (images not found)."""
+    if isinstance(source, ChainSource):
+        for inner in source.sources:
+            check_source(inner)
+    elif isinstance(source, ZipSource) and source.zip_path.is_file():
+        probe = ZipSource(source.zip_path, source.prefix)  # the source itself stays unopened
+        probe._open()
+        probe.close()
+
+
+def raise_source_error(error: BaseException) -> None:
+    """Raise a shard job's error when it is its image source's, not the shard's: a zip that does not
+    open (ArchiveError) fails every shard alike and no re-run helps, so a build stops on it once."""
+    if isinstance(error, ArchiveError):
+        raise error
 
 
 def source_for(
