@@ -166,9 +166,22 @@ def test_a_killed_build_leaves_no_worker_and_no_later_write(
 
 
 class PdeathsigProbe:
-    """An image source that reports, as each image's "missing" detail, its process's death signal."""
+    """An image source that reports, as each image's "missing" detail, its process's death signal.
+
+    Its first read in a process waits until ``expected`` processes have read (a rendezvous through
+    files in ``meet``): a worker that started first cannot take every job before the other starts.
+    """
+
+    def __init__(self, meet: str, expected: int) -> None:
+        self.meet, self.expected = meet, expected
 
     def read(self, rel_path: str) -> bytes:
+        mark = Path(self.meet, str(os.getpid()))
+        if not mark.exists():
+            mark.touch()
+            deadline = time.monotonic() + 60  # a hang guard: the assertion below then says what is wrong
+            while len(list(Path(self.meet).iterdir())) < self.expected and time.monotonic() < deadline:
+                time.sleep(0.02)
         raise FileNotFoundError(f"pid={os.getpid()} pdeathsig={_pdeathsig()}")
 
 
@@ -178,7 +191,10 @@ LINUX_ONLY = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR
 @LINUX_ONLY
 def test_every_pool_worker_is_armed(data: Data, tmp_path: Path, subprocess_tree: None) -> None:
     run = {**IN_PROCESS, "num_procs": 2}
-    manifest = write_shards(data.records, data.vocab, PdeathsigProbe(), str(tmp_path), **PLAN, **run)
+    meet = tmp_path / "meet"
+    meet.mkdir()
+    probe = PdeathsigProbe(str(meet), expected=2)
+    manifest = write_shards(data.records, data.vocab, probe, str(tmp_path / "out"), **PLAN, **run)
     details = {f["detail"] for shard in manifest.stats.values() for f in shard.failed}
     assert len({detail.split()[0] for detail in details}) == 2  # both workers
     for detail in details:
