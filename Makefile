@@ -19,7 +19,7 @@ test: setup
 test-fast: setup
 	$(BIN)/pytest -m "not integration" $(PYTEST_ARGS)
 
-# The main job through the orchestrator: stack up, deploy, prefect deployment run train-sat/demo --watch.
+# The main job through the orchestrator: stack up, deploy, run train-sat/demo and follow its log lines.
 demo: setup
 	VENV=$(VENV) bash infra/demo.sh
 

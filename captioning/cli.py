@@ -11,7 +11,7 @@
     captioning verify data/coco/shards              # every shard against its manifest sha256
     captioning train --recipe demo                  # the stages, one torchrun each, then registration
     captioning demo                                 # the main job on embedded defaults: shards, then training
-    captioning caption photo.jpg --checkpoint ckpt.pt   # beam-search captions (a folder: JSON lines)
+    captioning caption photo.jpg --checkpoint models:/show-attend-tell@champion   # or a path, s3://, runs:/
     captioning mlflow start                         # a local MLflow server in the background; stop|status|ui
     captioning stack up [--s3]                      # Prefect server + worker, MLflow (+ S3); down|status|env
 
@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -121,18 +122,27 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "caption",
-        help="caption images with a checkpoint (beam search)",
+        help="caption images with a model (beam search)",
         description="Prints `path: caption` per image; JSON lines (one object per image) when a folder "
-        "is given or with --json. Folders are read in name order, common image extensions only.",
+        "is given or with --json. Folders are read in name order, common image extensions only. "
+        "Decoding defaults to the model's own recorded eval settings.",
     )
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
-    p.add_argument("--checkpoint", required=True, help="checkpoint path (local or s3://)")
-    p.add_argument("--beam-size", type=int, default=5, help="beam width (default 5)")
     p.add_argument(
-        "--max-len", type=int, default=20, help="most tokens per caption, <end> included (default 20)"
+        "--checkpoint",
+        required=True,
+        metavar="MODEL",
+        help="checkpoint path, s3:// URI, runs:/ID/model, models:/NAME@ALIAS or models:/NAME/VERSION "
+        "(models:/ and runs:/ read MLFLOW_TRACKING_URI)",
+    )
+    p.add_argument("--beam-size", type=int, help="beam width (default: the model's eval.beam_size)")
+    p.add_argument(
+        "--max-len", type=int, help="most tokens, <end> included (default: the model's eval.max_len)"
     )
     p.add_argument(
-        "--length-normalization", action="store_true", help="rank finished beams by log-prob per token"
+        "--length-normalization",
+        action=argparse.BooleanOptionalAction,
+        help="rank finished beams by log-prob per token (default: the model's eval.length_normalization)",
     )
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     p.add_argument("--visualize", type=Path, metavar="DIR", help="write attention overlays DIR/<stem>.png")
@@ -348,48 +358,36 @@ def _train(args: argparse.Namespace, overrides: Sequence[str], cfg: Config, *, p
     return 0
 
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
-
-
-def caption_inputs(inputs: Sequence[str]) -> tuple[list[str], bool]:
-    """Expand folders into their image files (sorted by name); True when any input was a folder."""
-    paths: list[str] = []
-    had_folder = False
-    for item in inputs:
-        folder = Path(item)
-        if folder.is_dir():
-            had_folder = True
-            paths.extend(
-                str(p)
-                for p in sorted(folder.iterdir(), key=lambda p: p.name)
-                if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-            )
-        else:
-            paths.append(item)
-    return paths, had_folder
-
-
 def _cmd_caption(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     if overrides:
         raise ConfigError(
             f"caption takes its settings from the checkpoint, not overrides: {' '.join(overrides)}"
         )
+    from captioning.inference import caption_images, caption_inputs
+    from captioning.model_uri import RegistryError, resolve_model
+    from captioning.tracking import TrackingUnavailable
+
     paths, had_folder = caption_inputs(args.inputs)
     if not paths:
         print("captioning caption: no images found", file=sys.stderr)
         return 1
-    from captioning.inference import caption_images
-
-    results = caption_images(
-        paths,
-        args.checkpoint,
-        beam_size=args.beam_size,
-        max_len=args.max_len,
-        length_normalization=args.length_normalization,
-        batch_size=args.batch_size,
-        visualize_dir=args.visualize,
-        device=args.device,
-    )
+    with tempfile.TemporaryDirectory(prefix="captioning-model-") as downloads:
+        try:
+            model = resolve_model(args.checkpoint, dst=downloads)
+        except (RegistryError, TrackingUnavailable) as exc:
+            print(f"captioning caption: error: {exc}", file=sys.stderr)
+            return 1
+        results = caption_images(
+            paths,
+            model.checkpoint,
+            beam_size=args.beam_size,
+            max_len=args.max_len,
+            length_normalization=args.length_normalization,
+            batch_size=args.batch_size,
+            visualize_dir=args.visualize,
+            device=args.device,
+            progress=len(paths) > 1,  # on stderr: a bar on a terminal, plain lines otherwise
+        )
     as_json = args.json or had_folder
     failed = 0
     for entry in results:

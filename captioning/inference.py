@@ -1,17 +1,20 @@
 """Caption images with a trained checkpoint: preprocess as in training, beam search, decode.
 
 One ``Predictor`` does the work for both front ends, so their captions cannot drift apart:
-``caption_images`` (what ``captioning caption IMAGE_OR_DIR... --checkpoint PATH`` runs,
-``captioning/cli.py``) and the MLflow pyfunc (``captioning/serving.py``).
+``caption_images`` (what ``captioning caption IMAGE_OR_DIR... --checkpoint MODEL`` runs,
+``captioning/cli.py``) and the MLflow pyfunc (``captioning/serving.py``). Both decode as the model
+was scored in training unless told otherwise: beam size, maximum length and length normalisation
+default to the checkpoint's recorded ``eval`` settings (``captioning.model.checkpoint.decoding_of``).
 
     results = caption_images(["dog.jpg", "cat.png"], "runs/demo/best.pt", beam_size=5,
-                             visualize_dir="overlays")
+                             visualize_dir="overlays")   # beam_size=None: the model's own
     results[0]  # {"path": "dog.jpg", "caption": "a dog runs", "tokens": ["a", "dog", "runs"],
                 #  "score": -4.1, "length": 4, "ended": True, "visualization": "overlays/dog.png"}
 
     predictor = Predictor.from_checkpoint("runs/demo/best.pt", device="cpu")
     image = predictor.load_image(jpeg_bytes)                         # raises ImageSkipped
-    [caption] = predictor.caption([image], beam_size=3, max_len=20)  # caption.text: "a dog runs"
+    [caption] = predictor.caption([image])                  # caption.text: "a dog runs"
+    predictor.decoding                                       # {"beam_size": 3, "max_len": 16, ...}
 
 An image goes through exactly what the model saw in training and evaluation: the shard writer's
 ``prepare_image`` with the checkpoint's ``data.shards`` settings (decode, EXIF orientation, RGB,
@@ -40,9 +43,10 @@ from captioning.data.batch import normalize_images, resize_square, stack_planes
 from captioning.data.images import ImageSettings, ImageSkipped, prepare_image
 from captioning.data.vocab import Vocab
 from captioning.model.captioner import Captioner
-from captioning.model.checkpoint import captioner_from_checkpoint
+from captioning.model.checkpoint import captioner_from_checkpoint, decoding_of
 from captioning.model.search import beam_search
 from captioning.model.visualize import attention_overlay
+from captioning.progress import show_progress
 
 
 def image_settings(config: Mapping[str, Any]) -> ImageSettings:
@@ -89,14 +93,23 @@ class Caption:
 
 
 class Predictor:
-    """A checkpoint's captioner ready for inference: model (eval mode, on ``device``), vocabulary and
-    the image settings it was trained with."""
+    """A checkpoint's captioner ready for inference: model (eval mode, on ``device``), vocabulary, the
+    image settings it was trained with and its default ``decoding`` (``beam_size``, ``max_len``,
+    ``length_normalization``: the checkpoint's recorded ``eval`` settings)."""
 
-    def __init__(self, model: Captioner, vocab: Vocab, settings: ImageSettings, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: Captioner,
+        vocab: Vocab,
+        settings: ImageSettings,
+        device: torch.device,
+        decoding: Mapping[str, Any] | None = None,
+    ) -> None:
         self.model = model
         self.vocab = vocab
         self.settings = settings
         self.device = device
+        self.decoding = decoding_of({}) | dict(decoding or {})
 
     @classmethod
     def from_checkpoint(
@@ -107,7 +120,7 @@ class Predictor:
         target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model, vocab, ckpt = captioner_from_checkpoint(os.fspath(checkpoint))
         model.eval().to(target)
-        return cls(model, vocab, image_settings(ckpt.get("config") or {}), target)
+        return cls(model, vocab, image_settings(ckpt.get("config") or {}), target, decoding_of(ckpt))
 
     def load_image(self, data: bytes) -> Image.Image:
         """Encoded image bytes -> the model's input image (``load_image``); raises ImageSkipped."""
@@ -118,26 +131,23 @@ class Predictor:
         self,
         images: Sequence[Image.Image],
         *,
-        beam_size: int,
-        max_len: int,
-        length_normalization: bool = False,
+        beam_size: int | None = None,
+        max_len: int | None = None,
+        length_normalization: bool | None = None,
         batch_size: int = 16,
     ) -> list[Caption]:
-        """Beam-search a caption for each image (from ``load_image``), ``batch_size`` images per search."""
+        """Beam-search a caption for each image (from ``load_image``), ``batch_size`` images per search;
+        a decoding setting left None is the model's own (``self.decoding``)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        given = {"beam_size": beam_size, "max_len": max_len, "length_normalization": length_normalization}
+        decoding = self.decoding | {k: v for k, v in given.items() if v is not None}
         captions: list[Caption] = []
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
             batch = normalize_images(stack_planes(chunk)).to(self.device)  # (b, 3, H, W)
             features = self.model.encode(batch)  # (b, P, E)
-            result = beam_search(
-                self.model,
-                features,
-                beam_size=beam_size,
-                max_len=max_len,
-                length_normalization=length_normalization,
-            )
+            result = beam_search(self.model, features, **decoding)
             for row in range(len(chunk)):
                 n = int(result.lengths[row])
                 ids = result.tokens[row, :n].tolist()
@@ -155,6 +165,26 @@ class Predictor:
 
 # --------------------------------------------------------------------------------------------------
 # `captioning caption`: image files in, one entry per file out
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+
+
+def caption_inputs(inputs: Sequence[str]) -> tuple[list[str], bool]:
+    """Expand folders into their image files (sorted by name); True when any input was a folder."""
+    paths: list[str] = []
+    had_folder = False
+    for item in inputs:
+        folder = Path(item)
+        if folder.is_dir():
+            had_folder = True
+            paths.extend(
+                str(p)
+                for p in sorted(folder.iterdir(), key=lambda p: p.name)
+                if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+            )
+        else:
+            paths.append(item)
+    return paths, had_folder
 
 
 def _read(path: str, predictor: Predictor) -> Image.Image | str:
@@ -214,18 +244,22 @@ def caption_images(
     paths: Sequence[str | os.PathLike[str]],
     checkpoint: str | os.PathLike[str],
     *,
-    beam_size: int = 5,
-    max_len: int = 20,
-    length_normalization: bool = False,
+    beam_size: int | None = None,
+    max_len: int | None = None,
+    length_normalization: bool | None = None,
     batch_size: int = 16,
     visualize_dir: str | os.PathLike[str] | None = None,
     device: str | torch.device | None = None,
+    progress: bool = False,
 ) -> list[dict[str, Any]]:
     """One dict per path, in order: a caption entry (see the module doc) or ``{"path", "error"}``.
 
+    ``checkpoint``: a local or s3:// checkpoint (``captioning.model_uri.resolve_model`` turns any model
+    source into one). Decoding settings left None are the model's own (``Predictor.decoding``).
     ``device``: where the model runs (default: CUDA when available, else the CPU). With
     ``visualize_dir``, each caption's attention overlay is written there as ``<stem>.png`` and
-    its path recorded under ``"visualization"``. Files are read ``batch_size`` at a time.
+    its path recorded under ``"visualization"``. Files are read ``batch_size`` at a time. ``progress``:
+    show it on stderr (``captioning.progress``: a bar on a terminal, lines otherwise).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -250,15 +284,18 @@ def caption_images(
         )
         for (i, image), caption in zip(pending, captions, strict=True):
             results[i] = _entry(names[i], image, caption, predictor.vocab, out_dir, used_names)
+        shown.update(len(pending))
         pending.clear()
 
-    for i, name in enumerate(names):
-        image = _read(name, predictor)
-        if isinstance(image, str):
-            results[i] = {"path": name, "error": image}
-            continue
-        pending.append((i, image))
-        if len(pending) == batch_size:
-            flush()
-    flush()
+    with show_progress(len(names), "captioning", unit="image", enabled=progress) as shown:
+        for i, name in enumerate(names):
+            image = _read(name, predictor)
+            if isinstance(image, str):
+                results[i] = {"path": name, "error": image}
+                shown.update(1)
+                continue
+            pending.append((i, image))
+            if len(pending) == batch_size:
+                flush()
+        flush()
     return [entry for entry in results if entry is not None]

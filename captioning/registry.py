@@ -1,13 +1,14 @@
 """Registered model versions and the champion gate: a new version replaces the champion only if it scores higher.
 
     promotion = register_stage(best, "show-attend-tell", recipe="demo")   # a stage's best model, gated
-    version, path = champion_checkpoint("show-attend-tell")                # the champion's checkpoint file
-    checkpoint_from_model("models:/show-attend-tell@champion")             # any model URI -> checkpoint
+    resolve_model("models:/show-attend-tell@champion")   # any model source -> checkpoint: captioning.model_uri
 
     version = register_model(client, "sat-captioner", source, run_id, tags={"git_sha": sha})
     promotion = promote_if_better(client, "sat-captioner", version, 1.12)   # metric="test_CIDEr"
     promotion.alias                        # "champion" (promoted) or "challenger"
     champion(client, "sat-captioner")      # ("3", 1.12), or None before any promotion
+    promote_on_holdouts(client, "sat-captioner", "4", champion_version="3", original=HoldoutScores(...),
+                        new=HoldoutScores(...), tolerance=0.01)   # retraining: both models, both holdouts
     mlflow.pyfunc.load_model("models:/sat-captioner@champion")
 
 Everything goes through an explicit ``MlflowClient`` (never the fluent run state). Aliases, not
@@ -19,28 +20,32 @@ The gate: no champion yet -> the new version becomes champion; otherwise it beco
 when its score is strictly greater than the champion's tag (a tie keeps the incumbent, so
 re-running the gate is deterministic), else it takes the ``challenger`` alias. A champion with no
 tag for the metric (set by hand, or scored on another metric) is never replaced automatically:
-the gate fails closed and logs a warning. When the challenger was scored on other data than the
-champion's tag (retraining on newly landed data), pass ``champion_score``: the champion re-scored on
-the same data, which the gate then compares with instead. Two gates running at once for the same model can both
+the gate fails closed and logs a warning. Two gates running at once for the same model can both
 see the same champion; run promotions for one model from one place (the flow).
+
+Retraining on newly landed data has its own gate (``promote_on_holdouts``): the champion and the
+retrained version are scored on the same two identified holdouts, the original dataset's test split
+and the new data's, and the rule is ``captioning.evaluation.holdouts.decide`` (better on the new data,
+not worse on the original beyond a tolerance). The version's tags record the decision and every score
+with the holdouts' names and ids; its ``test_<metric>`` is its score on the original holdout, so it
+compares with the score every other version carries.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from captioning import model_uri
+from captioning.evaluation.holdouts import HoldoutScores, decide, version_tags
 from captioning.tracking.client import connect
 from captioning.training.stage import StageResult
 
@@ -52,8 +57,9 @@ READY_TIMEOUT_S = 300.0
 log = logging.getLogger(__name__)
 
 
-class RegistryError(RuntimeError):
-    """Nothing to register or fetch: a stage without a tracking run or score, a model without a champion."""
+# Nothing to register or fetch (a stage without a run or score, a source that names no model): defined
+# with the one model-source resolver, captioning.model_uri, which raises it too.
+RegistryError = model_uri.RegistryError
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,8 @@ class Promotion:
     previous_champion: str | None  # the champion before the gate ran (None: there was none)
     previous_score: float | None  # its score (None: no champion, or it has no tag for the metric)
     metric: str
+    reason: str = ""  # the holdout gate's one-line decision, with every score
+    holdouts: dict[str, dict[str, Any]] = field(default_factory=dict)  # "original"/"new" -> id, name, scores
 
     @property
     def promoted(self) -> bool:
@@ -84,8 +92,10 @@ def register_model(
 ) -> str:
     """Create version N of registered model ``name`` (created if missing) from ``source``; N once READY.
 
-    ``source`` is a model URI such as ``runs:/<run_id>/model`` (``captioning.serving.log_pyfunc``);
-    the server only accepts a run-relative source whose run is ``run_id``.
+    ``source``: where the model folder lies, inside run ``run_id``'s artifacts (the server refuses
+    others): ``captioning.serving.log_pyfunc``'s answer, the run's artifact URI + ``/model``, which the
+    server resolves for the UI's get-artifact requests (a ``runs:/<run_id>/model`` URI registers but
+    the UI cannot read its MLmodel: HTTP 500).
     """
     try:
         client.create_registered_model(name)
@@ -137,13 +147,8 @@ def promote_if_better(
     score: float,
     *,
     metric: str = DEFAULT_METRIC,
-    champion_score: float | None = None,
 ) -> Promotion:
-    """Tag ``version`` with its score and move ``champion`` to it if it beats the champion (see the module doc).
-
-    ``champion_score``: the current champion's score on the same data as ``score``, replacing its tag
-    in the comparison (the champion's tag is left as it is).
-    """
+    """Tag ``version`` with its score and move ``champion`` to it if it beats the champion (see the module doc)."""
     score = float(score)
     if not math.isfinite(score):
         raise ValueError(f"{name} version {version}: {metric} must be finite to compare, got {score}")
@@ -152,8 +157,6 @@ def promote_if_better(
     aliases = _aliases(client, name)
     previous = aliases.get(CHAMPION)
     previous_score = None if previous is None else _score_tag(client, name, previous, metric)
-    if previous is not None and champion_score is not None:
-        previous_score = float(champion_score)
     if previous is None or previous == version:
         promoted = True
     elif previous_score is None:
@@ -193,6 +196,16 @@ def champion(client: MlflowClient, name: str, *, metric: str = DEFAULT_METRIC) -
     return version, score
 
 
+def register_version(
+    client: MlflowClient, name: str, run_id: str, checkpoint_uri: str, *, tags: Mapping[str, str]
+) -> str:
+    """The checkpoint as a pyfunc model of run ``run_id``, then a new version of ``name`` (no gate)."""
+    from captioning.serving import log_pyfunc
+
+    source = log_pyfunc(client, run_id, checkpoint_uri)
+    return register_model(client, name, source, run_id, tags=tags)
+
+
 def register_checkpoint(
     client: MlflowClient,
     name: str,
@@ -202,14 +215,10 @@ def register_checkpoint(
     *,
     tags: Mapping[str, str],
     metric: str = DEFAULT_METRIC,
-    champion_score: float | None = None,
 ) -> Promotion:
     """The checkpoint as a pyfunc model of run ``run_id``, a new version of ``name``, then the gate."""
-    from captioning.serving import log_pyfunc
-
-    source = log_pyfunc(client, run_id, checkpoint_uri)
-    version = register_model(client, name, source, run_id, tags=tags)
-    return promote_if_better(client, name, version, score, metric=metric, champion_score=champion_score)
+    version = register_version(client, name, run_id, checkpoint_uri, tags=tags)
+    return promote_if_better(client, name, version, score, metric=metric)
 
 
 def register_stage(
@@ -218,17 +227,18 @@ def register_stage(
     *,
     recipe: str,
     metric: str = "CIDEr",
-    champion_score: float | None = None,
+    gate: bool = True,
     tags: Mapping[str, str] | None = None,
     tracking_uri: str | None = None,
 ) -> dict[str, Any]:
     """Register a finished stage's best model as a new version of ``model_name`` (a pyfunc logged to
     the stage's run), then the champion gate on its test ``metric``.
 
-    ``champion_score``: the champion re-scored on the same test data (retraining on new data).
-    Returns the gate's decision as a dict (``Promotion`` plus ``promoted``). Once per stage run: when
-    its run already has a version of ``model_name`` (a resumed pipeline whose stages were all done,
-    a retried task) that version is returned as it stands (``already_registered``), gate not re-run.
+    Returns the gate's decision as a dict (``Promotion`` plus ``promoted``). ``gate=False`` registers
+    only (no score tag, no alias): retraining scores the version on its holdouts first, then runs
+    ``promote_on_holdouts``. Once per stage run: when its run already has a version of
+    ``model_name`` (a resumed pipeline whose stages were all done, a retried task) that version is
+    returned as it stands (``already_registered``), gate not re-run.
     """
     if result.run_id is None:
         raise RegistryError(f"stage {result.stage} has no MLflow run: cannot register its model")
@@ -239,19 +249,82 @@ def register_stage(
     if existing is not None:
         log.info("%s: stage run %s is already version %s", model_name, result.run_id, existing["version"])
         return existing
+    all_tags = {"stage": result.stage, "recipe": recipe, **(tags or {})}
+    if not gate:
+        version = register_version(client, model_name, result.run_id, result.checkpoint, tags=all_tags)
+        log.info("registered %s version %s (gate to follow)", model_name, version)
+        return {**(registered_version(client, model_name, result.run_id, metric=f"test_{metric}") or {}),
+                "already_registered": False}  # fmt: skip
     promotion = register_checkpoint(
         client,
         model_name,
         result.run_id,
         result.checkpoint,
         result.test_scores[metric],
-        tags={"stage": result.stage, "recipe": recipe, **(tags or {})},
+        tags=all_tags,
         metric=f"test_{metric}",
-        champion_score=champion_score,
     )
     log.info("registered %s version %s (test %s %.4f): %s", model_name, promotion.version, metric,
              promotion.score, promotion.alias)  # fmt: skip
     return {**dataclasses.asdict(promotion), "promoted": promotion.promoted}
+
+
+def promote_on_holdouts(
+    client: MlflowClient,
+    name: str,
+    version: str,
+    *,
+    champion_version: str,
+    original: HoldoutScores,
+    new: HoldoutScores,
+    tolerance: float,
+    metric: str = "CIDEr",
+) -> Promotion:
+    """The retraining gate: ``version`` (trained on new data) against ``champion_version``, both scored
+    on the original dataset's holdout and the new data's (``holdouts.decide``); tags, then the alias.
+
+    Tags on ``version``: ``test_<metric>`` / ``test_holdout`` / ``test_holdout_id`` (its score on the
+    original holdout, comparable with every version's), the same with ``new_`` for the new holdout,
+    ``gate_champion_test_<metric>`` and ``gate_champion_new_test_<metric>`` (the champion's scores),
+    ``gate_champion``, ``gate_tolerance``, ``gate`` (promoted / not promoted) and ``gate_reason``. When
+    the champion moved to another version meanwhile, nothing is promoted (the scores compare with a
+    champion that no longer is); re-running the gate for the same scores decides the same.
+    """
+    version, champion_version = str(version), str(champion_version)
+    decision = decide(original, new, tolerance=tolerance)
+    aliases = _aliases(client, name)
+    current = aliases.get(CHAMPION)
+    promote, reason = decision.promote, decision.reason
+    if current not in (champion_version, version):  # version: an earlier run of this gate promoted it
+        moved = f"v{current}" if current else "no version"
+        promote, reason = False, f"not promoted: the champion moved from v{champion_version} to {moved}"
+    tags = {"gate_champion": champion_version, "gate_tolerance": repr(float(tolerance))}
+    holdouts: dict[str, dict[str, Any]] = {}
+    for role, prefix, scores in (("original", "", original), ("new", "new_", new)):
+        tags[f"{prefix}test_{metric}"] = repr(float(scores.challenger))
+        tags.update(version_tags(scores.holdout, prefix))
+        tags[f"gate_champion_{prefix}test_{metric}"] = repr(float(scores.champion))
+        holdouts[role] = {"name": scores.holdout.name, "id": scores.holdout.id,
+                          "champion": scores.champion, "challenger": scores.challenger}  # fmt: skip
+    tags.update(gate="promoted" if promote else "not promoted", gate_reason=reason)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    alias = CHAMPION if promote else CHALLENGER
+    client.set_registered_model_alias(name, alias, version)
+    if promote and aliases.get(CHALLENGER) == version:
+        client.delete_registered_model_alias(name, CHALLENGER)
+    log.info("%s version %s: %s", name, version, reason)
+    return Promotion(
+        name=name,
+        version=version,
+        alias=alias,
+        score=original.challenger,
+        previous_champion=champion_version,
+        previous_score=original.champion,
+        metric=f"test_{metric}",
+        reason=reason,
+        holdouts=holdouts,
+    )
 
 
 def registered_version(client: MlflowClient, name: str, run_id: str, *, metric: str) -> dict[str, Any] | None:
@@ -279,37 +352,3 @@ def registered_version(client: MlflowClient, name: str, run_id: str, *, metric: 
         "promoted": alias == CHAMPION,
         "already_registered": True,
     }
-
-
-def checkpoint_from_model(model_uri: str, *, tracking_uri: str | None = None, dst: str | None = None) -> str:
-    """A registered or logged pyfunc model (``models:/name@champion``, ``runs:/id/model``) -> the local
-    path of the checkpoint it packs."""
-    import mlflow.artifacts
-
-    from captioning.serving import CHECKPOINT_ARTIFACT
-
-    connect(tracking_uri)  # fail fast with a clear message when the server is down
-    folder = dst or tempfile.mkdtemp(prefix="captioning-model-")
-    local = mlflow.artifacts.download_artifacts(
-        artifact_uri=model_uri, dst_path=folder, tracking_uri=tracking_uri
-    )
-    candidates = sorted(glob.glob(os.path.join(local, "artifacts", "**", "*"), recursive=True))
-    files = [c for c in candidates if os.path.isfile(c)]
-    if not files:
-        raise RegistryError(f"{model_uri} holds no {CHECKPOINT_ARTIFACT} artifact (not a captioning model?)")
-    return files[0]
-
-
-def champion_checkpoint(
-    model_name: str, *, tracking_uri: str | None = None, dst: str | None = None
-) -> tuple[str, str]:
-    """(version, local checkpoint path) of ``model_name@champion``; RegistryError when there is none."""
-    found = champion(connect(tracking_uri), model_name)
-    if found is None:
-        raise RegistryError(
-            f"registered model {model_name!r} has no {CHAMPION}: train one first (train-sat flow)"
-        )
-    version, _ = found
-    return version, checkpoint_from_model(
-        f"models:/{model_name}@{CHAMPION}", tracking_uri=tracking_uri, dst=dst
-    )

@@ -27,6 +27,7 @@ from typing import Any
 from captioning import storage
 from captioning.config import Config, load_config, normalize_overrides, resolve_stages, without_keys
 from captioning.launch import LaunchError, run_streaming, torchrun_command
+from captioning.progress import QUIET_ENV
 from captioning.training.stage import (
     SettingsChanged,
     StageResult,
@@ -144,7 +145,8 @@ def launch_stage(
     )
     child_env = dict(os.environ if env is None else env)
     child_env.setdefault("OMP_NUM_THREADS", "1")
-    child_env.setdefault("TQDM_DISABLE", "1")  # progress bars are noise in orchestrator logs
+    for name, value in QUIET_ENV.items():  # no progress bars or MLflow emoji links in the streamed output
+        child_env.setdefault(name, value)
     on_line(("resuming: " if status == "interrupted" else "") + "torchrun " + " ".join(cmd[3:]))
     launched = run_streaming(cmd, on_line=on_line, timeout_s=timeout_s, env=child_env)
     if launched.returncode != 0:
@@ -221,6 +223,7 @@ def train_pipeline(
     ``launch``: how a stage runs (``launch_stage``'s signature; tests run stages in-process).
     Returns the run's summary: every stage's result, the best stage, the registration.
     """
+    from captioning.evaluation.holdouts import load_holdout, version_tags
     from captioning.registry import register_stage
     from captioning.tracking.runs import PipelineRun
 
@@ -260,8 +263,15 @@ def train_pipeline(
         best = best_stage(results)
         if register and run.kind == "mlflow":
             try:
+                holdout = load_holdout(
+                    cfg.data.shard_dir, label=cfg.data.dataset
+                )  # what test_CIDEr was scored on
                 registered = register_stage(
-                    best, cfg.tracking.registered_model, recipe=cfg.recipe, tracking_uri=run.tracking_uri
+                    best,
+                    cfg.tracking.registered_model,
+                    recipe=cfg.recipe,
+                    tags=version_tags(holdout),
+                    tracking_uri=run.tracking_uri,
                 )
             except Exception as exc:  # the models stay on disk; registration can be redone
                 registered = {"error": f"{type(exc).__name__}: {exc}"}

@@ -130,7 +130,8 @@ def build_stage_loaders(cfg: Config, setup: StageSetup, dist: DistInfo) -> dict[
         batch_size=setup.batch_size,
         device=dist.device,
     )
-    loaders = {"train": build_loader(cfg.data.loader, cfg.data.shard_dir, "train", train=True, **common)}
+    train = dict(common, extra_dirs=cfg.data.extra_shard_dirs)  # + other builds' train splits (retraining)
+    loaders = {"train": build_loader(cfg.data.loader, cfg.data.shard_dir, "train", train=True, **train)}
     for split in dict.fromkeys((cfg.eval.split, cfg.eval.test_split)):
         loaders[split] = build_loader(cfg.data.loader, cfg.data.shard_dir, split, train=False, **common)
     return loaders
@@ -150,7 +151,9 @@ def train_stage(
     """Build the stage's model, data and reward, then ``fit_stage`` (collective: every rank calls it)."""
     setup = build_stage_setup(cfg, name, output)
     model = build_model(cfg, vocab, dist, init_from).to(dist.device)
-    reward = CiderReward(read_references(cfg.data.shard_dir, "train")) if setup.kind == "scst" else None
+    reward: CiderReward | None = None
+    if setup.kind == "scst":  # every training image's references, of every build the stage reads
+        reward = CiderReward(read_references(cfg.data.shard_dir, "train", extra=cfg.data.extra_shard_dirs))
     if dist.is_main:
         tracker.log_params(setup.params())
     loaders = build_stage_loaders(cfg, setup, dist)

@@ -1,7 +1,8 @@
 """``train-sat``: [prepare-data] -> xe -> finetune -> scst (each a torchrun DDP job, tested on the test
 split) -> register the best stage's model -> champion gate. The flow owns the MLflow parent run; the
 stage sequence is ``captioning.stages.run_stages`` (the same one ``captioning train`` runs), each
-stage a ``train-stage`` task.
+stage a ``train-stage`` task. Its ``test-scores`` artifact links the run and the registered version
+in the MLflow UI.
 
     prefect deployment run train-sat/demo --watch
     prefect deployment run train-sat/coco -p stages='["scst"]' -p init_from=s3://bucket/runs/coco/x/finetune/best.pt
@@ -22,7 +23,9 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from captioning.config import config_warnings, load_config, normalize_overrides, resolve_stages, without_keys
+from captioning.evaluation.holdouts import load_holdout, version_tags
 from captioning.stages import best_stage, final_metrics, run_output, run_stages
+from captioning.tracking.links import run_links_markdown
 from captioning.tracking.report import scores_table
 from captioning.tracking.runs import ended_on_error, tracking_uri_of
 from captioning.training.stage import StageResult
@@ -86,7 +89,14 @@ def train_sat(
         results = run_stages(stages, launch, init_from)
         best = best_stage(results)
         promotion = (
-            register_model(best, cfg.tracking.registered_model, recipe, tracking_uri)
+            register_model(
+                best,
+                cfg.tracking.registered_model,
+                recipe,
+                tracking_uri,
+                # the holdout its test score comes from, so a retrain's gate compares like with like
+                tags=version_tags(load_holdout(cfg.data.shard_dir, label=cfg.data.dataset)),
+            )
             if register_best
             else None
         )
@@ -98,10 +108,11 @@ def train_sat(
         tags={"best_stage": best.stage},
     )
     table = scores_table({r.stage: r.test_scores for r in results})
+    links = run_links_markdown(tracking_uri, run_id, promotion)
     create_markdown_artifact(
-        key="test-scores", markdown=table, description=f"{recipe}: test scores per stage"
+        key="test-scores", markdown=f"{table}\n\n{links}", description=f"{recipe}: test scores per stage"
     )
-    logger.info("test scores (%s):\n%s", output, table)
+    logger.info("test scores (%s):\n%s\n%s", output, table, links)
     return {
         "recipe": recipe,
         "output": output,

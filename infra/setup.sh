@@ -8,15 +8,19 @@ VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 
 # Python >= 3.11 (tomllib, the typing the config tree uses).
+echo "setup: 1/5 Python: $("$PYTHON" --version 2>&1) ($(command -v "$PYTHON"))"
 if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
     echo "setup: need Python >= 3.11, found $("$PYTHON" --version 2>&1)" >&2
     exit 1
 fi
 
 # A Java runtime: pycocoevalcap's PTB tokenizer and METEOR run on the JVM.
-if ! command -v java >/dev/null 2>&1; then
+echo "setup: 2/5 Java runtime (pycocoevalcap's tokenizer and METEOR run on the JVM)"
+if command -v java >/dev/null 2>&1; then
+    echo "setup:   found: $(java -version 2>&1 | head -1)"
+else
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        echo "setup: no java found; installing a headless JRE with apt-get"
+        echo "setup:   none found; installing a headless JRE (default-jre-headless) with apt-get"
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq default-jre-headless >/dev/null
     else
@@ -27,10 +31,13 @@ fi
 
 # Chromium, optional: infra/ui_check.py renders the MLflow UI headless. Without it that check (and
 # tests/test_ui_check.py) skips, so failing to install it is a note, not an error.
-if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1 \
-    && ! command -v google-chrome >/dev/null 2>&1; then
+echo "setup: 3/5 Chromium, optional (the headless MLflow UI check)"
+browser=$(command -v chromium || command -v chromium-browser || command -v google-chrome || true)
+if [ -n "$browser" ]; then
+    echo "setup:   found: $browser"
+else
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        echo "setup: no chromium found; installing Debian's chromium with apt-get (for the MLflow UI check)"
+        echo "setup:   none found; installing Debian's chromium with apt-get"
         if ! { apt-get update -qq \
             && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }; then
             echo "setup: note: could not install chromium; the MLflow UI check (tests/test_ui_check.py) will skip" >&2
@@ -41,18 +48,30 @@ if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/
     fi
 fi
 
-if [ ! -x "$VENV/bin/python" ]; then
+if [ -x "$VENV/bin/python" ]; then
+    echo "setup: 4/5 virtual environment: $VENV (already there)"
+else
+    echo "setup: 4/5 virtual environment: creating $VENV"
     "$PYTHON" -m venv "$VENV"
 fi
 # The constraints file pins torch/torchvision together (a stray spec pulls GBs of CUDA packages).
-# pip's own upgrade is skipped: the pinned stack installs with the pip that venv ships.
-# The registry mirrors here print one "Location ... is ignored" line per package: filter them.
+# pip's own upgrade is skipped: the pinned stack installs with the pip that venv ships. Its whole
+# output goes to a log; the terminal gets one line per package it fetches, then the count installed.
+PIP_LOG="$VENV/pip-install.log"
+echo "setup: 5/5 the pinned Python stack into $VENV (torch CPU, torchvision, Prefect, MLflow, pycocoevalcap," \
+    "WebDataset, ...; a few minutes the first time; log: $PIP_LOG)"
 set +o pipefail
-"$VENV/bin/python" -m pip install --quiet -c constraints.txt -e '.[dev]' 2>&1 | { grep -v "^WARNING: Location '.*' is ignored" || true; }
+"$VENV/bin/python" -m pip install --progress-bar off -c constraints.txt -e '.[dev]' 2>&1 | tee "$PIP_LOG" | awk '
+    /^Collecting / { sub(/^Collecting /, ""); sub(/ \(from .*$/, ""); print "setup:   fetching " $0; fflush(); next }
+    /^Installing collected packages: / { n = split(substr($0, 32), names, ", "); print "setup:   installing " n " packages"; fflush(); next }
+    /^Successfully installed / { print "setup:   installed " (NF - 2) " packages"; fflush(); next }
+'
 pip_rc=${PIPESTATUS[0]}
 set -o pipefail
 if [ "$pip_rc" != 0 ]; then
-    echo "setup: pip install failed (exit $pip_rc)" >&2
+    # The registry mirrors here print one "Location ... is ignored" line per package: left out.
+    grep -v "^WARNING: Location '.*' is ignored" "$PIP_LOG" | tail -25 >&2
+    echo "setup: pip install failed (exit $pip_rc); its whole output: $PIP_LOG" >&2
     exit "$pip_rc"
 fi
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -11,7 +12,11 @@ from prefect.cache_policies import NO_CACHE
 from captioning import registry
 from captioning.config import Config
 from captioning.evaluation.evaluate import score_checkpoint
+from captioning.evaluation.holdouts import Holdout, HoldoutScores
+from captioning.model.checkpoint import DECODING_KEYS
+from captioning.model_uri import ResolvedModel, resolve_model
 from captioning.tracking import runs
+from captioning.tracking.client import connect
 from captioning.training.stage import StageResult
 from tasks.retries import unless
 
@@ -51,26 +56,62 @@ def register_model(
     model_name: str,
     recipe: str,
     tracking_uri: str,
-    champion_score: float | None = None,
+    gate: bool = True,
     tags: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """A new registered version from the stage's best model, then the champion gate."""
+    """A new registered version from the stage's best model, then (unless ``gate`` is false) the
+    champion gate on its test score."""
     return registry.register_stage(
         result,
         model_name,
         recipe=recipe,
-        champion_score=champion_score,
+        gate=gate,
         tags=tags,
         tracking_uri=tracking_uri,
     )
 
 
-@task(name="fetch-model", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=RETRY_DELAYS_S)
-def fetch_model(source: str, tracking_uri: str | None) -> str:
-    """A checkpoint path for ``source``: a checkpoint path/URI as is, or a ``models:/``/``runs:/`` model."""
-    if source.startswith(("models:/", "runs:/")):
-        return registry.checkpoint_from_model(source, tracking_uri=tracking_uri)
-    return source
+@task(
+    name="gate-on-holdouts",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=RETRY_DELAYS_S,
+    retry_condition_fn=NOT_REGISTRY_ERRORS,
+)
+def gate_on_holdouts(
+    model_name: str,
+    version: str,
+    champion_version: str,
+    original: HoldoutScores,
+    new: HoldoutScores,
+    tolerance: float,
+    tracking_uri: str,
+) -> dict[str, Any]:
+    """The retraining gate: promote ``version`` only when better on the new holdout and within
+    ``tolerance`` on the original; the decision and every score go into its version tags."""
+    promotion = registry.promote_on_holdouts(
+        connect(tracking_uri),
+        model_name,
+        version,
+        champion_version=champion_version,
+        original=original,
+        new=new,
+        tolerance=tolerance,
+    )
+    return {**dataclasses.asdict(promotion), "promoted": promotion.promoted}
+
+
+@task(
+    name="fetch-model",
+    cache_policy=NO_CACHE,
+    retries=3,
+    retry_delay_seconds=RETRY_DELAYS_S,
+    retry_condition_fn=NOT_REGISTRY_ERRORS,
+)
+def fetch_model(source: str, tracking_uri: str | None) -> ResolvedModel:
+    """``source`` (a checkpoint path or s3:// URI, ``runs:/...``, ``models:/NAME@ALIAS|/VERSION``) -> its
+    checkpoint and what it resolved to (registered version, run)."""
+    return resolve_model(source, tracking_uri=tracking_uri)
 
 
 @task(
@@ -82,13 +123,36 @@ def fetch_model(source: str, tracking_uri: str | None) -> str:
 )
 def fetch_champion(model_name: str, tracking_uri: str) -> tuple[str, str]:
     """(version, local checkpoint) of the registered model's champion."""
-    return registry.champion_checkpoint(model_name, tracking_uri=tracking_uri)
+    champion = resolve_model(f"models:/{model_name}@{registry.CHAMPION}", tracking_uri=tracking_uri)
+    return str(champion.version), champion.checkpoint
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate(checkpoint: str, cfg: Config, split: str, results_uri: str | None = None) -> dict[str, Any]:
-    """Beam-search captions for ``split`` of ``cfg.data.shard_dir``, scored with pycocoevalcap."""
-    return score_checkpoint(checkpoint, cfg, split, results_uri=results_uri)
+def evaluate(
+    checkpoint: str,
+    cfg: Config,
+    split: str,
+    results_uri: str | None = None,
+    explicit: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Beam-search captions for ``split`` of ``cfg.data.shard_dir``, scored with pycocoevalcap; decoded
+    as the model was scored in training, except the ``explicit`` eval settings (from ``cfg.eval``)."""
+    return score_checkpoint(checkpoint, cfg, split, results_uri=results_uri, explicit=explicit)
+
+
+@task(
+    name="evaluate-on-holdout", task_run_name="evaluate-v{version}-on-{holdout.label}", cache_policy=NO_CACHE
+)
+def evaluate_on_holdout(checkpoint: str, version: str, holdout: Holdout, cfg: Config) -> dict[str, Any]:
+    """Scores of model ``version`` (its checkpoint) on ``holdout``: its build's split, decoded with
+    ``cfg``'s eval settings for every model alike (the gate compares champion and challenger under
+    one decoding, not each model's own)."""
+    return score_checkpoint(
+        checkpoint,
+        cfg.replace({"data.shard_dir": holdout.shard_dir}),
+        holdout.split,
+        explicit=DECODING_KEYS,
+    )
 
 
 @task(name="log-evaluation", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=RETRY_DELAYS_S)

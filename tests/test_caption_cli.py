@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -32,12 +33,15 @@ WORDS = ("a", "red", "blue", "circle", "square", "on", "the", "left", "right", "
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def write_tiny_checkpoint(path: Path, *, decoder_scale: float = 1.0, step: int = 0) -> str:
+def write_tiny_checkpoint(
+    path: Path, *, decoder_scale: float = 1.0, step: int = 0, overrides: Sequence[str] = ()
+) -> str:
     """A random demo-config captioner (small decoder) over WORDS, saved at ``path``.
 
     ``decoder_scale`` sharpens the decoder's weights: at 1 every caption repeats one word.
+    ``overrides``: dotted settings recorded in the checkpoint's config (``--eval.beam_size=1``).
     """
-    cfg = load_config("demo")
+    cfg = load_config("demo", overrides)
     model_cfg = dataclasses.replace(
         cfg.model, encoder_weights=None, emb_dim=16, attention_dim=16, decoder_dim=24, dropout=0.0
     )
@@ -81,12 +85,14 @@ def test_single_image_prints_caption_and_writes_png_overlay(
     with Image.open(png) as sheet:
         assert sheet.format == "PNG"
         sheet.load()
-        # one 192 px panel per token (words + <end>; 20 words without <end> if it never ended),
-        # five per row, 4 px margins, 22 px labels
+        # the image, then one 192 px panel per token (words + <end>; max_len words without <end> if
+        # it never ended: the checkpoint's own eval.max_len by default), five per row, 4 px margins,
+        # 22 px labels
+        max_len = load_config("demo").eval.max_len
         num_words = len(caption.split())
-        num_tokens = num_words + 1 if num_words < 20 else 20
-        cols = min(5, num_tokens)
-        rows = -(-num_tokens // 5)
+        num_panels = 1 + (num_words + 1 if num_words < max_len else max_len)
+        cols = min(5, num_panels)
+        rows = -(-num_panels // 5)
         assert sheet.size == (cols * 196 + 4, rows * (192 + 22 + 4) + 4)
 
 
@@ -142,3 +148,49 @@ def test_overrides_and_empty_folders_are_refused(
     assert "no images found" in capsys.readouterr().err
     image = write_image(tmp_path / "y.png", seed=6)
     assert main(["caption", str(image), "--checkpoint", checkpoint, "--model.emb_dim=8"]) == 2
+
+
+def test_decoding_defaults_to_the_models_recorded_eval_settings(tmp_path: Path) -> None:
+    recorded = ["--eval.beam_size=1", "--eval.max_len=6"]
+    ckpt = write_tiny_checkpoint(tmp_path / "m.pt", decoder_scale=4.0, overrides=recorded)
+    paths = [write_image(tmp_path / f"{i}.png", seed=20 + i) for i in range(4)]
+    by_default = caption_images(paths, ckpt, device="cpu")
+    assert [r["tokens"] for r in by_default] == [
+        r["tokens"] for r in caption_images(paths, ckpt, beam_size=1, max_len=6, device="cpu")
+    ]
+    assert all(r["length"] <= 6 for r in by_default)
+    wider = caption_images(paths, ckpt, beam_size=3, device="cpu")  # given: wins over the record
+    assert [r["tokens"] for r in wider] != [r["tokens"] for r in by_default]
+    assert all(r["length"] <= 6 for r in wider)  # what is not given stays the model's own
+
+
+def test_model_sources_that_name_nothing_are_one_line_errors(
+    checkpoint: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = write_image(tmp_path / "z.png", seed=7)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    had_store = Path("mlflow.db").exists()  # MLflow's default store when no URI is set: not created
+    for source, message in (
+        (str(tmp_path / "missing.pt"), "no such checkpoint"),
+        ("ftp://host/model.pt", "unknown kind of model source"),
+        ("models:/show-attend-tell@champion", "set MLFLOW_TRACKING_URI"),
+    ):
+        assert main(["caption", str(image), "--checkpoint", source]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"captioning caption: error: {source}") and message in err
+        assert len(err.splitlines()) == 1
+    assert Path("mlflow.db").exists() == had_store
+
+
+def test_a_checkpoint_on_s3_captions_as_the_local_file(
+    checkpoint: str, tmp_path: Path, s3_env: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from captioning import storage
+
+    image = write_image(tmp_path / "s3.png", seed=8)
+    remote = f"{s3_env}/runs/model.pt"
+    storage.upload_file(checkpoint, remote)
+    assert main(["caption", str(image), "--checkpoint", checkpoint]) == 0
+    local = capsys.readouterr().out
+    assert main(["caption", str(image), "--checkpoint", remote]) == 0
+    assert capsys.readouterr().out == local

@@ -14,6 +14,7 @@ from captioning.data.inbox import (
     ANNOUNCED_FILE,
     READY_FILE,
     check_dataset,
+    dataset_label,
     find_ready,
     mark_announced,
     new_data_overrides,
@@ -176,6 +177,7 @@ def test_new_data_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
         f"--data.local.karpathy_json={split_file}",
         f"--data.local.image_dir={split_file.parent}",
         f"--data.shard_dir=demo-data/shards-new/{drop_id}",
+        "--data.extra_shard_dirs=demo-data/shards",  # data.retrain_on=all: the old training data too
     ]
     # Each key once (an override given twice is a ConfigError), and the result is a valid config.
     loaded = load_config("demo", got)
@@ -183,15 +185,31 @@ def test_new_data_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert loaded.data.local.karpathy_json == str(split_file)
     assert loaded.data.local.image_dir == str(split_file.parent)
     assert loaded.train.xe.epochs == 1 and loaded.data.loader.batch_size == 4
+    assert loaded.data.extra_shard_dirs == ("demo-data/shards",)
 
     # Other bytes, other shards; an image folder given is kept; a relative path becomes absolute.
     split_file.write_text('{"images": [] }\n')
     other = new_data_overrides(cfg, str(split_file), "/images", None)
-    assert other[-1] != got[-1] and other[-1].startswith("--data.shard_dir=demo-data/shards-new/")
+    assert other[-2] != got[-2] and other[-2].startswith("--data.shard_dir=demo-data/shards-new/")
     assert "--data.local.image_dir=/images" in other
     monkeypatch.chdir(tmp_path)
     relative = new_data_overrides(cfg, "drop-1/dataset_coco.json", None, None)
     assert f"--data.local.karpathy_json={split_file}" in relative
+
+
+def test_new_data_overrides_read_the_old_training_shards_unless_new_only(tmp_path: Path) -> None:
+    split_file = tmp_path / "2026-11" / "dataset_coco.json"
+    split_file.parent.mkdir()
+    split_file.write_text('{"images": []}\n')
+    cfg = load_config("demo", ["--data.shard_dir=/data/shards", "--data.extra_shard_dirs=/data/older"])
+    user = ["--data.extra_shard_dirs=/elsewhere"]  # replaced: the retrain decides what training reads
+    every = load_config("demo", new_data_overrides(cfg, str(split_file), None, user))
+    assert every.data.extra_shard_dirs == ("/data/shards", "/data/older")
+    assert every.data.shard_dir.startswith("/data/shards-new/")
+    new_only = load_config("demo", ["--data.retrain_on=new"])
+    alone = load_config("demo", new_data_overrides(new_only, str(split_file), None, user))
+    assert alone.data.extra_shard_dirs == () and alone.data.shard_dir.startswith("demo-data/shards-new/")
+    assert dataset_label(split_file) == "2026-11"
 
 
 def test_new_data_overrides_need_the_split_file(tmp_path: Path) -> None:

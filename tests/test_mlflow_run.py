@@ -21,7 +21,14 @@ from s3server import S3Server, free_port
 
 from captioning.services.mlflow_server import MlflowServer
 from captioning.tracking import Tracker
-from captioning.tracking.client import PARENT_TAG, TRUNCATION_MARKER, connect
+from captioning.tracking.client import (
+    EXPERIMENT_KIND_TAG,
+    PARENT_TAG,
+    TRAINING_KIND,
+    TRUNCATION_MARKER,
+    connect,
+    ensure_experiment,
+)
 from captioning.tracking.fallback import main, read_fallback, replay_fallback
 from captioning.tracking.mlflow_run import MlflowTracker
 
@@ -42,6 +49,23 @@ def client(mlflow_server: Any) -> MlflowClient:
 def test_tracker_satisfies_protocol(client: MlflowClient, tmp_path: Path) -> None:
     tracker: Tracker = MlflowTracker.start_run(client, _experiment(), "protocol", fallback_dir=str(tmp_path))
     tracker.close()
+
+
+def test_experiments_are_tagged_as_model_training(client: MlflowClient, tmp_path: Path) -> None:
+    """New experiments carry the training-kind tag; an existing one gets it unless a person chose a kind."""
+    created = _experiment()
+    MlflowTracker.start_run(client, created, "kind", fallback_dir=str(tmp_path)).close()
+    experiment = client.get_experiment_by_name(created)
+    assert experiment is not None
+    assert experiment.tags[EXPERIMENT_KIND_TAG] == TRAINING_KIND == "custom_model_development"
+
+    untagged = client.create_experiment(_experiment())  # made before this project's runs, or by hand
+    chosen = client.create_experiment(_experiment(), tags={EXPERIMENT_KIND_TAG: "genai_development"})
+    for experiment_id in (untagged, chosen):
+        name = client.get_experiment(experiment_id).name
+        assert ensure_experiment(client, name) == experiment_id
+    assert client.get_experiment(untagged).tags[EXPERIMENT_KIND_TAG] == TRAINING_KIND
+    assert client.get_experiment(chosen).tags[EXPERIMENT_KIND_TAG] == "genai_development"
 
 
 # --- runs, metrics, params, artifacts ---------------------------------------------------------------

@@ -6,13 +6,24 @@ Registration does not look inside the source, so every version here points at on
 
 from __future__ import annotations
 
+import re
 import uuid
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from captioning.registry import CHALLENGER, CHAMPION, Promotion, champion, promote_if_better, register_model
+from captioning.evaluation.holdouts import Holdout, HoldoutScores
+from captioning.registry import (
+    CHALLENGER,
+    CHAMPION,
+    Promotion,
+    champion,
+    promote_if_better,
+    promote_on_holdouts,
+    register_model,
+)
 from captioning.services.mlflow_server import MlflowServer
 
 
@@ -118,3 +129,102 @@ def test_a_source_from_another_run_is_refused(client: MlflowClient, run_source: 
     other = client.create_run(client.get_run(run_id).info.experiment_id).info.run_id
     with pytest.raises(MlflowException, match="Invalid model version source"):
         register_model(client, unique_name(), source, other, tags={})
+
+
+# --- the retraining gate: champion and retrained version on the same two holdouts -------------------
+
+ORIGINAL = Holdout("coco", "data/shards", "test", "a1" * 32, 5000)
+NEW = Holdout("2026-11", "data/shards-new/x", "test", "b2" * 32, 500)
+
+
+def test_a_retrained_version_worse_on_the_original_beyond_the_tolerance_is_not_promoted(
+    client: MlflowClient, run_source: tuple[str, str]
+) -> None:
+    run_id, source = run_source
+    name = unique_name()
+    for _ in range(2):
+        register_model(client, name, source, run_id, tags={})
+    promote_if_better(client, name, "1", 1.59)  # version 1: test CIDEr 1.59 on the original test split
+
+    # The issue's case: better where it was trained (1.32 vs 1.23), 0.03 worse on the original.
+    original, new = HoldoutScores(ORIGINAL, 1.59, 1.56), HoldoutScores(NEW, 1.23, 1.32)
+    kept = promote_on_holdouts(
+        client, name, "2", champion_version="1", original=original, new=new, tolerance=0.01
+    )
+    assert (kept.alias, kept.promoted, kept.previous_champion) == (CHALLENGER, False, "1")
+    assert (kept.score, kept.previous_score, kept.metric) == (1.56, 1.59, "test_CIDEr")
+    assert kept.holdouts["new"] == {"name": NEW.name, "id": NEW.id, "champion": 1.23, "challenger": 1.32}
+    assert champion(client, name) == ("1", 1.59)
+    assert client.get_model_version_by_alias(name, CHALLENGER).version == "2"
+
+    # Every score and both holdouts are on the version, and the decision with its reason.
+    tags = client.get_model_version(name, "2").tags
+    assert tags["test_CIDEr"] == "1.56" and tags["gate_champion_test_CIDEr"] == "1.59"
+    assert tags["new_test_CIDEr"] == "1.32" and tags["gate_champion_new_test_CIDEr"] == "1.23"
+    assert (tags["test_holdout"], tags["test_holdout_id"]) == ("coco-test:a1a1a1", ORIGINAL.id)
+    assert (tags["new_test_holdout"], tags["new_test_holdout_id"]) == ("2026-11-test:b2b2b2", NEW.id)
+    assert (tags["gate"], tags["gate_champion"], tags["gate_tolerance"]) == ("not promoted", "1", "0.01")
+    assert tags["gate_reason"] == kept.reason
+    assert "0.0300 worse on the original data (1.5600 vs 1.5900 on coco-test:a1a1a1)" in kept.reason
+    # The champion's own score tag is its original-holdout score, comparable with version 2's.
+    assert client.get_model_version(name, "1").tags["test_CIDEr"] == "1.59"
+
+    # Within a wider tolerance the same scores promote it; re-running the gate decides the same.
+    for _ in range(2):
+        won = promote_on_holdouts(
+            client, name, "2", champion_version="1", original=original, new=new, tolerance=0.05
+        )
+        assert won.promoted and won.reason.startswith("promoted: better on the new data")
+    assert client.get_registered_model(name).aliases == {CHAMPION: "2"}
+    assert client.get_model_version(name, "2").tags["gate"] == "promoted"
+
+
+def test_a_retrained_version_is_not_promoted_over_a_champion_that_moved(
+    client: MlflowClient, run_source: tuple[str, str]
+) -> None:
+    run_id, source = run_source
+    name = unique_name()
+    for _ in range(3):
+        register_model(client, name, source, run_id, tags={})
+    promote_if_better(client, name, "1", 1.0)
+    promote_if_better(client, name, "2", 1.1)  # became champion while version 3 was retrained from 1
+    late = promote_on_holdouts(
+        client,
+        name,
+        "3",
+        champion_version="1",
+        original=HoldoutScores(ORIGINAL, 1.0, 1.2),
+        new=HoldoutScores(NEW, 1.0, 1.5),
+        tolerance=0.0,
+    )
+    assert not late.promoted and late.reason == "not promoted: the champion moved from v1 to v2"
+    assert champion(client, name) == ("2", 1.1)
+    assert client.get_model_version(name, "3").tags["gate"] == "not promoted"
+
+
+# --- the model-source resolver (captioning.model_uri); every kind captioning alike: test_serving.py ----
+
+
+def test_model_sources_that_name_nothing_say_what_was_looked_for(
+    client: MlflowClient, run_source: tuple[str, str], tmp_path: Path
+) -> None:
+    from captioning import model_uri
+    from captioning.registry import RegistryError
+
+    assert model_uri.RegistryError is RegistryError  # one error for "nothing to fetch or register"
+    run_id, source = run_source
+    name = unique_name()
+    register_model(client, name, source, run_id, tags={})
+    uri = client.tracking_uri
+    for model, message in (
+        (f"models:/{name}@champion", f"registered model '{name}' has no champion"),
+        (f"models:/{name}-gone@champion", f"'{name}-gone' does not exist, so it has no champion"),
+        (f"models:/{name}/7", f"Model Version (name={name}, version=7) not found"),
+        (f"models:/{name}/latest", "not a model URI; give a checkpoint path"),
+        ("runs:/0123456789abcdef0123456789abcdef/model", "Run with id=0123456789abcdef0123456789abcdef"),
+        (f"runs:/{run_id}/nothing-here", f"nothing at runs:/{run_id}/nothing-here"),
+        (f"models:/{name}/1", "a model without a 'checkpoint' artifact (not a captioner)"),
+    ):
+        with pytest.raises(RegistryError, match="^" + re.escape(f"{model}: ")) as caught:
+            model_uri.resolve_model(model, tracking_uri=uri, dst=str(tmp_path))
+        assert message in str(caught.value) and "\n" not in str(caught.value)

@@ -1,8 +1,10 @@
-"""The pyfunc model: same captions as ``caption_images``, every input form, params, bad rows, serving.
+"""The pyfunc model: same captions as ``caption_images`` and the CLI, every input form, params, bad
+rows, serving, registration (signature, input example, the UI's get-artifact), every model source.
 
 The checkpoint is a random-weights Show-Attend-Tell (ResNet-18, tiny decoder) with the demo config
-(64 px squash images). Its decoder weights are scaled up so that captions differ between images
-and between beam sizes (at initial scale every caption is the same word repeated).
+(64 px squash images; decoding: beam 3, max_len 16). Its decoder weights are scaled up so that
+captions differ between images and between beam sizes (at initial scale every caption is the same
+word repeated).
 """
 
 from __future__ import annotations
@@ -10,13 +12,16 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
@@ -26,11 +31,13 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from mlflow import MlflowClient
 from PIL import Image
 from s3server import free_port
 from test_caption_cli import write_tiny_checkpoint
 
+from captioning.cli import main as cli_main
 from captioning.inference import caption_images
 from captioning.registry import promote_if_better, register_model
 from captioning.services.mlflow_server import MlflowServer
@@ -72,7 +79,10 @@ def model(model_dir: Path) -> Any:
     return mlflow.pyfunc.load_model(str(model_dir))
 
 
-def reference(checkpoint: str, paths: list[str], beam_size: int, max_len: int = 20) -> list[str]:
+def reference(
+    checkpoint: str, paths: list[str], beam_size: int | None = None, max_len: int | None = None
+) -> list[str]:
+    """``caption_images``' captions; a setting left None is the model's own (as the pyfunc's default)."""
     results = caption_images(paths, checkpoint, beam_size=beam_size, max_len=max_len, device="cpu")
     return [r["caption"] for r in results]
 
@@ -84,7 +94,7 @@ def b64(path: str) -> str:
 def test_bytes_base64_and_paths_give_the_captions_of_caption_images(
     model: Any, checkpoint: str, images: list[str]
 ) -> None:
-    expected = reference(checkpoint, images, beam_size=3)
+    expected = reference(checkpoint, images)
     assert len(set(expected)) > 1  # the model tells the images apart, so order is checked too
     raw = [Path(p).read_bytes() for p in images]
     for cells in (raw, [b64(p) for p in images], images, [raw[0], b64(images[1]), images[2]]):
@@ -117,7 +127,7 @@ def test_a_bad_image_fails_the_request_naming_its_row(model: Any, images: list[s
 
 
 def test_series_and_plain_lists(model: Any, checkpoint: str, images: list[str]) -> None:
-    expected = reference(checkpoint, images, beam_size=3)
+    expected = reference(checkpoint, images)
     # Through the loaded model a Series named "image" works; MLflow's schema enforcement turns a
     # bare list into a column named 0, so lists go to the python model itself.
     assert list(model.predict(pd.Series(images, name="image"))["caption"]) == expected
@@ -138,8 +148,39 @@ def test_model_folder_has_checkpoint_code_requirements_and_signature(model_dir: 
     meta = mlflow.models.Model.load(str(model_dir))
     assert meta.signature is not None and meta.signature.params is not None
     assert meta.signature.inputs.input_names() == ["image"]
-    assert {p.name: p.default for p in meta.signature.params.params} == {"beam_size": 3, "max_len": 20}
+    defaults = {p.name: p.default for p in meta.signature.params.params}  # the checkpoint's eval settings
+    assert defaults == {"beam_size": 3, "max_len": 16, "length_normalization": False}
     assert meta.metadata is not None and meta.metadata["checkpoint_step"] == 7
+    # A model from code (the python_model is a file MLflow runs), nothing pickled; an input example
+    # that the UI shows: one base64 JPEG.
+    flavor = meta.flavors["python_function"]
+    assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model" and "model_code_path" in flavor
+    assert not list(model_dir.rglob("*.pkl"))
+    assert meta.saved_input_example_info is not None
+    example = json.loads((model_dir / meta.saved_input_example_info["artifact_path"]).read_text())
+    assert example["columns"] == ["image"] and len(example["data"]) == 1
+    jpeg = base64.b64decode(example["data"][0][0])
+    assert jpeg[:2] == b"\xff\xd8" and len(jpeg) < 10_000
+
+
+def test_saving_warns_of_no_pickling_and_no_missing_example(checkpoint: str, tmp_path: Path) -> None:
+    class Collect(logging.Handler):  # MLflow's loggers do not propagate to pytest's caplog
+        def __init__(self) -> None:
+            super().__init__(logging.WARNING)
+            self.records: list[logging.LogRecord] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.records.append(record)
+
+    handler = Collect()
+    logger = logging.getLogger("mlflow")
+    logger.addHandler(handler)
+    try:
+        save_pyfunc(checkpoint, tmp_path / "model")
+    finally:
+        logger.removeHandler(handler)
+    warned = [r.getMessage() for r in handler.records]
+    assert not [w for w in warned if "CloudPickle" in w or "input example" in w.lower()], warned
 
 
 def test_loads_from_its_own_code_where_captioning_is_not_installed(
@@ -168,7 +209,7 @@ def test_loads_from_its_own_code_where_captioning_is_not_installed(
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert Path(result["file"]).is_relative_to(model_dir / "code")
-    assert result["captions"] == reference(checkpoint, images, beam_size=3)
+    assert result["captions"] == reference(checkpoint, images)
 
 
 def test_logged_to_a_run_loads_registers_and_serves_by_alias(
@@ -181,12 +222,13 @@ def test_logged_to_a_run_loads_registers_and_serves_by_alias(
     experiment = client.create_experiment(f"serving-{uuid.uuid4().hex[:8]}")
     run_id = client.create_run(experiment).info.run_id
     source = log_pyfunc(client, run_id, checkpoint)
-    assert source == f"runs:/{run_id}/model"
+    assert source == f"{client.get_run(run_id).info.artifact_uri}/model"  # its real location
+    assert source.startswith("mlflow-artifacts:/")
     assert "model/MLmodel" in {f.path for f in client.list_artifacts(run_id, "model")}
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)  # load_model resolves URIs through it
     assert mlflow.get_tracking_uri() == mlflow_server.url
-    expected = reference(checkpoint, images, beam_size=3)
+    expected = reference(checkpoint, images)
     assert (
         list(mlflow.pyfunc.load_model(source).predict(pd.DataFrame({"image": images}))["caption"]) == expected
     )
@@ -254,3 +296,92 @@ def test_mlflow_models_serve_answers_invocations_with_params(
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=10)
+
+
+def test_cli_and_pyfunc_give_the_same_caption_by_default(
+    images: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Recorded decoding (beam 1, 8 tokens) unlike both old defaults (CLI beam 5, pyfunc beam 3, 20 tokens).
+    ckpt = write_tiny_checkpoint(
+        tmp_path / "m.pt", decoder_scale=4.0, overrides=["--eval.beam_size=1", "--eval.max_len=8"]
+    )
+    recorded = reference(ckpt, images, beam_size=1, max_len=8)
+    assert recorded != reference(ckpt, images, beam_size=5, max_len=20)
+    assert recorded != reference(ckpt, images, beam_size=3, max_len=20)
+    save_pyfunc(ckpt, tmp_path / "model")
+    served = mlflow.pyfunc.load_model(str(tmp_path / "model")).predict(pd.DataFrame({"image": images}))
+    assert cli_main(["caption", *images, "--checkpoint", ckpt]) == 0
+    printed = [line.split(": ", 1)[1] for line in capsys.readouterr().out.splitlines()]
+    assert printed == list(served["caption"]) == recorded
+
+
+@pytest.fixture(scope="module")
+def registered(mlflow_server: MlflowServer, checkpoint: str) -> dict[str, str]:
+    """The checkpoint as version 1 (champion) of a new registered model, logged to a run that also
+    holds the checkpoint file under ``checkpoints/``."""
+    client = MlflowClient(mlflow_server.url)
+    run_id = client.create_run(client.create_experiment(f"sources-{uuid.uuid4().hex[:8]}")).info.run_id
+    client.log_artifact(run_id, checkpoint, "checkpoints")
+    name = f"captioner-{uuid.uuid4().hex[:8]}"
+    version = register_model(client, name, log_pyfunc(client, run_id, checkpoint), run_id, tags={})
+    promote_if_better(client, name, version, 0.5)
+    return {"name": name, "version": version, "run_id": run_id, "url": mlflow_server.url}
+
+
+def test_the_ui_reads_the_registered_versions_mlmodel_signature_and_example(
+    registered: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = MlflowClient(registered["url"])
+    version = client.get_model_version(registered["name"], registered["version"])
+    assert version.source == f"{client.get_run(registered['run_id']).info.artifact_uri}/model"
+    query = urllib.parse.urlencode({"name": registered["name"], "version": registered["version"]})
+    artifact = f"{registered['url']}/model-versions/get-artifact?{query}"  # what the UI's model page asks
+    with urllib.request.urlopen(f"{artifact}&path=MLmodel", timeout=30) as response:
+        assert response.status == 200
+        mlmodel = yaml.safe_load(response.read())
+    assert json.loads(mlmodel["signature"]["inputs"]) == [
+        {"type": "string", "name": "image", "required": True}
+    ]
+    example_path = mlmodel["saved_input_example_info"]["artifact_path"]
+    with urllib.request.urlopen(f"{artifact}&path={example_path}", timeout=30) as response:
+        assert response.status == 200
+        assert json.loads(response.read())["columns"] == ["image"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registered["url"])
+    signature = mlflow.models.get_model_info(
+        f"models:/{registered['name']}/{registered['version']}"
+    ).signature
+    assert signature is not None and signature.inputs.input_names() == ["image"]
+    assert signature.outputs.input_names() == ["caption"] and signature.params is not None
+
+
+def test_every_model_source_captions_alike_in_the_cli_the_flows_and_serving(
+    registered: dict[str, str],
+    checkpoint: str,
+    model_dir: Path,
+    images: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from tasks.tracking import fetch_model
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registered["url"])
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # fetch_model's downloads go here
+    name, version, run_id = registered["name"], registered["version"], registered["run_id"]
+    expected = reference(checkpoint, images[:1])
+    mlflow_sources = {
+        f"models:/{name}@champion": (name, version, run_id),
+        f"models:/{name}/{version}": (name, version, run_id),
+        f"runs:/{run_id}/model": (None, None, run_id),
+        f"runs:/{run_id}/checkpoints/model.pt": (None, None, run_id),
+    }
+    for source in [checkpoint, str(model_dir), *mlflow_sources]:
+        assert cli_main(["caption", images[0], "--checkpoint", source]) == 0, source
+        assert capsys.readouterr().out == f"{images[0]}: {expected[0]}\n", source
+        resolved = fetch_model.fn(source, registered["url"])  # the evaluate flow's resolution
+        assert Path(resolved.checkpoint).read_bytes() == Path(checkpoint).read_bytes(), source
+        assert (resolved.name, resolved.version, resolved.run_id) == mlflow_sources.get(source, (None,) * 3)
+    assert fetch_model.fn(f"models:/{name}@champion", registered["url"]).label == f"v{version}"
+    for source in list(mlflow_sources)[:3]:  # what `mlflow models serve -m SOURCE` loads
+        served = mlflow.pyfunc.load_model(source).predict(pd.DataFrame({"image": images[:1]}))
+        assert list(served["caption"]) == expected, source

@@ -62,9 +62,16 @@ def test_vocabulary_of_checkpoint(tmp_path: Path) -> None:
     assert isinstance(vocab, Vocab) and len(vocab) > 4
 
 
-def test_fetch_model_passes_checkpoint_paths_through() -> None:
-    assert tracking.fetch_model.fn("runs/demo/r1/xe/best.pt", None) == "runs/demo/r1/xe/best.pt"
-    assert tracking.fetch_model.fn("s3://bucket/best.pt", None) == "s3://bucket/best.pt"
+def test_fetch_model_passes_checkpoint_paths_through(tmp_path: Path) -> None:
+    from captioning.registry import RegistryError
+
+    checkpoint = str(tmp_path / "best.pt")
+    Path(checkpoint).write_bytes(b"a checkpoint")
+    resolved = tracking.fetch_model.fn(checkpoint, None)  # models:/ and runs:/ kinds: test_serving.py
+    assert resolved.checkpoint == checkpoint and resolved.label == checkpoint
+    assert resolved.name is None and resolved.version is None and resolved.run_id is None
+    with pytest.raises(RegistryError, match="no such checkpoint"):
+        tracking.fetch_model.fn(str(tmp_path / "gone.pt"), None)
 
 
 class FakeLogger:
@@ -156,7 +163,7 @@ def test_registry_errors_are_not_retried_other_failures_are() -> None:
     from captioning.registry import RegistryError
     from captioning.tracking import TrackingUnavailable
 
-    for task in (tracking.fetch_champion, tracking.register_model):
+    for task in (tracking.fetch_champion, tracking.fetch_model, tracking.register_model):
         condition = task.retry_condition_fn
         assert condition is not None and task.retries >= 2
         run: Any = None  # the condition looks at the state only

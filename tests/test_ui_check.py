@@ -1,17 +1,22 @@
-"""infra/ui_check.py: the MLflow UI rendered by headless Chromium shows a run's metrics."""
+"""infra/ui_check.py: the MLflow UI rendered by headless Chromium opens the experiment on its runs list,
+shows a run's metrics and previews a colour attention map among its artifacts."""
 
 from __future__ import annotations
 
 import importlib.util
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
-from PIL import Image
+from mlflow import MlflowClient
+from PIL import Image, ImageDraw
 
 from captioning.services.mlflow_server import MlflowServer
+from captioning.tracking.client import EXPERIMENT_KIND_TAG, TRAINING_KIND
 
 SCRIPT = Path(__file__).resolve().parents[1] / "infra" / "ui_check.py"
 
@@ -40,16 +45,37 @@ def _run_script(*args: str, timeout_s: float = 400) -> subprocess.CompletedProce
 
 
 @needs_chromium
-def test_ui_shows_the_metrics_of_a_run(mlflow_server: MlflowServer, tmp_path: Path) -> None:
+def test_ui_shows_the_runs_list_metrics_and_a_colour_attention_map(
+    mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
     shot = tmp_path / "ui.png"
     result = _run_script("--tracking-uri", mlflow_server.url, "--out", str(shot))
     assert result.returncode == 0, f"stdout:\n{result.stdout[-2000:]}\nstderr:\n{result.stderr[-3000:]}"
     ok = [line for line in result.stdout.splitlines() if line.startswith("UI check OK:")]
     assert ok and all(name in ok[0] for name in ("train/loss", "val/CIDEr", "val/BLEU-4")), result.stdout
-    with Image.open(shot) as image:
-        assert image.format == "PNG" and image.size == ui_check.WINDOW
-        colours = image.convert("RGB").getcolors(maxcolors=1 << 16)
-    assert colours is None or len(colours) > 16  # a rendered page, not a flat or near-flat image
+    assert "opens on its runs list" in ok[0] and "previews the colour attention map attention/" in ok[0]
+    for path in (shot, tmp_path / "ui-attention.png"):
+        with Image.open(path) as image:
+            assert image.format == "PNG" and image.size == ui_check.WINDOW
+            colours = image.convert("RGB").getcolors(maxcolors=1 << 16)
+        assert colours is None or len(colours) > 16  # a rendered page, not a flat or near-flat image
+    # the experiment it logged to carries MLflow's training-kind tag
+    experiment = MlflowClient(mlflow_server.url).get_experiment_by_name("ui-check")
+    assert experiment is not None and experiment.tags[EXPERIMENT_KIND_TAG] == TRAINING_KIND
+
+
+@needs_chromium  # the script looks for the map before it renders anything
+def test_a_run_without_an_attention_map_fails_and_says_so(
+    mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    client = MlflowClient(mlflow_server.url)
+    run = client.create_run(client.create_experiment(f"no-maps-{uuid.uuid4().hex[:8]}"), run_name="fc-model")
+    client.log_metric(run.info.run_id, "val/CIDEr", 0.5)
+    result = _run_script(
+        "--tracking-uri", mlflow_server.url, "--run-id", run.info.run_id, "--out", str(tmp_path / "x.png")
+    )
+    assert result.returncode == 1, result.stderr
+    assert f"run {run.info.run_id} (and its 0 child runs) has no attention map" in result.stderr
 
 
 @needs_chromium  # the script stops before looking the run up
@@ -89,6 +115,23 @@ def test_blank_wrong_size_and_broken_screenshots_are_rejected(tmp_path: Path) ->
     assert ui_check.image_problem(tmp_path / "page.png") is None
 
 
+def test_colour_maps_are_told_from_images_that_are_only_lit(tmp_path: Path) -> None:
+    from captioning.model.visualize import attention_overlay
+
+    scene = Image.new("RGB", (64, 64), (200, 200, 200))
+    ImageDraw.Draw(scene).rectangle((4, 4, 27, 27), fill=(220, 30, 30))
+    ImageDraw.Draw(scene).ellipse((36, 36, 59, 59), fill=(40, 60, 220))
+    alphas = np.full((3, 16), 0.02)
+    alphas[[0, 1, 2], [0, 15, 6]] = 1.0
+    attention_overlay(scene, ["a", "b", "c"], alphas, grid=4).save(tmp_path / "map.png")
+    assert ui_check.colour_hues(tmp_path / "map.png") >= ui_check.MIN_HUES
+    # the rendering this replaced: the image darkened away from the attention, no colour map
+    pixels = np.asarray(scene.resize((192, 192)), dtype=np.float32)
+    lit = [pixels * (0.25 + 0.75 * np.linspace(0, 1, 192)[None, :, None] ** k) for k in (1, 2, 3)]
+    Image.fromarray(np.concatenate(lit, axis=1).astype(np.uint8)).save(tmp_path / "lit.png")
+    assert ui_check.colour_hues(tmp_path / "lit.png") < ui_check.MIN_HUES
+
+
 def test_dom_text_and_metric_lookup() -> None:
     dom = (
         "<html><head><style>.a{}</style><script>var x = 'train/loss 9';</script></head>"
@@ -103,3 +146,7 @@ def test_dom_text_and_metric_lookup() -> None:
     assert ui_check.shows("run (val/loss_ema)", "val/loss_ema")
     assert not ui_check.shows("run (val/loss_ema)", "val/loss")
     assert not ui_check.shows("run (sec1/metric_13)", "sec1/metric_1")
+    # charts of metrics sharing a prefix sit in a section named after it, titled without it
+    charts = "Search metric charts xe (2) test_BLEU-4 test_CIDEr Model metrics (1) test_CIDEr"
+    assert ui_check.charted(charts, "xe/test_CIDEr") and ui_check.charted(charts, "test_CIDEr")
+    assert not ui_check.charted(charts, "xe/test_METEOR") and not ui_check.charted(charts, "scst/test_CIDEr")

@@ -135,6 +135,12 @@ class DataConfig:
     )
     raw_dir: str = setting("data/raw", "Where downloads and extracted files go (local path).")
     shard_dir: str = setting("data/shards", "Where shards go: a local path or s3://bucket/prefix.")
+    extra_shard_dirs: tuple[str, ...] = setting(
+        (), "More shard builds whose train split training also reads (same vocabulary; val/test: shard_dir)."
+    )
+    retrain_on: Literal["all", "new"] = setting(
+        "all", "Retraining on landed data trains on all (existing train shards + the new ones) or new alone."
+    )
     restval_split: Literal["train", "val", "test"] | None = setting(
         "train", "Split that COCO's 'restval' images join; none leaves them out (counted)."
     )
@@ -285,6 +291,9 @@ class TrackingConfig:
     )
     experiment: str = setting("show-attend-tell", "MLflow experiment name.")
     registered_model: str = setting("show-attend-tell", "Registered model name for promotion.")
+    promotion_tolerance: float = setting(
+        0.01, "CIDEr-D a retrained model may lose on the original holdout and still be promoted.", min=0.0
+    )
     system_metrics: bool = setting(True, "Log CPU/memory (and GPU) metrics from rank 0.")
     connect_timeout_s: float = setting(
         10.0,

@@ -33,10 +33,10 @@ from urllib.parse import urlsplit
 
 import requests
 import urllib3
-from tqdm import tqdm
 
 from captioning import storage
 from captioning.data.archives import ArchiveError, archive_kind, check_archive
+from captioning.progress import show_progress
 
 log = logging.getLogger(__name__)
 
@@ -273,14 +273,8 @@ def _fetch_into(
         written = offset
         with (
             part.open(mode) as f,
-            tqdm(
-                total=total,
-                initial=offset,
-                desc=dest.name,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                disable=not progress,
+            show_progress(
+                total, dest.name, unit="B", unit_scale=True, initial=offset, enabled=progress
             ) as bar,
         ):
             # The raw stream, undecoded: a .tar.gz served with Content-Encoding: gzip stays a .tar.gz.

@@ -2,6 +2,7 @@
 
     plan = plan_epoch(split_sizes(read_sizes("data/shards"), "train"), train=True, batch_size=32,
                       num_workers=2, world_size=2, seed=0, epoch=3)
+    plan = plan_epoch(read_split_sizes("data/shards-new", "train", extra=["data/shards"]), ...)  # both
     plan.streams[plan.stream_index(rank, worker)]   # the shard ranges that (rank, worker) reads
     plan.batches_for_rank(rank)                      # the same on every rank in training
 
@@ -111,8 +112,10 @@ def plan_epoch(
 ) -> EpochPlan:
     """Cut one split's samples into per-(rank, worker) streams (see the module doc).
 
-    ``sizes`` maps shard names to image counts (one split of sizes.json). Pure and cheap: every
-    rank calls it with the same arguments and gets the same plan, without communication.
+    ``sizes`` maps shard names to image counts (one split of sizes.json, or of several builds read
+    together: ``format.read_split_sizes`` keys the other builds' shards by their full location; names
+    are opaque here). Pure and cheap: every rank calls it with the same arguments and gets the same
+    plan, without communication.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

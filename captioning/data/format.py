@@ -18,8 +18,14 @@ reads to plan an epoch), ``references.json``, ``vocab.json`` and ``manifest.json
 every file of a local build has the same mode (0666 less the umask). Readers::
 
     sizes = split_sizes(read_sizes("data/shards"), "train")   # {"train-000000.tar": 1000, ...}
+    sizes = read_split_sizes("data/shards", "train", extra=["data/old-shards"])   # two builds, one plan
     refs = read_references("data/shards", "train")           # image id -> caption ids (SCST's corpus)
     manifest = read_manifest("data/shards")                   # FileNotFoundError until the build finished
+    holdout = read_holdout("data/shards")                     # {"split": "test", "id": sha256, "num_images"}
+
+The manifest's ``holdout`` identifies the build's test split: ``id`` is the sha256 of its stored
+images' ids and reference tokens (``holdout_of``), so two builds with the same id hold the same test
+images and references, and scores on them compare (the champion gate relies on it).
 
 Writing is ``captioning.data.shard_build`` (one shard: ``shard_writer``), checking ``shard_check``,
 reading batches ``captioning.data.loader``.
@@ -31,7 +37,7 @@ import hashlib
 import json
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -40,6 +46,7 @@ from captioning import storage
 FORMAT_VERSION = 1
 SIZES_FILE, VOCAB_FILE, MANIFEST_FILE = "sizes.json", "vocab.json", "manifest.json"
 REFERENCES_FILE = "references.json"  # split -> image id -> every stored caption's ids (SCST's CIDEr-D corpus)
+HOLDOUT_SPLIT = "test"  # the split whose id the manifest records: the build's fixed, identified holdout
 _HASH_CHUNK = 1 << 20
 
 
@@ -104,6 +111,7 @@ class ShardManifest:
     num_built: int  # shards written by this call
     num_skipped: int  # shards found complete and left alone
     duration_s: float
+    holdout: dict[str, Any] = field(default_factory=dict)  # holdout_of(the test split)
     stats: dict[str, ShardStats] = field(repr=False, default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -116,6 +124,7 @@ class ShardManifest:
             "length_policy": self.length_policy,
             "image": self.image,
             "samples_per_shard": self.samples_per_shard,
+            "holdout": self.holdout,
         }
 
 
@@ -124,11 +133,28 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}"
 
 
+def holdout_of(
+    references: Mapping[int, Sequence[Sequence[str]]], split: str = HOLDOUT_SPLIT
+) -> dict[str, Any]:
+    """The manifest's ``holdout``: ``split``, the number of images and an ``id``, the sha256 of the
+    stored images' ids and reference tokens (``references``: image id -> each caption's tokens; what
+    scoring compares with), independent of image bytes, vocabulary and order."""
+    plain = {str(k): [list(c) for c in v] for k, v in sorted(references.items())}
+    digest = hashlib.sha256(stable_json(plain, indent=0)).hexdigest()
+    return {"split": split, "id": digest, "num_images": len(plain)}
+
+
 # -------------------------------------------------------------------------------------- readers
 
 
 def shard_url(location: str, name: str) -> str:
-    """Where shard ``name`` lives: a local path or an ``s3://`` URL."""
+    """Where shard ``name`` lives: a local path or an ``s3://`` URL.
+
+    A name holding a ``/`` already is one (a shard of another build in a combined plan,
+    ``read_split_sizes``) and is returned as it is; shard names themselves never hold one.
+    """
+    if "/" in name:
+        return name
     if storage.is_s3(location):
         return location.rstrip("/") + "/" + name
     return os.path.join(location, name)
@@ -165,6 +191,31 @@ def split_sizes(sizes: Mapping[str, Mapping[str, int]], split: str) -> dict[str,
     return dict(sizes[split])
 
 
+def read_split_sizes(location: str, split: str, *, extra: Sequence[str] = ()) -> dict[str, int]:
+    """``split``'s shard sizes at ``location``, plus that split of each ``extra`` build: one plan over
+    several builds (old and new training data). Extra shards are keyed by their full location
+    (``shard_url``), so names never collide and each is read where it is. The builds must share one
+    vocabulary (their caption ids are mixed in one batch): ValueError naming them otherwise."""
+    sizes = split_sizes(read_sizes(location), split)
+    if not extra:
+        return sizes
+    words = read_vocab_words(location)
+    for other in extra:
+        if read_vocab_words(other) != words:
+            raise ValueError(
+                f"shards at {other} were built with another vocabulary than those at {location}: "
+                "they cannot be read together (build them with the same vocabulary, or read one)"
+            )
+        sizes.update({shard_url(other, name): n for name, n in split_sizes(read_sizes(other), split).items()})
+    return sizes
+
+
+def read_vocab_words(out: str) -> Any:
+    """The words of a finished build's ``vocab.json`` (FileNotFoundError when the build has not finished)."""
+    read_manifest(out)
+    return storage.read_json(storage.join(os.fspath(out), VOCAB_FILE)).get("words")
+
+
 def read_manifest(out: str) -> dict[str, Any]:
     """The manifest.json of a finished build; FileNotFoundError when there is none."""
     data = read_json_or_none(storage.join(os.fspath(out), MANIFEST_FILE))
@@ -173,8 +224,32 @@ def read_manifest(out: str) -> dict[str, Any]:
     return dict(data)
 
 
-def read_references(out: str, split: str) -> dict[int, list[list[int]]]:
-    """``references.json``'s captions of ``split`` (ids without <start>/<end>), by image id."""
+def read_holdout(out: str) -> dict[str, Any]:
+    """The manifest's ``holdout`` (``holdout_of``); ValueError when the build predates holdout ids."""
+    holdout = read_manifest(out).get("holdout")
+    if not isinstance(holdout, dict) or not holdout.get("id"):
+        raise ValueError(
+            f"the shards at {out} predate holdout ids: run their shard build again (captioning shards, "
+            "or the prepare-data flow); it rewrites only the metadata"
+        )
+    return dict(holdout)
+
+
+def read_references(out: str, split: str, *, extra: Sequence[str] = ()) -> dict[int, list[list[int]]]:
+    """``references.json``'s captions of ``split`` (ids without <start>/<end>), by image id; with
+    ``extra`` builds, theirs too (ValueError when one image id has other references in another)."""
+    merged = _references(out, split)
+    for other in extra:
+        for image_id, captions in _references(other, split).items():
+            if merged.setdefault(image_id, captions) != captions:
+                raise ValueError(
+                    f"image id {image_id} has other {split} references at {other} than at {out}: "
+                    "builds read together need distinct image ids"
+                )
+    return merged
+
+
+def _references(out: str, split: str) -> dict[int, list[list[int]]]:
     uri = storage.join(os.fspath(out), REFERENCES_FILE)
     try:
         data = storage.read_json(uri)
@@ -188,6 +263,13 @@ def read_references(out: str, split: str) -> dict[int, list[list[int]]]:
 
 
 # --------------------------------------------------------------------------- local or s3 files
+
+
+def write_vocab(out: str, vocab_json: Mapping[str, Any]) -> str:
+    """Write ``vocab.json`` (the bytes ``Vocab.save`` writes) when they change; return their sha256."""
+    data = stable_json(vocab_json)
+    write_if_changed(storage.join(out, VOCAB_FILE), data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def read_json_or_none(uri: str) -> Any | None:

@@ -8,6 +8,11 @@ announcement (the ``captioning.data.landed`` event, emitted by ``flows/watch.py`
     for split_file in find_ready("data/inbox"):
         report = check_dataset(split_file)     # counts per split, missing images; errors name the entry
     overrides = new_data_overrides(cfg, split_file, None, ["train.xe.epochs=1"])   # its own shards
+    dataset_label(split_file)                  # "2026-11": the landed folder's name, for people
+
+Retraining reads the new data's shards and, by default (``data.retrain_on=all``), the existing
+training shards too (``data.extra_shard_dirs``): the model learns the new data without forgetting
+the old, and only the new part gets shards built. ``data.retrain_on=new`` trains on the new alone.
 """
 
 from __future__ import annotations
@@ -93,20 +98,29 @@ def mark_announced(karpathy_json: str | os.PathLike[str], report: dict[str, Any]
     return marker
 
 
+def dataset_label(karpathy_json: str | os.PathLike[str]) -> str:
+    """What people call a landed dataset: its folder's name (``data/inbox/2026-11/...`` -> ``2026-11``)."""
+    return Path(karpathy_json).resolve().parent.name or dataset_id(karpathy_json)
+
+
 def new_data_overrides(
     cfg: Config, karpathy_json: str, image_dir: str | None, overrides: Sequence[str] | None
 ) -> list[str]:
     """The run's overrides plus a ``local`` dataset at ``karpathy_json`` with shards of its own
-    (``{data.shard_dir}-new/{dataset id}``), so the original shards stay as they are."""
+    (``{data.shard_dir}-new/{dataset id}``), so the original shards stay as they are. With
+    ``data.retrain_on=all`` (the default) training also reads the original shards' train split
+    (``data.extra_shard_dirs``: ``cfg``'s shard_dir and its own extra dirs); ``new``: none of them."""
     if not os.path.isfile(karpathy_json):
         raise FileNotFoundError(f"new data: no split file at {karpathy_json}")
     images = image_dir or os.path.dirname(os.path.abspath(karpathy_json))
     shard_dir = f"{cfg.data.shard_dir.rstrip('/')}-new/{dataset_id(karpathy_json)}"
-    kept = without_keys(overrides, "data.dataset", "data.shard_dir", "data.local")
+    kept = without_keys(overrides, "data.dataset", "data.shard_dir", "data.local", "data.extra_shard_dirs")
+    old = [cfg.data.shard_dir, *cfg.data.extra_shard_dirs] if cfg.data.retrain_on == "all" else []
     return [
         *kept,
         "--data.dataset=local",
         f"--data.local.karpathy_json={os.path.abspath(karpathy_json)}",
         f"--data.local.image_dir={images}",
         f"--data.shard_dir={shard_dir}",
+        *([f"--data.extra_shard_dirs={','.join(old)}"] if old else []),
     ]

@@ -2,9 +2,9 @@
 
 One pipeline per split, as a list of named stages (open_clip's ``data.py`` is the model)::
 
-    plan            shard list from sizes.json (never by scanning), seeded per-epoch shard shuffle
-                    (train), cut into one contiguous run of samples per (rank, worker) stream
-                    (``captioning.data.epoch``)
+    plan            shard list from sizes.json (never by scanning; one build's or several), seeded
+                    per-epoch shard shuffle (train), cut into one contiguous run of samples per
+                    (rank, worker) stream (``captioning.data.epoch``)
     split_by_node   keep this rank's streams
     split_by_worker keep this DataLoader worker's stream
     tar             read the stream's shard ranges (webdataset tar iteration, any gopen URL)
@@ -47,7 +47,7 @@ import json
 import random
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any
@@ -71,7 +71,7 @@ from captioning.data.batch import (
     resize_square,
 )
 from captioning.data.epoch import EpochPlan, ShardRange, plan_epoch
-from captioning.data.format import read_sizes, shard_url, split_sizes
+from captioning.data.format import read_split_sizes, shard_url
 from captioning.training.dist import DistInfo
 
 # ---------------------- the stages (module-level callables, so pipelines pickle under spawn too)
@@ -419,6 +419,7 @@ def build_loader(
     seed: int,
     batch_size: int | None = None,
     device: torch.device | str | None = None,
+    extra_dirs: Sequence[str] = (),
 ) -> CaptionLoader:
     """A loader over ``split`` of the shards at ``shard_dir`` (local path or ``s3://bucket/prefix``),
     set up from the ``data.loader`` config section.
@@ -428,9 +429,10 @@ def build_loader(
     no padding, no augmentation, ``seq_per_img`` references per image (a validation loss).
     ``batch_size`` overrides ``section.batch_size`` (a stage's own batch size). ``device``: where
     batches are delivered (e.g. ``dist.device``); images cross to it as uint8 (pinned, non-blocking
-    for CUDA) and are normalised there. ``None`` delivers normalised CPU batches.
+    for CUDA) and are normalised there. ``None`` delivers normalised CPU batches. ``extra_dirs``: more
+    builds whose ``split`` joins the plan (``read_split_sizes``: old and new training data together).
     """
-    sizes = split_sizes(read_sizes(shard_dir), split)
+    sizes = read_split_sizes(shard_dir, split, extra=extra_dirs)
     spec = LoaderSpec(
         location=shard_dir,
         split=split,

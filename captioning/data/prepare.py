@@ -89,12 +89,17 @@ def up_to_date_manifest(shard_dir: str, key: str) -> dict[str, Any] | None:
     size the stats record (a stat and a small read per shard, no hashing); else None.
 
     Sizes, not mtimes: a copied shard folder stays up to date. The stats' sha256 catches a rebuild
-    that wrote new shards but was stopped before it wrote their manifest."""
+    that wrote new shards but was stopped before it wrote their manifest. A manifest without a
+    ``holdout`` (older builds) is not up to date: the build then skips every complete shard and
+    rewrites only the metadata."""
     try:
         manifest = storage.read_json(storage.join(shard_dir, MANIFEST_FILE))
     except (FileNotFoundError, ValueError):
         return None
     if not isinstance(manifest, dict) or manifest.get("config_hash") != key:
+        return None
+    holdout = manifest.get("holdout")
+    if not isinstance(holdout, dict) or not holdout.get("id"):  # from before holdout ids: finish it again
         return None
     for tar_name, sha256 in (manifest.get("shards") or {}).items():
         stem = tar_name.removesuffix(".tar")
@@ -124,6 +129,7 @@ def kept_manifest(shard_dir: str, manifest: dict[str, Any], duration_s: float = 
         num_built=0,
         num_skipped=len(manifest["shards"]),
         duration_s=duration_s,
+        holdout=dict(manifest["holdout"]),
     )
 
 

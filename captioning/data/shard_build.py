@@ -27,7 +27,6 @@ no file).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -37,21 +36,19 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from tqdm import tqdm
-
 from captioning import storage
 from captioning.data.format import (
+    HOLDOUT_SPLIT,
     MANIFEST_FILE,
     REFERENCES_FILE,
     SIZES_FILE,
-    VOCAB_FILE,
     ShardManifest,
     ShardStats,
     SplitSummary,
+    holdout_of,
     read_json_or_none,
-    stable_json,
-    write_if_changed,
     write_stable_json,
+    write_vocab,
 )
 from captioning.data.images import ImageSettings
 from captioning.data.records import SPLITS, ImageRecord
@@ -59,6 +56,7 @@ from captioning.data.shard_executors import Executor, check_executor, run_shard_
 from captioning.data.shard_writer import ShardJob, completed_stats, plan_shards
 from captioning.data.sources import ImageSource, raise_source_error
 from captioning.data.vocab import Vocab
+from captioning.progress import show_progress
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +220,7 @@ def write_shard_group(
         logger.info("%d of %d shards already complete in %s; skipping them", num_skipped, len(jobs), outs)
 
     errors: list[str] = []
-    with tqdm(total=len(jobs), initial=num_skipped, desc="shards", unit="shard", disable=not progress) as bar:
+    with show_progress(len(jobs), "shards", unit="shard", initial=num_skipped, enabled=progress) as bar:
         for job, result in run_shard_jobs(
             todo, num_procs=num_procs, executor=executor, dask_address=dask_address
         ):
@@ -385,8 +383,8 @@ def _finish(
         for split in SPLITS
     }
     write_stable_json(storage.join(out, SIZES_FILE), sizes)
-    _write_references(out, jobs, stats)
-    vocab_sha256 = _save_vocab(vocab, out)
+    holdout = _write_references(out, jobs, stats)
+    vocab_sha256 = write_vocab(out, vocab.to_json())
     manifest = ShardManifest(
         out=out,
         config_hash=config_hash,
@@ -400,32 +398,31 @@ def _finish(
         num_built=num_built,
         num_skipped=num_skipped,
         duration_s=round(time.perf_counter() - start, 3),
+        holdout=holdout,
         stats=stats,
     )
     write_stable_json(storage.join(out, MANIFEST_FILE), manifest.to_json())
     return manifest
 
 
-def _write_references(out: str, jobs: list[ShardJob], stats: dict[str, ShardStats]) -> None:
-    """references.json: per split, each stored image's captions as ids without <start>/<end>.
+def _write_references(out: str, jobs: list[ShardJob], stats: dict[str, ShardStats]) -> dict[str, Any]:
+    """references.json: per split, each stored image's captions as ids without <start>/<end>; returns
+    the test split's ``holdout_of`` (its images' ids and reference tokens, what scoring compares with).
 
     SCST's CIDEr-D reward needs every training image's references (and their document
     frequencies) without opening the image shards; skipped images are left out, as in the tars.
     """
     refs: dict[str, dict[str, list[list[int]]]] = {split: {} for split in SPLITS}
+    held: dict[int, list[list[str]]] = {}
     for job in jobs:
         skipped = {int(f["image_id"]) for f in stats[job.name].failed}
         for item in job.items:
             if item.image_id not in skipped and item.captions:
                 refs[job.split][str(item.image_id)] = [list(c.ids[1:-1]) for c in item.captions]
+                if job.split == HOLDOUT_SPLIT:
+                    held[item.image_id] = [list(c.tokens) for c in item.captions]
     write_stable_json(storage.join(out, REFERENCES_FILE), {"format": "token-ids", "splits": refs}, indent=2)
-
-
-def _save_vocab(vocab: Vocab, out: str) -> str:
-    """Write vocab.json (the bytes ``Vocab.save`` writes) when they change; return their sha256."""
-    data = stable_json(vocab.to_json())
-    write_if_changed(storage.join(out, VOCAB_FILE), data)
-    return hashlib.sha256(data).hexdigest()
+    return holdout_of(held)
 
 
 def _clean_leftovers(out: str, planned: set[str]) -> None:

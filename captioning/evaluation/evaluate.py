@@ -2,7 +2,7 @@
 
     result = evaluate(ddp_model, loaders["val"], vocab, dist, cfg.eval)   # cfg.eval: beam size, max_len, ...
     result.scores["CIDEr"], result.captions[image_id]        # the same EvalResult on every rank
-    scores = score_checkpoint("runs/x/best.pt", cfg, "test")   # the recipe's eval and loader settings
+    scores = score_checkpoint("runs/x/best.pt", cfg, "test")   # the model's own decoding, cfg's loader
 
 Why it cannot deadlock a DDP job: the eval loader (``train=False``) gives each image to exactly one
 rank, with batch counts that may differ between ranks, so decoding runs no collective at all. Then
@@ -14,9 +14,10 @@ error on one rank, a ``ScoringError`` on rank 0) is raised on every rank.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +30,8 @@ from captioning.data.loader import build_loader
 from captioning.data.vocab import SPECIALS, Vocab
 from captioning.evaluation.metrics import ScoringError, score_captions, write_coco_results
 from captioning.model.captioner import Captioner
-from captioning.model.checkpoint import captioner_from_checkpoint, unwrap_model
+from captioning.model.checkpoint import captioner_from_checkpoint, decoding_of, load_checkpoint, unwrap_model
+from captioning.progress import show_progress
 from captioning.training.dist import DistInfo, all_gather_object, broadcast_object
 
 log = logging.getLogger(__name__)
@@ -101,9 +103,18 @@ def decode_split(
     modes = {module: module.training for module in model.modules()}
     captions: dict[int, str] = {}
     references: dict[int, list[str]] = {}
+    expected = getattr(loader, "num_samples", None)
     model.eval()
     try:
-        with torch.no_grad():
+        with (
+            torch.no_grad(),
+            show_progress(  # rank 0's share: lines in a log (every LINE_EVERY_S), a bar on a terminal
+                expected if isinstance(expected, int) else None,
+                "decoding",
+                unit="image",
+                enabled=dist.is_main,
+            ) as shown,
+        ):
             for batch in loader:
                 rows = _rows_to_decode(batch, captions, dist.rank)
                 if not rows:
@@ -127,10 +138,10 @@ def decode_split(
                 for row, ids in zip(rows, tokens, strict=True):
                     captions[image_ids[row]] = caption_text(ids, vocab)
                     references[image_ids[row]] = [" ".join(ref) for ref in batch.references[row]]
+                shown.update(len(rows))
     finally:
         for module, training in modes.items():
             module.training = training
-    expected = getattr(loader, "num_samples", None)
     if isinstance(expected, int) and expected != len(captions):
         raise RuntimeError(f"rank {dist.rank} decoded {len(captions)} images, its loader plans {expected}")
     return captions, references
@@ -289,18 +300,31 @@ def evaluate_checkpoint(
 
 
 def score_checkpoint(
-    checkpoint: str, cfg: Config, split: str, *, results_uri: str | None = None
+    checkpoint: str,
+    cfg: Config,
+    split: str,
+    *,
+    results_uri: str | None = None,
+    explicit: Collection[str] = (),
 ) -> dict[str, Any]:
     """Score a checkpoint on ``split`` of ``cfg.data.shard_dir`` with the config's ``eval`` settings
-    (and ``data.loader``'s batch size and workers): ``{"scores": {...}, "num_images": N}``."""
+    (and ``data.loader``'s batch size and workers): ``{"scores": {...}, "num_images": N, "decoding": {...}}``.
+
+    Decoding is the model's own, as it was scored in training (``decoding_of``: the checkpoint's
+    ``eval.beam_size``, ``max_len``, ``length_normalization``), except the settings named in
+    ``explicit`` (``DECODING_KEYS`` given on purpose, e.g. as overrides), which come from ``cfg.eval``.
+    """
+    recorded = decoding_of(load_checkpoint(checkpoint))
+    ev = dataclasses.replace(cfg.eval, **{k: v for k, v in recorded.items() if k not in explicit})
     lc = cfg.data.loader
     result = evaluate_checkpoint(
         checkpoint,
         cfg.data.shard_dir,
         split,
-        cfg.eval,
+        ev,
         batch_size=lc.batch_size,
         num_workers=lc.num_workers,
         results_uri=results_uri,
     )
-    return {"scores": dict(result.scores), "num_images": len(result.captions)}
+    decoding = {k: getattr(ev, k) for k in recorded}
+    return {"scores": dict(result.scores), "num_images": len(result.captions), "decoding": decoding}

@@ -4,6 +4,7 @@
                     step=1000, extra={"optimizer": opt.state_dict()})   # local path or s3://
     ckpt = load_checkpoint("runs/x/step-1000.pt")                      # the dict
     model, vocab, ckpt = captioner_from_checkpoint("runs/x/step-1000.pt")   # eval mode, no outside config
+    decoding_of(ckpt)   # {"beam_size": 3, "max_len": 16, "length_normalization": False}: as it was scored
 
 The dict: ``format_version``, ``model`` (state dict of the unwrapped model: no ``module.`` or
 ``_orig_mod.`` prefixes), ``model_config`` (``dataclasses.asdict(ModelConfig)``), ``vocab``
@@ -16,14 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from captioning import storage
-from captioning.config import Config
+from captioning.config import Config, normalize_overrides, parse_overrides
 from captioning.data.vocab import Vocab
 from captioning.model.captioner import Captioner
 from captioning.model.factory import build_captioner
@@ -124,3 +125,22 @@ def captioner_from_checkpoint(
 def vocab_of_checkpoint(uri: str) -> Vocab:
     """The vocabulary a checkpoint was trained with (new data for its model is encoded with the same ids)."""
     return Vocab.from_json(load_checkpoint(uri)["vocab"])
+
+
+DECODING_KEYS = ("beam_size", "max_len", "length_normalization")  # the eval settings that decide a caption
+
+
+def decoding_of(ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    """How the checkpoint's model was scored in training, so it is decoded the same way everywhere: its
+    resolved config's ``eval.beam_size``, ``eval.max_len`` and ``eval.length_normalization`` (the
+    schema's defaults for any it lacks)."""
+    recorded = (ckpt.get("config") or {}).get("eval") or {}
+    ev = Config.from_dict({"eval": {k: recorded[k] for k in DECODING_KEYS if k in recorded}}).eval
+    return {k: getattr(ev, k) for k in DECODING_KEYS}
+
+
+def decoding_given(overrides: Sequence[str] | None) -> list[str]:
+    """The ``DECODING_KEYS`` that dotted ``overrides`` set (``eval.beam_size=5``, with or without ``--``):
+    decoding asked for on purpose, which replaces the model's own."""
+    given = parse_overrides(normalize_overrides(overrides))
+    return [k for k in DECODING_KEYS if f"eval.{k}" in given]

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 # --- captioning mlflow: a local tracking server (mlflow_server.py) -------------------------
 
 MLFLOW_STATE_DIR = "demo-data/mlflow"
+STACK_STATE_DIR = "demo-data/stack"  # `captioning stack`'s; its MLflow server keeps its state in mlflow/
 
 MLFLOW_EPILOG = """\
 Remote servers need no code changes: MLflow clients (the training included) log wherever
@@ -69,7 +70,8 @@ def _add_mlflow_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     actions, common = _service_parser(
         sub,
         "mlflow",
-        f"the server's folder: mlflow.db, artifacts/, server.log, server.pid (default: {MLFLOW_STATE_DIR})",
+        f"the server's folder: mlflow.db, artifacts/, server.log, server.pid, or a stack's folder (default: "
+        f"{MLFLOW_STATE_DIR}; status and ui also look for the local stack's server in {STACK_STATE_DIR})",
         MLFLOW_EPILOG,
         help="start, stop, check or open a local MLflow tracking server",
         description="A local `mlflow server` (SQLite, local or S3 artifacts) that runs in the background "
@@ -78,7 +80,7 @@ def _add_mlflow_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     start = actions.add_parser(
         "start", parents=[common], help="start the server in the background (a running one is reused)"
     )
-    start.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+    start.add_argument("--port", type=int, help="port (default 5000)")
     start.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; the server has no auth)"
     )
@@ -89,13 +91,16 @@ def _add_mlflow_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     )
     actions.add_parser("stop", parents=[common], help="stop the server named in the state folder's pid file")
     actions.add_parser(
-        "status", parents=[common], help="exit 0 when the server is running and healthy, 1 otherwise"
+        "status",
+        parents=[common],
+        help=f"find the running server ({MLFLOW_STATE_DIR}'s, else the local stack's in "
+        f"{STACK_STATE_DIR}, and $MLFLOW_TRACKING_URI's); exit 0 when one is healthy",
     )
     ui = actions.add_parser(
         "ui",
         parents=[common],
         help="print the UI URL: $MLFLOW_TRACKING_URI when it is http(s) and no --state-dir is "
-        "given, else the state folder's server",
+        "given, else the running server that `status` finds",
     )
     ui.add_argument("--open", action="store_true", help="also open it in a web browser")
 
@@ -128,9 +133,60 @@ def _recorded_mlflow_server(state_dir: Path) -> tuple[MlflowServer, int | None]:
     return MlflowServer(state_dir, host=host, port=port), pid
 
 
-def _mlflow_start(args: argparse.Namespace, state_dir: Path) -> int:
-    from captioning.services.mlflow_server import MlflowServer, is_healthy
+def _server_dirs(given: Path | None) -> list[tuple[Path, str]]:
+    """The state folders to look in, each with how to name it: the one given (a stack's folder means its
+    ``mlflow/``), else ``captioning mlflow start``'s default and then the local stack's."""
+    if given is not None:
+        is_stack = (given / "stack.json").is_file()
+        return [(given / "mlflow", "the local stack's server")] if is_stack else [(given, "")]
+    stack = Path(STACK_STATE_DIR) / "mlflow"
+    return [(Path(MLFLOW_STATE_DIR), ""), (stack, "the local stack's server")]
 
+
+def _find_running(given: Path | None) -> tuple[MlflowServer, int, str, Path] | None:
+    """The first live server recorded in ``_server_dirs(given)``: server, pid, how to name it, folder."""
+    for state_dir, what in _server_dirs(given):
+        server, pid = _recorded_mlflow_server(state_dir)
+        if pid is not None:
+            return server, pid, what, state_dir
+    return None
+
+
+def _free_port(host: str, port: int) -> int | None:
+    from captioning.services.mlflow_server import port_is_open
+
+    return next((p for p in range(port + 1, port + 50) if not port_is_open(host, p)), None)
+
+
+def _start_advice(state_dir: Path | None, host: str = "127.0.0.1", port: int | None = None) -> str:
+    """What to do when no server of ours runs, true for this machine now: whatever holds the port."""
+    from captioning.services.mlflow_server import DEFAULT_PORT, is_healthy, port_is_open
+
+    port = DEFAULT_PORT if port is None else port
+    start = "captioning mlflow start" + (f" --state-dir {state_dir}" if state_dir is not None else "")
+    if not port_is_open(host, port):
+        stack = "" if state_dir is not None else " (or the whole local stack: `captioning stack up`)"
+        return f"start one: `{start}`{stack}"
+    free = _free_port(host, port)
+    start += f" --port {free if free is not None else 'PORT'}"
+    url = f"http://{host}:{port}"
+    if is_healthy(url):
+        elsewhere = f"an MLflow server started elsewhere answers at {url}"
+        return f"{elsewhere}: use it (export MLFLOW_TRACKING_URI={url}) or `{start}`"
+    return f"port {port} is taken by another program: start one with `{start}`"
+
+
+def _mlflow_start(args: argparse.Namespace, state_dir: Path) -> int:
+    from captioning.services.mlflow_server import DEFAULT_PORT, MlflowServer, is_healthy, port_is_open
+
+    if args.state_dir is None and args.port is None:  # the local stack's server is the one to use
+        found = _find_running(None)
+        if found is not None and found[2] and is_healthy(found[0].url):
+            stack_server, stack_pid, what, where = found
+            print(f"{what} already runs at {stack_server.url} (pid {stack_pid}, state {where}); use it:")
+            print(f"export MLFLOW_TRACKING_URI={stack_server.url}")
+            return 0
+    args.port = DEFAULT_PORT if args.port is None else args.port
     running, pid = _recorded_mlflow_server(state_dir)
     if pid is not None:
         if not is_healthy(running.url):
@@ -144,6 +200,23 @@ def _mlflow_start(args: argparse.Namespace, state_dir: Path) -> int:
         print(f"MLflow server already running at {running.url}{moved} (pid {pid}, state {state_dir})")
         print(f"export MLFLOW_TRACKING_URI={running.url}")
         return 0
+    if port_is_open(args.host, args.port):
+        url = f"http://{args.host}:{args.port}"
+        free = _free_port(args.host, args.port)
+        other = f"--port {free}" if free is not None else "--port PORT"
+        if is_healthy(url):
+            print(
+                f"captioning mlflow start: an MLflow server not recorded in {state_dir} already answers at "
+                f"{url}: use it (export MLFLOW_TRACKING_URI={url}) or start another with {other}",
+                file=sys.stderr,
+            )
+        else:
+            print(
+                f"captioning mlflow start: error: port {args.port} on {args.host} is taken by another "
+                f"process: start on a free one with {other}",
+                file=sys.stderr,
+            )
+        return 1
     server = MlflowServer(state_dir, host=args.host, port=args.port, artifacts_destination=args.artifacts)
     start = time.perf_counter()
     server.start()
@@ -157,49 +230,73 @@ def _mlflow_start(args: argparse.Namespace, state_dir: Path) -> int:
     return 0
 
 
-def _mlflow_stop(state_dir: Path) -> int:
+def _mlflow_stop(args: argparse.Namespace) -> int:
+    state_dir = args.state_dir or Path(MLFLOW_STATE_DIR)
     server, pid = _recorded_mlflow_server(state_dir)
     if pid is None:
         stale = server.pid_path.is_file()
         server.pid_path.unlink(missing_ok=True)
         print(f"no MLflow server running for {state_dir}" + (" (removed a stale pid file)" if stale else ""))
+        found = _find_running(None) if args.state_dir is None else None
+        if found is not None and found[2]:
+            print(f"{found[2]} at {found[0].url} stops with the stack: `captioning stack down`")
         return 0
     server.stop()  # the pid file's process, checked above to be this state folder's server
     print(f"stopped the MLflow server at {server.url} (pid {pid})")
     return 0
 
 
-def _mlflow_status(state_dir: Path) -> int:
+def _mlflow_status(args: argparse.Namespace) -> int:
     from captioning.services.mlflow_server import is_healthy
 
-    server, pid = _recorded_mlflow_server(state_dir)
-    if pid is None:
-        print(f"not running: no live MLflow server recorded in {server.pid_path}")
-        return 1
-    if not is_healthy(server.url):
-        print(
-            f"not healthy: pid {pid} is alive but {server.url}/health does not answer; see {server.log_path}"
-        )
-        return 1
-    print(f"running: {server.url} is healthy (pid {pid}, state {state_dir})")
-    return 0
+    found = _find_running(args.state_dir)
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    healthy = False
+    if found is None:
+        where = " or ".join(str(d / "server.pid") for d, _ in _server_dirs(args.state_dir))
+        print(f"not running: no live MLflow server recorded in {where}")
+    else:
+        server, pid, what, state_dir = found
+        named = f"{what}, " if what else ""
+        healthy = is_healthy(server.url)
+        if healthy:
+            print(f"running: {server.url} is healthy (pid {pid}, {named}state {state_dir})")
+            if uri.rstrip("/") != server.url:
+                print(f"export MLFLOW_TRACKING_URI={server.url}")
+        else:
+            print(
+                f"not healthy: pid {pid} is alive but {server.url}/health does not answer; "
+                f"see {server.log_path}"
+            )
+    if (
+        args.state_dir is None
+        and uri.startswith(("http://", "https://"))
+        and (found is None or uri.rstrip("/") != found[0].url)
+    ):
+        answers = is_healthy(uri)
+        healthy = healthy or answers
+        print(f"MLFLOW_TRACKING_URI={uri} " + ("answers /health" if answers else "does not answer /health"))
+    if not healthy and found is None:
+        print(_start_advice(args.state_dir))
+    return 0 if healthy else 1
 
 
 def _mlflow_ui(args: argparse.Namespace) -> int:
+    from captioning.services.mlflow_server import is_healthy
+
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if args.state_dir is None and uri.startswith(("http://", "https://")):
         url = uri
+        if not is_healthy(url):
+            print(f"captioning mlflow ui: note: {url}/health does not answer", file=sys.stderr)
     else:
-        state_dir = args.state_dir or Path(MLFLOW_STATE_DIR)
-        server, pid = _recorded_mlflow_server(state_dir)
-        if pid is None:
-            print(
-                f"captioning mlflow ui: no MLflow server running for {state_dir}; "
-                f"start one with `captioning mlflow start --state-dir {state_dir}`",
-                file=sys.stderr,
-            )
+        found = _find_running(args.state_dir)
+        if found is None:
+            where = " or ".join(str(d) for d, _ in _server_dirs(args.state_dir))
+            advice = _start_advice(args.state_dir)
+            print(f"captioning mlflow ui: no MLflow server running for {where}; {advice}", file=sys.stderr)
             return 1
-        url = server.url
+        url = found[0].url
     print(url)
     if args.open:
         import webbrowser
@@ -219,9 +316,9 @@ def _cmd_mlflow(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         if args.mlflow_command == "start":
             return _mlflow_start(args, state_dir)
         if args.mlflow_command == "stop":
-            return _mlflow_stop(state_dir)
+            return _mlflow_stop(args)
         if args.mlflow_command == "status":
-            return _mlflow_status(state_dir)
+            return _mlflow_status(args)
         return _mlflow_ui(args)
     except MlflowServerError as exc:
         print(f"captioning mlflow {args.mlflow_command}: error: {exc}", file=sys.stderr)
@@ -232,8 +329,6 @@ def _cmd_mlflow(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 
 
 # --- captioning stack: the local Prefect + MLflow (+ S3) stack (stack.py) ------------------
-
-STACK_STATE_DIR = "demo-data/stack"
 
 STACK_EPILOG = """\
 Everything binds to 127.0.0.1; pid files, logs, databases and S3 data live in the state folder.

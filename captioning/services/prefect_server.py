@@ -28,13 +28,17 @@ GPU_LIMIT = "gpu"
 
 def prefect_env(state_dir: str | os.PathLike[str], api_url: str) -> dict[str, str]:
     """The environment the Prefect server, its CLI and the worker need: a PREFECT_HOME (and SQLite
-    database) under ``state_dir/prefect``, the API URL, and no analytics."""
+    database) under ``state_dir/prefect``, the API URL, no analytics, and log lines streamed to
+    watchers."""
     home = Path(state_dir).resolve() / "prefect"
     return {
         "PREFECT_HOME": str(home),
         "PREFECT_API_URL": api_url,
         "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # Off by default: without them `prefect deployment run --watch` shows state events but no log line.
+        "PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED": "true",
+        "PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED": "true",
         "DO_NOT_TRACK": "1",
     }
 

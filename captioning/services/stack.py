@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from captioning.launch import live_process, stop_process_group
+from captioning.progress import QUIET_ENV
 from captioning.services.mlflow_server import MlflowServer, is_healthy, port_is_open
 from captioning.services.prefect_server import (
     ensure_gpu_limit,
@@ -382,6 +383,7 @@ class LocalStack:
         s = self.settings
         cmd = worker_command(s.work_pool, self.worker_name)
         env = {**os.environ, **prefect_env(self.state_dir, s.api_url), "MLFLOW_TRACKING_URI": s.mlflow_url}
+        env.update(QUIET_ENV)  # its log (and its flow runs' output in it) without bars or emoji lines
         if s.s3:
             env.update(self.env())
         since = datetime.now(UTC) - timedelta(seconds=2)

@@ -4,7 +4,8 @@
     connect("http://127.0.0.1:5000")    # raises TrackingUnavailable when nothing answers in time
 
 Also here: ``Backend`` (a tracker's own calls to the server), ``is_transient`` (what is worth a
-retry), ``ensure_experiment``, and the param helper ``truncate``.
+retry), ``ensure_experiment`` (tagged as a model-training experiment), and the param helper
+``truncate``.
 
 Why our own REST store: MLflow 3.17 reads MLFLOW_HTTP_REQUEST_MAX_RETRIES (default 7, backoff factor 2:
 about four minutes of retries against a dead server) and MLFLOW_HTTP_REQUEST_TIMEOUT (120 s) from the
@@ -35,6 +36,10 @@ from captioning.tracking import TrackingUnavailable
 TRUNCATION_MARKER = "...[truncated]"
 PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
+# What an experiment holds, as MLflow's UI records it (3.17: mlflow/server/js ExperimentKind); the
+# training kind, as opposed to "genai_development".
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
 # The retry policy of a tracker's background threads: 0.5 s doubling up to 5 s.
 MAX_BACKOFF_S = 5.0
 FIRST_BACKOFF_S = 0.5
@@ -188,11 +193,18 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def ensure_experiment(client: MlflowClient, name: str) -> str:
-    """The id of experiment ``name``, created when missing."""
+    """The id of experiment ``name``, created when missing, tagged as a model-training experiment.
+
+    The tag ``EXPERIMENT_KIND_TAG`` = ``TRAINING_KIND`` is MLflow's own record of what an experiment
+    holds (the UI's experiment-kind setting writes it); an existing experiment without it gets it,
+    one a person set to another kind keeps theirs. MLflow 3.17's UI opens an experiment in the view
+    of its GenAI / Model training switch rather than from this tag, so the addresses the project
+    prints carry the view too (``captioning.tracking.links``).
+    """
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return str(client.create_experiment(name))
+            return str(client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: TRAINING_KIND}))
         except MlflowException as exc:  # created meanwhile by another process
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -203,6 +215,8 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
             f"experiment {name!r} (id {experiment.experiment_id}) is deleted: restore it with "
             f"`mlflow experiments restore --experiment-id {experiment.experiment_id}` or choose another name"
         )
+    if EXPERIMENT_KIND_TAG not in (experiment.tags or {}):
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
     return str(experiment.experiment_id)
 
 

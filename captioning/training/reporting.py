@@ -78,7 +78,8 @@ def write_attention_sheets(
     beam_size: int = 3,
     max_len: int = 20,
 ) -> list[Path]:
-    """One PNG per image: the beam-search caption's words, each over the image lit by its attention.
+    """One PNG per image: the image, then each word of its beam-search caption above the colour heat map
+    of its attention (``attention_overlay``: the rendering of ``captioning caption --visualize``).
 
     Models without attention (FC, Show-Tell) give no sheets.
     """

@@ -31,6 +31,7 @@ from captioning.data.vocab import Vocab
 from captioning.evaluation.evaluate import EvalResult, evaluate
 from captioning.model.captioner import Captioner
 from captioning.model.checkpoint import load_checkpoint, save_checkpoint
+from captioning.progress import LINE_EVERY_S
 from captioning.tracking import Tracker
 from captioning.training.dist import DistInfo, all_gather_object, all_reduce_sum, barrier
 from captioning.training.optim import group_lrs
@@ -42,6 +43,7 @@ from captioning.training.stage import (
     check_same_settings,
     settings_fingerprint,
 )
+from captioning.training.stage_log import batch_line, done_line, epoch_line, stage_eta, start_line
 from captioning.training.state import TrainState, capture_rng, restore_rng
 from captioning.training.steps import Optimization, StepMetrics, XeStep, build_step
 
@@ -117,10 +119,13 @@ def train_one_epoch(
     if skip == 0:
         state.epoch_windows = []
     window = MetricWindow()
+    started = last_line = time.perf_counter()  # rank 0 logs a progress line at most every LINE_EVERY_S
     batches: Iterator[Batch] = iter(loader)
     for index, batch in enumerate(batches):
         if index < skip:
             continue  # replayed to reach the saved position; batches depend only on (seed, epoch)
+        if index == skip:
+            started = last_line = time.perf_counter()  # the rate counts trained batches, not replayed ones
         metrics = step_fn(batch)
         window.add(metrics)
         state.step += 1
@@ -139,6 +144,20 @@ def train_one_epoch(
                 tracker.log_metrics(
                     {f"train/{k}": v for k, v in pooled.items()} | {"epoch": state.epoch}, step=state.step
                 )
+                if not epoch_end and time.perf_counter() - last_line >= LINE_EVERY_S:
+                    last_line = time.perf_counter()
+                    left = (len(loader) - state.batch_in_epoch) / max(state.batch_in_epoch - skip, 1)
+                    logger.info(
+                        batch_line(
+                            state.stage,
+                            state.epoch + 1,
+                            state.batch_in_epoch,
+                            len(loader),
+                            pooled["loss"],
+                            pooled["images_per_s"],
+                            left * (last_line - started),
+                        )
+                    )
             window = MetricWindow()
         if checkpoint_due:
             save_checkpoint()
@@ -260,8 +279,14 @@ def fit_stage(
     if resume and storage.exists(setup.last_uri):
         resume_stage(setup, model, opt, state, dist, generator)
     sampling = setup.objective.scheduled_sampling if isinstance(setup.objective, XeSettings) else 0.0
+    if dist.is_main:
+        first = min(state.epoch + 1, setup.epochs)
+        batches = len(train_loader)
+        logger.info(start_line(setup.name, first, setup.epochs, batches, setup.batch_size, dist.world_size))
+    epoch_seconds: list[float] = []  # epochs run by this process (not before a resume): the ETA's basis
 
     while state.epoch < setup.epochs and not state.stopped_early:
+        epoch_start = time.perf_counter()
         if isinstance(step_fn, XeStep) and sampling > 0:
             step_fn.scheduled_sampling = sampling * state.epoch / max(1, setup.epochs - 1)
         model.train()
@@ -277,6 +302,7 @@ def fit_stage(
                 setup, model, vocab, opt, state, dist, generator
             ),
         )
+        eval_start = time.perf_counter()
         result = evaluate(
             model,
             loaders[ev.split],
@@ -310,16 +336,24 @@ def fit_stage(
                 },
                 step=state.step,
             )
-            logger.info(
-                "stage %s epoch %d: val %s %.4f (best %.4f at epoch %s)%s",
+            now = time.perf_counter()
+            epoch_seconds.append(now - epoch_start)
+            stops = state.epochs_since_improvement >= setup.early_stop_patience
+            left = 0 if stops else setup.epochs - state.epoch - 1
+            line = epoch_line(
                 setup.name,
                 state.epoch + 1,
-                ev.monitor,
-                score,
-                state.best_score,
-                (state.best_epoch or 0) + 1,
-                "; learning rates decayed" if decayed else "",
+                setup.epochs,
+                epoch_means,
+                result.scores,
+                monitor=ev.monitor,
+                best=(float(state.best_score or 0.0), (state.best_epoch or 0) + 1),
+                epoch_s=epoch_seconds[-1],
+                eta_s=stage_eta(epoch_seconds, left, now - eval_start),
+                decayed=decayed,
+                stopped_after=setup.early_stop_patience if stops else None,
             )
+            logger.info(line)
         state.epoch += 1
         state.batch_in_epoch = 0
         if state.epochs_since_improvement >= setup.early_stop_patience:
@@ -379,6 +413,9 @@ def finish_stage(
             reporter.tested(setup, state, test)
         storage.write_json(setup.result_uri, result.to_json())  # last: the stage is done
     barrier(dist)
+    if dist.is_main:
+        best = (float(state.best_score or 0.0), (state.best_epoch or 0) + 1)
+        logger.info(done_line(setup.name, result.duration_s, state.epoch, ev.monitor, best, test.scores))
     if not all(math.isfinite(v) for v in test.scores.values()):
         logger.warning("stage %s: non-finite test scores %s", setup.name, test.scores)
     return result
