@@ -111,6 +111,7 @@ def _resolve_mlflow(source: str, tracking_uri: str | None, dst: str | None) -> R
     try:
         if source.startswith("runs:/"):
             run_id, _, path = source[len("runs:/") :].strip("/").partition("/")
+            path = path or "model"  # runs:/RUN_ID means the run's logged model, not all its artifacts
             client.get_run(run_id)  # a clear error for a run that does not exist
             root = f"runs:/{run_id}/{path}".rstrip("/")
         else:

@@ -157,8 +157,16 @@ def promote_if_better(
     aliases = _aliases(client, name)
     previous = aliases.get(CHAMPION)
     previous_score = None if previous is None else _score_tag(client, name, previous, metric)
+    holdouts = _holdout_ids(client, name, version, previous)
     if previous is None or previous == version:
         promoted = True
+    elif holdouts is not None:  # scored on other test data: the numbers do not compare
+        log.warning(
+            "%s: version %s was scored on holdout %s, champion version %s on %s; not replacing it "
+            "(re-score the champion on the same data, e.g. with the evaluate flow)",
+            name, version, holdouts[0], previous, holdouts[1],
+        )  # fmt: skip
+        promoted = False
     elif previous_score is None:
         log.warning(
             "%s: champion version %s has no numeric %s tag; not replacing it with version %s",
@@ -180,6 +188,18 @@ def promote_if_better(
         previous_score=previous_score,
         metric=metric,
     )
+
+
+def _holdout_ids(
+    client: MlflowClient, name: str, version: str, previous: str | None
+) -> tuple[str, str] | None:
+    """(version's, champion's) ``test_holdout_id`` tags when both are known and differ, else None:
+    a score on one test split cannot decide against a score on another."""
+    if previous is None or previous == version:
+        return None
+    ours = client.get_model_version(name, version).tags.get("test_holdout_id")
+    theirs = client.get_model_version(name, previous).tags.get("test_holdout_id")
+    return (ours, theirs) if ours and theirs and ours != theirs else None
 
 
 def champion(client: MlflowClient, name: str, *, metric: str = DEFAULT_METRIC) -> tuple[str, float] | None:
@@ -253,7 +273,8 @@ def register_stage(
     if not gate:
         version = register_version(client, model_name, result.run_id, result.checkpoint, tags=all_tags)
         log.info("registered %s version %s (gate to follow)", model_name, version)
-        return {**(registered_version(client, model_name, result.run_id, metric=f"test_{metric}") or {}),
+        return {"name": model_name, "version": version, "alias": None, "score": None, "metric": f"test_{metric}",
+                "previous_champion": None, "previous_score": None, "promoted": False,
                 "already_registered": False}  # fmt: skip
     promotion = register_checkpoint(
         client,

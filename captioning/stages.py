@@ -225,7 +225,7 @@ def train_pipeline(
     """
     from captioning.evaluation.holdouts import load_holdout, version_tags
     from captioning.registry import register_stage
-    from captioning.tracking.runs import PipelineRun
+    from captioning.tracking.runs import PipelineRun, configured_uri
 
     overrides = normalize_overrides(overrides)
     cfg = load_config(recipe, overrides)
@@ -234,6 +234,10 @@ def train_pipeline(
         check_new_output(output, chosen)
     per_stage = without_keys(overrides, "train.stages")  # each launch trains its own stage
     nproc = nproc_per_node or cfg.train.nproc_per_node
+    if init_from:  # any model source (models:/NAME@champion ...): resolved to a checkpoint once, here
+        from captioning.model_uri import resolve_model
+
+        init_from = resolve_model(init_from, tracking_uri=configured_uri(cfg)).checkpoint
     run = PipelineRun.open(
         tracker,
         cfg,

@@ -258,6 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from prefect.exceptions import ObjectNotFound
     from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
 
+    if hasattr(sys.stdout, "reconfigure"):  # each line as it comes, also into a pipe (`make demo | tee`)
+        sys.stdout.reconfigure(line_buffering=True)
     api = PREFECT_API_URL.value()
     if not api:  # Prefect would start a throw-away server of its own, which knows no run
         print(

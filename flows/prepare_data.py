@@ -34,9 +34,9 @@ def prepare_data(
     """Build the recipe's shards (``data.shard_dir``); returns counts per split and what was (re)built.
 
     ``overrides``: dotted settings (``data.shard_dir=s3://bucket/shards``). ``num_groups``: shard groups
-    written as parallel tasks. ``vocab_from``: a checkpoint whose vocabulary encodes the captions
-    (new data for an existing model) instead of one built from the train split. ``publish_to``: an
-    s3:// prefix the finished shards are copied to.
+    written as parallel tasks. ``vocab_from``: a model (checkpoint path, s3://, runs:/, models:/) whose
+    vocabulary encodes the captions (new data for an existing model) instead of one built from the
+    train split. ``publish_to``: an s3:// prefix the finished shards are copied to.
     """
     cfg = load_config(recipe, normalize_overrides(overrides))
     raw = data.download_dataset(cfg)

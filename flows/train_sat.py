@@ -30,7 +30,7 @@ from captioning.tracking.report import scores_table
 from captioning.tracking.runs import ended_on_error, tracking_uri_of
 from captioning.training.stage import StageResult
 from flows.prepare_data import prepare_data
-from tasks.tracking import end_tracking_run, register_model, start_tracking_run
+from tasks.tracking import end_tracking_run, fetch_model, register_model, start_tracking_run
 from tasks.training import GPU_LIMIT, train_stage
 
 
@@ -51,7 +51,8 @@ def train_sat(
     ``stages``: default the recipe's ``train.stages``. ``overrides``: dotted settings
     (``train.xe.epochs=2``). ``prepare``: build the shards first (a no-op when up to date). ``register_best``: register the
     best stage's model and run the champion gate.
-    ``init_from``: checkpoint the first stage starts from. ``stage_timeout_s``: per-stage limit.
+    ``init_from``: the model the first stage starts from (a checkpoint path or s3:// URI, ``runs:/...``,
+    ``models:/NAME@ALIAS``). ``stage_timeout_s``: per-stage limit.
     """
     cfg = load_config(recipe, normalize_overrides(overrides))
     stages = resolve_stages(stages, cfg)
@@ -61,6 +62,12 @@ def train_sat(
         logger.warning("config: %s", warning)
     if prepare:
         prepare_data(recipe=recipe, overrides=overrides)
+    # The test split the stages are scored on, named on the registered version: the champion gate
+    # compares only scores measured on the same holdout. Read now, so a build without one fails
+    # before any training rather than after it.
+    holdout_tags = (
+        version_tags(load_holdout(cfg.data.shard_dir, label=cfg.data.dataset)) if register_best else {}
+    )
     name = flow_run.get_name() or "local"
     run_name = f"{recipe}-{name}"
     output = output or run_output(cfg, name)
@@ -86,7 +93,8 @@ def train_sat(
         )
 
     with ended_on_error(run_id, tracking_uri=tracking_uri):
-        results = run_stages(stages, launch, init_from)
+        start = fetch_model(init_from, tracking_uri).checkpoint if init_from else None  # any model source
+        results = run_stages(stages, launch, start)
         best = best_stage(results)
         promotion = (
             register_model(
@@ -94,8 +102,7 @@ def train_sat(
                 cfg.tracking.registered_model,
                 recipe,
                 tracking_uri,
-                # the holdout its test score comes from, so a retrain's gate compares like with like
-                tags=version_tags(load_holdout(cfg.data.shard_dir, label=cfg.data.dataset)),
+                tags=holdout_tags,
             )
             if register_best
             else None

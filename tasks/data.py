@@ -23,6 +23,7 @@ from captioning.data.shard_build import ShardGroupResult, ShardPlan
 from captioning.data.shard_writer import ShardJob
 from captioning.data.vocab import Vocab
 from captioning.model.checkpoint import vocab_of_checkpoint
+from captioning.model_uri import resolve_model
 
 RETRY_DELAYS_S: list[float] = [10, 60, 300]  # I/O tasks: three more attempts, backing off
 
@@ -46,9 +47,10 @@ def build_vocabulary(dataset: KarpathyDataset, cfg: Config) -> Vocab:
 
 
 @task(name="vocabulary-of-checkpoint", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=RETRY_DELAYS_S)
-def vocabulary_of_checkpoint(checkpoint: str) -> Vocab:
-    """The vocabulary a model was trained with: new data for it is encoded with the same ids."""
-    return vocab_of_checkpoint(checkpoint)
+def vocabulary_of_checkpoint(source: str) -> Vocab:
+    """The vocabulary a model was trained with (any model source: a checkpoint path or s3:// URI,
+    ``runs:/...``, ``models:/NAME@ALIAS``): new data for it is encoded with the same ids."""
+    return vocab_of_checkpoint(resolve_model(source).checkpoint)
 
 
 @task(name="check-shards", cache_policy=NO_CACHE)

@@ -124,6 +124,25 @@ def test_metrics_are_separate_tags(client: MlflowClient, run_source: tuple[str, 
     assert champion(client, name, metric="val_CIDEr") == ("1", 2.0)
 
 
+def test_scores_on_different_holdouts_do_not_decide(
+    client: MlflowClient, run_source: tuple[str, str]
+) -> None:
+    """A version scored on another dataset's test split never replaces the champion on numbers alone."""
+    run_id, source = run_source
+    name = unique_name()
+    demo = {"test_holdout": "synthetic-test:aaaa", "test_holdout_id": "a" * 64}
+    first = register_model(client, name, source, run_id, tags=demo)
+    assert promote_if_better(client, name, first, 1.0).promoted
+    other = register_model(client, name, source, run_id, tags={**demo, "test_holdout_id": "b" * 64})
+    refused = promote_if_better(client, name, other, 9.0)  # far higher, but on other test data
+    assert not refused.promoted and refused.alias == CHALLENGER
+    assert champion(client, name) == (first, 1.0)
+    same = register_model(client, name, source, run_id, tags=demo)
+    assert promote_if_better(client, name, same, 1.5).promoted  # the same holdout: compared as ever
+    untagged = register_model(client, name, source, run_id, tags={})
+    assert promote_if_better(client, name, untagged, 2.0).promoted  # no holdout named: as before
+
+
 def test_a_source_from_another_run_is_refused(client: MlflowClient, run_source: tuple[str, str]) -> None:
     run_id, source = run_source
     other = client.create_run(client.get_run(run_id).info.experiment_id).info.run_id

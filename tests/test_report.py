@@ -94,7 +94,7 @@ def test_report_ends_with_the_champion_and_commands_that_run_as_printed(
     assert report.main(argv) == 0
     out = capsys.readouterr().out.splitlines()
     start = out.index(f"{name}@champion: version 1 (stage scst, run scst ({stage}))")
-    assert out[start + 1] == "test scores of version 1:"
+    assert out[start + 1] == "test scores of version 1's stage:"
     assert out[start + 4].startswith("| v1 |") and "0.7500" in out[start + 4] and "0.2500" in out[start + 4]
     assert out[start + 5] == "registry scores: test_CIDEr 0.7500"
     env = f"MLFLOW_TRACKING_URI={mlflow_server.url}"

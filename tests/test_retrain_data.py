@@ -216,6 +216,10 @@ def test_builds_with_another_vocabulary_or_clashing_references_are_refused(
         read_split_sizes(builds.new.shard_dir, "train", extra=[other.shard_dir])
     with pytest.raises(FileNotFoundError, match="the shard build has not finished"):
         read_split_sizes(builds.new.shard_dir, "train", extra=[str(tmp_path / "none")])
+    # One build named twice (itself, or another spelling of one path) would be read twice an epoch.
+    for twice in ([builds.new.shard_dir], [builds.old.shard_dir, builds.old.shard_dir.rstrip("/") + "/."]):
+        with pytest.raises(ValueError, match="is read twice"):
+            read_split_sizes(builds.new.shard_dir, "train", extra=twice)
 
     # SCST's corpus over several builds: their references merged, one image id with other
     # references in two builds is an error, the same build twice merges to itself.

@@ -284,3 +284,41 @@ def test_check_new_output(tmp_path: Path) -> None:
     stages.check_new_output(output, ["xe"])  # other stages do not count
     with pytest.raises(StageError, match=r"already holds stages \['scst'\]: pass --resume"):
         stages.check_new_output(output, ["xe", "scst"])
+
+
+def test_settings_added_since_a_stage_was_recorded_count_as_their_defaults() -> None:
+    from captioning.training.stage import changed_settings
+
+    current = load_config("demo").to_dict()
+    recorded = load_config("demo").to_dict()
+    del recorded["data"]["extra_shard_dirs"]  # a stage recorded before the setting existed
+    assert changed_settings(recorded, current) == []
+    retrain = load_config("demo", ["--data.retrain_on=new"]).to_dict()
+    assert changed_settings(current, retrain) == []  # free: its effect is in data.extra_shard_dirs
+    changed = load_config("demo", ["--data.extra_shard_dirs=/old/shards"]).to_dict()
+    assert changed_settings(recorded, changed) == ["data.extra_shard_dirs: [] -> ['/old/shards']"]
+
+
+def test_the_first_stage_starts_from_any_model_source_resolved_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from captioning.model_uri import RegistryError
+    from captioning.tracking import TrackingUnavailable
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+    def never(*args: Any, **kwargs: Any) -> StageResult:
+        raise AssertionError("launched")
+
+    with pytest.raises(RegistryError, match="no such checkpoint"):
+        stages.train_pipeline(
+            "demo",
+            output=str(tmp_path / "r"),
+            init_from=str(tmp_path / "nope.pt"),
+            tracker="none",
+            launch=never,
+        )
+    with pytest.raises(TrackingUnavailable, match="MLFLOW_TRACKING_URI"):  # models:/ but no server named
+        stages.train_pipeline(
+            "demo", output=str(tmp_path / "r"), init_from="models:/m@champion", tracker="none", launch=never
+        )

@@ -25,7 +25,8 @@ every file of a local build has the same mode (0666 less the umask). Readers::
 
 The manifest's ``holdout`` identifies the build's test split: ``id`` is the sha256 of its stored
 images' ids and reference tokens (``holdout_of``), so two builds with the same id hold the same test
-images and references, and scores on them compare (the champion gate relies on it).
+images and references (not necessarily stored at the same image size or quality: compare scores
+across builds of one recipe; the champion gate names holdouts by dataset and id).
 
 Writing is ``captioning.data.shard_build`` (one shard: ``shard_writer``), checking ``shard_check``,
 reading batches ``captioning.data.loader``.
@@ -199,6 +200,7 @@ def read_split_sizes(location: str, split: str, *, extra: Sequence[str] = ()) ->
     sizes = split_sizes(read_sizes(location), split)
     if not extra:
         return sizes
+    check_distinct_builds(location, extra)
     words = read_vocab_words(location)
     for other in extra:
         if read_vocab_words(other) != words:
@@ -208,6 +210,20 @@ def read_split_sizes(location: str, split: str, *, extra: Sequence[str] = ()) ->
             )
         sizes.update({shard_url(other, name): n for name, n in split_sizes(read_sizes(other), split).items()})
     return sizes
+
+
+def check_distinct_builds(location: str, extra: Sequence[str]) -> None:
+    """ValueError when a build is named twice among ``location`` and ``extra`` (however written):
+    its samples would be read twice an epoch."""
+    seen: dict[str, str] = {}
+    for where in (location, *extra):
+        key = where.rstrip("/") if storage.is_s3(where) else os.path.realpath(where)
+        if key in seen:
+            raise ValueError(
+                f"the shard build at {where} is read twice (also as {seen[key]}): name each build once "
+                "in data.shard_dir and data.extra_shard_dirs"
+            )
+        seen[key] = where
 
 
 def read_vocab_words(out: str) -> Any:
@@ -244,7 +260,8 @@ def read_references(out: str, split: str, *, extra: Sequence[str] = ()) -> dict[
             if merged.setdefault(image_id, captions) != captions:
                 raise ValueError(
                     f"image id {image_id} has other {split} references at {other} than at {out}: "
-                    "builds read together need distinct image ids"
+                    "builds read together need distinct image ids (Flickr-style files number their "
+                    "images from 0: retrain on the new data alone with --data.retrain_on=new)"
                 )
     return merged
 

@@ -125,8 +125,12 @@ def champion_lines(client: Any, model_name: str, *, image: str | None = None) ->
         for k, v in (run.data.metrics if run else {}).items()
         if k.startswith("test/")
     }
-    if scores:
-        lines += [f"test scores of version {version.version}:", scores_table({f"v{version.version}": scores})]
+    if scores:  # its stage's own test evaluation: the test split of the data it was trained on
+        on = f" on {tags['new_test_holdout']}" if "new_test_holdout" in tags else ""
+        lines += [
+            f"test scores of version {version.version}'s stage{on}:",
+            scores_table({f"v{version.version}": scores}),
+        ]
     recorded = _recorded_scores(tags)
     if recorded:
         lines.append("registry scores: " + ", ".join(recorded))

@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 from captioning import storage
 from captioning.config import STAGES, Config, valid_keys
+from captioning.config.typed import get_dotted
 
 RESULT_FILE = "result.json"
 LAST_CHECKPOINT = "last.pt"
@@ -228,15 +229,18 @@ def read_stage_result(output: str, stage: str) -> StageResult | None:
 
 
 def _is_free(key: str) -> bool:
-    """Settings a stage may be run again with changed: where it reports, which other stages run."""
-    return key.startswith("tracking.") or key == "train.stages"
+    """Settings a stage may be run again with changed: where it reports, which other stages run, and
+    how a retrain chose its data (its effect is recorded in ``data.extra_shard_dirs``)."""
+    return key.startswith("tracking.") or key in ("train.stages", "data.retrain_on")
 
 
 def _lookup(config: Mapping[str, Any], key: str) -> Any:
+    """The setting's value in a resolved config; its default where the config predates the setting
+    (a stage recorded before a new setting was added is not "trained with other settings")."""
     node: Any = config
     for part in key.split("."):
         if not isinstance(node, Mapping) or part not in node:
-            return "(unset)"
+            return get_dotted(Config().to_dict(), key)
         node = node[part]
     return node
 
@@ -290,6 +294,4 @@ def finished_result(output: str, stage: str, config: Mapping[str, Any]) -> Stage
             f"{exc}): give the new run an output folder of its own"
         ) from None
     check_same_settings(recorded, config, where)
-    raise SettingsChanged(
-        f"{where} was trained with other settings: give the new run an output folder of its own"
-    )
+    return result  # the fingerprints differ only by settings added since it was recorded
