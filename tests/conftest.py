@@ -20,6 +20,7 @@ import tempfile as _tempfile
 import uuid as _uuid
 from collections.abc import Iterator as _Iterator
 
+import leftovers as _leftovers
 import pytest
 from s3server import S3Server
 
@@ -144,3 +145,21 @@ def subprocess_tree() -> None:
 
 
 # --- end test tiers ---------------------------------------------------------------------------------
+
+
+# --- no leftover processes --------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes() -> _Iterator[None]:
+    """Fail a test that leaves a process of its own alive (``tests/leftovers.py``); they are killed."""
+    before = set(_leftovers.live_descendants())
+    yield
+    if left := _leftovers.leftovers(before):
+        pytest.fail(
+            "the test left processes alive (now killed): "
+            + "; ".join(f"pid {pid}: {cmd[:200]}" for pid, cmd in left.items())
+        )
+
+
+# --- end no leftover processes ----------------------------------------------------------------------

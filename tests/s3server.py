@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import time
 
+from leftovers import owned_by_fixture
+
 from captioning.services import s3_server
 from captioning.services.s3_server import DEFAULT_ACCESS_KEY, DEFAULT_SECRET_KEY, free_port, rclone_binary
 
@@ -31,3 +33,5 @@ class S3Server(s3_server.S3Server):
         self.stop(kill=kill)
         time.sleep(delay_s)
         self.start()
+        if self.process is not None:
+            owned_by_fixture(self.process.pid)  # restarted inside a test, stopped by its owner

@@ -155,7 +155,8 @@ def _fake_stack_server(stack_dir: Path, port: int) -> subprocess.Popen[bytes]:
     (stack_dir / "stack.json").write_text("{}")
     backend = f"sqlite:///{state / 'mlflow.db'}"
     cmd = [sys.executable, "-c", FAKE_SERVER, "--backend-store-uri", backend, "--host", "127.0.0.1"]
-    process = subprocess.Popen([*cmd, "--port", str(port)])
+    # Its own session, as a real server started by `captioning stack up`: the test stops its group.
+    process = subprocess.Popen([*cmd, "--port", str(port)], start_new_session=True)
     (state / "server.pid").write_text(str(process.pid))
     return process
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from leftovers import owned_by_fixture
 from mlflow import MlflowClient
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 from s3server import S3Server, free_port
@@ -270,6 +271,8 @@ class KillableServer:
     def ensure_running(self) -> None:
         if self.server.process is None:
             self.server = MlflowServer(self.state_dir, port=self.port).start()
+            assert self.server.process is not None
+            owned_by_fixture(self.server.process.pid)  # restarted inside a test, stopped by the fixture
 
     def kill(self) -> None:
         """SIGKILL the whole process group, as a crash or an OOM kill would."""
