@@ -149,6 +149,11 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="JSON lines even for single images")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
 
+    from captioning import server
+
+    server.add_arguments(
+        sub.add_parser("serve", help="serve a model over HTTP, bounded", description=server.DESCRIPTION)
+    )
     add_service_parsers(sub)
     return parser
 
@@ -413,6 +418,7 @@ _COMMANDS = {
     "train": _cmd_train,
     "demo": _cmd_demo,
     "caption": _cmd_caption,
+    "serve": lambda args, _: _serve(args),
     **SERVICE_COMMANDS,
 }
 
@@ -431,6 +437,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"captioning {args.command}: error: {exc}", file=sys.stderr)
         return 1
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from captioning.server import serve
+
+    return serve(args)
 
 
 def _data_errors() -> tuple[type[Exception], ...]:

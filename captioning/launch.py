@@ -35,6 +35,8 @@ from typing import Any
 
 import psutil
 
+from captioning.torchrun import loopback_args
+
 TAIL_LINES = 40
 
 
@@ -67,18 +69,25 @@ def torchrun_command(
     rdzv_endpoint: str | None = None,
     rdzv_id: str | None = None,
 ) -> list[str]:
-    """``python -m torch.distributed.run`` with this interpreter: one node (standalone) or several.
+    """``python -m captioning.torchrun`` (torchrun) with this interpreter: one node or several.
 
-    Several nodes need ``rdzv_endpoint`` (host:port of the c10d rendezvous, reachable from every node)
-    and the same ``rdzv_id`` on each; torchrun assigns ranks when ``node_rank`` is None.
+    One node (no ``rdzv_endpoint``): its stores and collectives listen on 127.0.0.1 only
+    (``captioning.torchrun.loopback_args``). Several nodes need ``rdzv_endpoint`` (host:port of the
+    c10d rendezvous, reachable from every node) and the same ``rdzv_id`` on each; torchrun assigns
+    ranks when ``node_rank`` is None.
     """
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}"]
+    cmd = [sys.executable, "-m", "captioning.torchrun"]
     if nnodes == 1 and rdzv_endpoint is None:
-        cmd.append("--standalone")
+        cmd += loopback_args(nproc_per_node)
     else:
         if rdzv_endpoint is None:
             raise ValueError(f"nnodes={nnodes} needs rdzv_endpoint (host:port reachable from every node)")
-        cmd += [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}"]
+        cmd += [
+            f"--nproc-per-node={nproc_per_node}",
+            f"--nnodes={nnodes}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={rdzv_endpoint}",
+        ]
         if rdzv_id:
             cmd.append(f"--rdzv-id={rdzv_id}")
         if node_rank is not None:

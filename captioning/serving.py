@@ -5,6 +5,7 @@
     model = mlflow.pyfunc.load_model(source)
     model.predict(pd.DataFrame({"image": [jpeg_bytes]}))                        # column "caption"
     model.predict(pd.DataFrame({"image": [jpeg_bytes]}), params={"beam_size": 5})
+    mlflow.pyfunc.load_model(source, model_config={"file_root": "/data/photos"})   # paths under it too
 
     python -m mlflow models serve -m exported/model --env-manager local -p 5001
     curl -d '{"dataframe_split": {"columns": ["image"], "data": [["<base64>"]]},
@@ -18,19 +19,28 @@ JSON serving sends, or a file path, or raw bytes; the ``beam_size``, ``max_len``
 an input example (a small base64 JPEG of a synthetic scene) that the MLflow UI shows. It is an
 MLflow model from code (``MODEL_CODE``, the ``python_model`` file): nothing is pickled.
 
+What a request may ask is bounded (``ServingLimits``, the model's ``model_config``; override at load
+time with ``mlflow.pyfunc.load_model(uri, model_config={...})`` or, under ``mlflow models serve``, the
+``MLFLOW_PYFUNC_INFERENCE_CONFIG`` JSON): images per request, encoded bytes and pixels per image
+(from the header, before decoding), ``beam_size`` and ``max_len``. Image cells are bytes or base64;
+a cell is read as a file only under a configured ``file_root`` (off by default: a remote caller must
+not read the server's files), and a string that is neither base64 nor a file there gets the same
+answer whether or not such a file exists. ``captioning serve`` (``captioning.server``) is the HTTP
+endpoint that adds the request size limit and one-line errors.
+
 The captioning itself is ``captioning.inference.Predictor``, the one ``caption_images`` uses (the
 project's own preprocessing, then beam search), with the same decoding defaults, so a caption equals
 ``caption_images(...)[i]["caption"]`` for the same checkpoint and settings, given or not; this module
 holds what is MLflow's: input cells, params, signature, saving and logging. An image that cannot
 be read or decoded fails the whole request with a ValueError naming its row: a serving client must
-not mistake an empty caption for an answer. File-path cells are read on the machine that serves
-the model: expose the server only to clients trusted with its files.
+not mistake an empty caption for an answer.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import importlib.metadata
 import io
 import os
@@ -38,6 +48,7 @@ import random
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +65,7 @@ from captioning import storage
 from captioning.data.images import ImageSkipped
 from captioning.data.scenes import render_scene, sample_scene
 from captioning.data.vocab import Vocab
-from captioning.inference import Predictor, image_settings
+from captioning.inference import Predictor, image_settings, load_image
 from captioning.model.checkpoint import decoding_of, load_checkpoint
 from captioning.model_uri import CHECKPOINT_ARTIFACT
 
@@ -76,31 +87,108 @@ set_model(CaptionPyfunc())
 '''
 
 
-def image_bytes(value: Any, row: int) -> bytes:
-    """One ``image`` cell -> encoded image bytes.
+@dataclass(frozen=True)
+class ServingLimits:
+    """What one request may ask of the served model; the keys of its MLflow ``model_config``."""
 
-    bytes (raw), ``os.PathLike`` (a file), or str: an existing file's path, else base64. JPEG's
-    base64 starts with ``/9j/``, which reads like an absolute path, so a string is a path only when
-    that file exists. Raises ValueError naming the row.
+    file_root: str = ""  # image cells may name files under this folder; "": bytes and base64 only
+    max_images: int = 64  # images per request
+    max_image_bytes: int = 20 * 2**20  # encoded bytes per image (a file's size is checked before reading)
+    max_image_pixels: int = 50_000_000  # width x height from the image's header, checked before decoding
+    max_beam_size: int = 20
+    max_len: int = 100  # the largest ``max_len`` param
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "file_root":
+                if not isinstance(value, str):
+                    raise ValueError(f"file_root must be a folder path or empty, got {value!r}")
+            elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{f.name} must be an int >= 1, got {value!r}")
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | None) -> ServingLimits:
+        """From a ``model_config`` (None or missing keys: the defaults; unknown keys are an error)."""
+        given = dict(config or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        if unknown := sorted(set(given) - names):
+            raise ValueError(f"unknown serving limit(s) {unknown}; valid: {sorted(names)}")
+        if given.get("file_root") is None:
+            given.pop("file_root", None)
+        return cls(**given)
+
+    def to_config(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _under_root(value: str, root: str) -> Path | None:
+    """The regular file ``value`` names inside ``root`` (symlinks resolved), else None."""
+    if not root or "\0" in value:
+        return None
+    base = Path(root).resolve()
+    try:
+        target = (base / value).resolve()  # an absolute value replaces base; .. and links resolve
+    except (OSError, ValueError, RuntimeError):
+        return None
+    if not target.is_relative_to(base):
+        return None
+    try:
+        return target if target.is_file() else None
+    except OSError:
+        return None
+
+
+def image_bytes(value: Any, row: int, limits: ServingLimits | None = None) -> bytes:
+    """One ``image`` cell -> encoded image bytes, at most ``limits.max_image_bytes``.
+
+    bytes (raw); str: base64, or, only when ``limits.file_root`` is set, the path of a file inside
+    that folder (relative to it or absolute; JPEG's base64 starts with ``/9j/``, which reads like an
+    absolute path, so a string is a path only when such a file exists there). A string that is
+    neither gets one answer whether or not a file of that name exists elsewhere. Raises ValueError
+    naming the row.
     """
-    if isinstance(value, bytes | bytearray | memoryview):
-        return bytes(value)
+    limits = limits or ServingLimits()
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
-    if isinstance(value, str):
-        if os.path.isfile(value):  # never raises (long base64 strings are ENAMETOOLONG)
+    if isinstance(value, bytes | bytearray | memoryview):
+        data = bytes(value)
+    elif isinstance(value, str):
+        path = _under_root(value, limits.file_root)
+        if path is not None:
+            size = path.stat().st_size
+            if size > limits.max_image_bytes:
+                raise ValueError(
+                    f"row {row}: the file has {size} bytes, over the limit of {limits.max_image_bytes}"
+                )
             try:
-                return Path(value).read_bytes()
+                return path.read_bytes()
             except OSError as e:
-                raise ValueError(f"row {row}: cannot read {value!r}: {e.strerror or e}") from None
+                raise ValueError(
+                    f"row {row}: cannot read the file ({e.strerror or type(e).__name__})"
+                ) from None
+        if len(value) > limits.max_image_bytes * 4 // 3 + 4:  # base64 of more than max_image_bytes
+            raise ValueError(f"row {row}: the image is over the limit of {limits.max_image_bytes} bytes")
         try:
-            return base64.b64decode("".join(value.split()), validate=True)
+            data = base64.b64decode("".join(value.split()), validate=True)
         except (binascii.Error, ValueError):
-            shown = value if len(value) <= 200 else value[:197] + "..."
-            raise ValueError(f"row {row}: {shown!r} is neither an existing file nor base64") from None
-    if value is None or (isinstance(value, float) and value != value):  # None or NaN: a missing cell
+            shown = value if len(value) <= 60 else value[:28] + "..." + value[-28:]
+            if limits.file_root:
+                raise ValueError(
+                    f"row {row}: {shown!r} is neither base64 image data nor a file under the file root"
+                ) from None
+            raise ValueError(
+                f"row {row}: {shown!r} is not base64 image data (file paths are not accepted)"
+            ) from None
+    elif value is None or (isinstance(value, float) and value != value):  # None or NaN: a missing cell
         raise ValueError(f"row {row}: no image (empty cell)")
-    raise ValueError(f"row {row}: expected image bytes, base64 or a file path, got {type(value).__name__}")
+    else:
+        raise ValueError(f"row {row}: expected image bytes or base64, got {type(value).__name__}")
+    if len(data) > limits.max_image_bytes:
+        raise ValueError(
+            f"row {row}: the image has {len(data)} bytes, over the limit of {limits.max_image_bytes}"
+        )
+    return data
 
 
 def image_cells(model_input: Any) -> list[Any]:
@@ -121,8 +209,8 @@ def image_cells(model_input: Any) -> list[Any]:
     )
 
 
-def _positive_int(params: Mapping[str, Any], name: str) -> int | None:
-    """The param as an int >= 1; None when not given (the model's own setting)."""
+def _bounded_int(params: Mapping[str, Any], name: str, maximum: int) -> int | None:
+    """The param as an int in [1, maximum]; None when not given (the model's own setting)."""
     value = params.get(name)
     if value is None:
         return None
@@ -134,6 +222,8 @@ def _positive_int(params: Mapping[str, Any], name: str) -> int | None:
         raise ValueError(f"param {name} must be an int >= 1, got {value!r}") from None
     if number < 1 or number != float(value):
         raise ValueError(f"param {name} must be an int >= 1, got {value!r}")
+    if number > maximum:
+        raise ValueError(f"param {name} must be at most {maximum} (this model's serving limit), got {number}")
     return number
 
 
@@ -156,18 +246,35 @@ class CaptionPyfunc(PythonModel):
     schema enforcement turns a bare list into a column named ``0`` before ``predict`` sees it.
     ``params``: ``beam_size``, ``max_len``, ``length_normalization``; each defaults to the
     checkpoint's recorded ``eval`` setting (the signature's param defaults are the same values).
-    Returns a DataFrame with one ``caption`` per input row, in order.
+    Every request is held to ``limits`` (the ``model_config``). Returns a DataFrame with one
+    ``caption`` per input row, in order.
     """
 
     def __init__(self) -> None:
         self.predictor: Predictor | None = None
+        self.limits = ServingLimits()
 
     def load_context(self, context: Any) -> None:
-        self.load(context.artifacts[CHECKPOINT_ARTIFACT])
+        self.load(
+            context.artifacts[CHECKPOINT_ARTIFACT], limits=ServingLimits.from_config(context.model_config)
+        )
 
-    def load(self, checkpoint_path: str, device: str | torch.device | None = None) -> None:
+    def load(
+        self,
+        checkpoint_path: str,
+        device: str | torch.device | None = None,
+        limits: ServingLimits | None = None,
+    ) -> None:
         """What ``load_context`` does, from a local checkpoint path (CUDA when available)."""
-        self.predictor = Predictor.from_checkpoint(checkpoint_path, device)
+        predictor = Predictor.from_checkpoint(checkpoint_path, device)
+        limits = limits or ServingLimits()
+        own = predictor.decoding
+        for name, limit in (("beam_size", limits.max_beam_size), ("max_len", limits.max_len)):
+            if int(own[name]) > limit:  # every request would be refused (MLflow sends the defaults)
+                raise ValueError(
+                    f"the model decodes with {name} {own[name]}, over the serving limit of {limit}"
+                )
+        self.predictor, self.limits = predictor, limits
 
     # model_input is annotated DataFrame only: MLflow inspects the hint, and warns on a Union.
     def predict(
@@ -175,25 +282,35 @@ class CaptionPyfunc(PythonModel):
     ) -> pd.DataFrame:
         if self.predictor is None:
             raise RuntimeError("the model is not loaded: load it with mlflow.pyfunc.load_model")
-        given = params or {}
-        images = _preprocess(self.predictor, image_cells(model_input))
+        given, limits = params or {}, self.limits
+        beam_size = _bounded_int(given, "beam_size", limits.max_beam_size)
+        max_len = _bounded_int(given, "max_len", limits.max_len)
+        cells = image_cells(model_input)
+        if len(cells) > limits.max_images:
+            raise ValueError(f"{len(cells)} images in one request, over the limit of {limits.max_images}")
+        images = _preprocess(self.predictor, cells, limits)
         captions = self.predictor.caption(
             images,
-            beam_size=_positive_int(given, "beam_size"),
-            max_len=_positive_int(given, "max_len"),
+            beam_size=beam_size,
+            max_len=max_len,
             length_normalization=_flag(given, "length_normalization"),
             batch_size=BATCH_SIZE,
         )
         return pd.DataFrame({CAPTION_COLUMN: pd.Series([c.text for c in captions], dtype=object)})
 
 
-def _preprocess(predictor: Predictor, cells: Sequence[Any]) -> list[Image.Image]:
-    """Every cell decoded as in training, or one ValueError naming all the bad rows."""
+def _preprocess(predictor: Predictor, cells: Sequence[Any], limits: ServingLimits) -> list[Image.Image]:
+    """Every cell decoded as in training, or one ValueError naming all the bad rows. An image with more
+    pixels than ``limits`` allow is refused from its header, before it is decoded."""
+    settings = predictor.settings
+    settings = dataclasses.replace(
+        settings, max_image_pixels=min(settings.max_image_pixels, limits.max_image_pixels)
+    )
     images: list[Image.Image] = []
     errors: list[str] = []
     for row, cell in enumerate(cells):
         try:
-            images.append(predictor.load_image(image_bytes(cell, row)))
+            images.append(load_image(image_bytes(cell, row, limits), settings))
         except ImageSkipped as e:
             errors.append(f"row {row}: cannot decode the image ({e})")
         except ValueError as e:
@@ -265,6 +382,7 @@ def save_pyfunc(checkpoint_uri: str, path: str | os.PathLike[str]) -> None:
             signature=signature(decoding_of(ckpt)),
             input_example=input_example(min(settings.size, 64)),
             pip_requirements=pip_requirements(),
+            model_config=ServingLimits().to_config(),  # the default limits; load-time overrides are checked
             metadata={
                 "checkpoint_uri": os.fspath(checkpoint_uri),
                 "checkpoint_step": int(ckpt.get("step", 0)),

@@ -29,6 +29,8 @@ from s3server import S3Server
 def s3_server() -> _Iterator[S3Server]:
     """One `rclone serve s3` for the whole session (starts in about 0.1 s); stopped at the end."""
     with S3Server() as server:
+        if server.process is not None:  # started by whichever test asks first (getfixturevalue too)
+            _leftovers.owned_by_fixture(server.process.pid)
         yield server
 
 
@@ -77,6 +79,8 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> _Iterator[object]
     from captioning.services.mlflow_server import MlflowServer
 
     server = MlflowServer(tmp_path_factory.mktemp("mlflow"), port=free_port()).start()
+    if server.process is not None:  # started by whichever test asks first (getfixturevalue too)
+        _leftovers.owned_by_fixture(server.process.pid)
     yield server
     server.stop()
 

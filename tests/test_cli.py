@@ -117,7 +117,8 @@ def test_demo_trains_under_torchrun_and_prints_the_scores(
     assert main(["demo", *SMALL, *small_dirs(tmp_path), *tiny, "--output", str(run)]) == 0
     out = capfd.readouterr().out
     assert (
-        "[demo] torchrun --nproc-per-node=1 --standalone -m captioning.train --stage xe --config demo" in out
+        "[demo] torchrun --nproc-per-node=1 --nnodes=1 --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:0 "
+        "--local-addr=127.0.0.1 -m captioning.train --stage xe --config demo" in out
     )
     assert re.search(r"\[demo\] \| xe \| [0-9.]+ \| [0-9.]+", out), out[-3000:]
     assert f"[demo] final model: {run / 'xe' / 'best.pt'}" in out

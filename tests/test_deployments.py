@@ -120,7 +120,7 @@ def training_processes(marker: str) -> list[psutil.Process]:
     found = []
     for p in psutil.process_iter(["cmdline"]):
         cmdline = " ".join(p.info["cmdline"] or [])
-        if marker in cmdline and ("captioning.train" in cmdline or "torch.distributed.run" in cmdline):
+        if marker in cmdline and ("captioning.train" in cmdline or "captioning.torchrun" in cmdline):
             found.append(p)
     return found
 

@@ -284,9 +284,12 @@ def test_torchrun_command_standalone() -> None:
     assert cmd == [
         PY,
         "-m",
-        "torch.distributed.run",
+        "captioning.torchrun",
         "--nproc-per-node=2",
-        "--standalone",
+        "--nnodes=1",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=127.0.0.1:0",
+        "--local-addr=127.0.0.1",
         "-m",
         "captioning.train",
         "--config",
@@ -305,9 +308,9 @@ def test_torchrun_command_multi_node() -> None:
         rdzv_endpoint="head:29400",
         rdzv_id="run-xe",
     )
-    assert cmd[:3] == [PY, "-m", "torch.distributed.run"] and cmd[-2:] == ["-m", "captioning.train"]
+    assert cmd[:3] == [PY, "-m", "captioning.torchrun"] and cmd[-2:] == ["-m", "captioning.train"]
     flags = cmd[3:-2]
-    assert "--standalone" not in flags
+    assert not any(flag.startswith("--local-addr") for flag in flags)
     assert set(flags) == {
         "--nproc-per-node=4",
         "--nnodes=2",
@@ -318,5 +321,5 @@ def test_torchrun_command_multi_node() -> None:
     }
     # Ranks assigned by torchrun; one node with an endpoint is a rendezvous too.
     single = torchrun_command(["-m", "x"], nproc_per_node=1, rdzv_endpoint="head:29400")
-    assert "--standalone" not in single and "--nnodes=1" in single
+    assert "--rdzv-endpoint=head:29400" in single and "--nnodes=1" in single
     assert not any(f.startswith(("--node-rank", "--rdzv-id")) for f in single)

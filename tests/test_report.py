@@ -3,15 +3,20 @@ the one score table, and the champion with the commands that caption with it and
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 from mlflow import MlflowClient
+from s3server import free_port
 from test_caption_cli import write_image, write_tiny_checkpoint
 
 from captioning.inference import caption_images
@@ -101,14 +106,10 @@ def test_report_ends_with_the_champion_and_commands_that_run_as_printed(
     caption = out[start + 7].strip()
     command = os.path.relpath(Path(sys.executable).parent / "captioning")  # this venv's, from here
     assert caption == f"{env} {command} caption {image} --checkpoint models:/{name}@champion"
-    serve = out[start + 9].strip()  # PATH: `mlflow models serve` starts uvicorn from it
-    assert serve.startswith(f"{env} PATH=") and serve.endswith(
-        f" mlflow models serve -m models:/{name}@champion --env-manager local -p 5001"
-    )
-    assert (
-        out[start + 10].strip().startswith("curl -s localhost:5001/invocations")
-        and out[-1] == out[start + 10]
-    )
+    serve = out[start + 9].strip()
+    assert serve == f"{env} {command} serve models:/{name}@champion --port 5001"
+    curl = out[start + 10].strip()
+    assert curl.startswith("curl -s localhost:5001/invocations") and out[-1] == out[start + 10]
 
     # The caption command, run as printed by a shell without MLFLOW_TRACKING_URI, captions the image.
     shell_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
@@ -116,6 +117,23 @@ def test_report_ends_with_the_champion_and_commands_that_run_as_printed(
     assert done.returncode == 0, done.stderr[-2000:]
     expected = caption_images([image], checkpoint, device="cpu")[0]["caption"]
     assert done.stdout == f"{image}: {expected}\n"
+    # So do the serve command and the curl, run as printed (port 5001 made free for them).
+    port = str(free_port())
+    serve, curl = serve.replace("5001", port), curl.replace("5001", port)
+    server = subprocess.Popen(["bash", "-c", serve], env=shell_env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            asked = subprocess.run(["bash", "-c", curl], env=shell_env, capture_output=True, text=True)
+            if asked.stdout:
+                break
+            assert server.poll() is None and time.monotonic() < deadline, "the printed serve command failed"
+            time.sleep(0.5)
+        assert json.loads(asked.stdout) == {"predictions": [{"caption": expected}]}
+    finally:  # the shell and the server it started
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
 
 
 def test_report_without_a_champion_says_so(mlflow_server: Any, capsys: pytest.CaptureFixture[str]) -> None:

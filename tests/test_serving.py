@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import io
 import json
 import logging
 import os
@@ -41,7 +42,7 @@ from captioning.cli import main as cli_main
 from captioning.inference import caption_images
 from captioning.registry import promote_if_better, register_model
 from captioning.services.mlflow_server import MlflowServer
-from captioning.serving import CaptionPyfunc, log_pyfunc, pip_requirements, save_pyfunc
+from captioning.serving import CaptionPyfunc, ServingLimits, log_pyfunc, pip_requirements, save_pyfunc
 
 SIZES = ((80, 60), (50, 90), (200, 100))  # (width, height): landscape, portrait, wide
 
@@ -75,8 +76,9 @@ def model_dir(checkpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 
 @pytest.fixture(scope="module")
-def model(model_dir: Path) -> Any:
-    return mlflow.pyfunc.load_model(str(model_dir))
+def model(model_dir: Path, images: list[str]) -> Any:
+    """The saved model, loaded with its images' folder as the file root (path cells are read from it)."""
+    return mlflow.pyfunc.load_model(str(model_dir), model_config={"file_root": str(Path(images[0]).parent)})
 
 
 def reference(
@@ -119,10 +121,12 @@ def test_params_set_beam_size_and_max_len(model: Any, checkpoint: str, images: l
 def test_a_bad_image_fails_the_request_naming_its_row(model: Any, images: list[str], tmp_path: Path) -> None:
     frame = pd.DataFrame({"image": [images[0], b"not an image", str(tmp_path / "missing.jpg")]})
     with pytest.raises(
-        ValueError, match=r"2 of 3 images unusable: row 1: cannot decode.*; row 2: '.*missing\.jpg'"
+        ValueError,
+        match=r"2 of 3 images unusable: row 1: cannot decode.*; row 2: '.*missing\.jpg' is neither base64 image "
+        r"data nor a file under the file root",
     ):
         model.predict(frame)
-    with pytest.raises(ValueError, match=r"row 0: .*neither an existing file nor base64"):
+    with pytest.raises(ValueError, match=r"row 0: '\*\*\*' is neither base64"):
         model.predict(pd.DataFrame({"image": ["***"]}))
 
 
@@ -156,11 +160,36 @@ def test_model_folder_has_checkpoint_code_requirements_and_signature(model_dir: 
     flavor = meta.flavors["python_function"]
     assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model" and "model_code_path" in flavor
     assert not list(model_dir.rglob("*.pkl"))
+    assert flavor["config"] == ServingLimits().to_config()  # the default limits, overridable at load
     assert meta.saved_input_example_info is not None
     example = json.loads((model_dir / meta.saved_input_example_info["artifact_path"]).read_text())
     assert example["columns"] == ["image"] and len(example["data"]) == 1
     jpeg = base64.b64decode(example["data"][0][0])
     assert jpeg[:2] == b"\xff\xd8" and len(jpeg) < 10_000
+
+
+def test_the_model_loads_and_captions_with_unpickling_disabled(
+    model_dir: Path, images: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pickle
+
+    import cloudpickle
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("something was unpickled")
+
+    class Refusing(pickle.Unpickler):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            refuse()
+
+    for module in (pickle, cloudpickle):
+        monkeypatch.setattr(module, "load", refuse)
+        monkeypatch.setattr(module, "loads", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", Refusing)
+    with pytest.raises(AssertionError, match="unpickled"):  # the guard is armed
+        pickle.loads(pickle.dumps(1))
+    loaded = mlflow.pyfunc.load_model(str(model_dir))
+    assert len(loaded.predict(pd.DataFrame({"image": [b64(images[0])]}))) == 1
 
 
 def test_saving_warns_of_no_pickling_and_no_missing_example(checkpoint: str, tmp_path: Path) -> None:
@@ -197,7 +226,7 @@ def test_loads_from_its_own_code_where_captioning_is_not_installed(
         ]
         assert importlib.util.find_spec("captioning") is None, "captioning is importable without the model"
         import mlflow.pyfunc, pandas as pd
-        model = mlflow.pyfunc.load_model({str(model_dir)!r})
+        model = mlflow.pyfunc.load_model({str(model_dir)!r}, model_config={{"file_root": {str(Path(images[0]).parent)!r}}})
         out = model.predict(pd.DataFrame({{"image": {images!r}}}))
         print(json.dumps({{"file": sys.modules["captioning"].__file__, "captions": list(out["caption"])}}))
         """
@@ -309,7 +338,8 @@ def test_cli_and_pyfunc_give_the_same_caption_by_default(
     assert recorded != reference(ckpt, images, beam_size=5, max_len=20)
     assert recorded != reference(ckpt, images, beam_size=3, max_len=20)
     save_pyfunc(ckpt, tmp_path / "model")
-    served = mlflow.pyfunc.load_model(str(tmp_path / "model")).predict(pd.DataFrame({"image": images}))
+    raw = [Path(p).read_bytes() for p in images]
+    served = mlflow.pyfunc.load_model(str(tmp_path / "model")).predict(pd.DataFrame({"image": raw}))
     assert cli_main(["caption", *images, "--checkpoint", ckpt]) == 0
     printed = [line.split(": ", 1)[1] for line in capsys.readouterr().out.splitlines()]
     assert printed == list(served["caption"]) == recorded
@@ -383,5 +413,75 @@ def test_every_model_source_captions_alike_in_the_cli_the_flows_and_serving(
         assert (resolved.name, resolved.version, resolved.run_id) == mlflow_sources.get(source, (None,) * 3)
     assert fetch_model.fn(f"models:/{name}@champion", registered["url"]).label == f"v{version}"
     for source in list(mlflow_sources)[:3]:  # what `mlflow models serve -m SOURCE` loads
-        served = mlflow.pyfunc.load_model(source).predict(pd.DataFrame({"image": images[:1]}))
+        served = mlflow.pyfunc.load_model(source).predict(pd.DataFrame({"image": [b64(images[0])]}))
         assert list(served["caption"]) == expected, source
+
+
+# --- limits: what a request may ask ---------------------------------------------------------------------
+
+
+def _message(model: Any, cell: Any, **params: Any) -> str:
+    with pytest.raises(ValueError) as info:
+        model.predict(pd.DataFrame({"image": [cell]}), params=params or None)
+    return str(info.value)
+
+
+def test_no_file_is_read_without_a_file_root_and_none_is_told_to_exist(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    plain = mlflow.pyfunc.load_model(str(model_dir))  # the saved defaults: bytes and base64 only
+    real = tmp_path / "secret.png"
+    Image.new("RGB", (8, 8)).save(real)
+    absent = tmp_path / "absent.png"
+    said = _message(plain, str(real))
+    assert said == _message(plain, str(absent)).replace("absent", "secret")
+    assert "not base64 image data (file paths are not accepted)" in said
+    # With a root: files outside it, .. escapes and links out of it read like absent files.
+    root = tmp_path / "root"
+    root.mkdir()
+    Image.new("RGB", (8, 8)).save(root / "ok.png")
+    (root / "out.png").symlink_to(real)
+    rooted = mlflow.pyfunc.load_model(str(model_dir), model_config={"file_root": str(root)})
+    assert list(rooted.predict(pd.DataFrame({"image": ["ok.png", str(root / "ok.png")]}))["caption"])
+    template = _message(rooted, str(root / "nothing.png"))
+    for outside in (str(real), "../secret.png", "out.png"):
+        assert "nor a file under the file root" in _message(rooted, outside), outside
+    assert template.endswith("is neither base64 image data nor a file under the file root")
+
+
+def test_requests_are_bounded_by_the_serving_limits(
+    model_dir: Path, images: list[str], tmp_path: Path
+) -> None:
+    limits = {"max_images": 2, "max_image_bytes": 30_000, "max_image_pixels": 100_000, "max_beam_size": 4}
+    with pytest.raises(ValueError, match="decodes with max_len 16, over the serving limit of 12"):
+        mlflow.pyfunc.load_model(str(model_dir), model_config=limits | {"max_len": 12})
+    model = mlflow.pyfunc.load_model(str(model_dir), model_config=limits | {"max_len": 16})
+    buffer = io.BytesIO()
+    Image.open(images[0]).save(buffer, format="JPEG", quality=50)
+    small = buffer.getvalue()
+    with pytest.raises(ValueError, match="3 images in one request, over the limit of 2"):
+        model.predict(pd.DataFrame({"image": [small] * 3}))
+    assert "over the limit of 30000" in _message(model, b"\xff" * 30_001)
+    assert "over the limit of 30000" in _message(model, base64.b64encode(b"\xff" * 45_000).decode())
+    # A 13000 x 13000 PNG (20 KB, 507 MB once decoded) is refused from its header.
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (13000, 13000)).save(bomb, optimize=True)
+    assert bomb.stat().st_size < 30_000
+    assert "too_large" in _message(model, bomb.read_bytes())
+    assert "must be at most 4 (this model's serving limit), got 100000" in _message(
+        model, small, beam_size=100000
+    )
+    assert "must be at most 16" in _message(model, small, max_len=100000)
+    assert len(model.predict(pd.DataFrame({"image": [small] * 2}), params={"beam_size": 4})) == 2
+
+
+def test_serving_limits_are_the_saved_model_config_and_checked() -> None:
+    assert (
+        ServingLimits.from_config(None) == ServingLimits() == ServingLimits.from_config({"file_root": None})
+    )
+    assert ServingLimits.from_config({"max_beam_size": 3}).max_beam_size == 3
+    with pytest.raises(ValueError, match=r"unknown serving limit\(s\) \['beam'\]"):
+        ServingLimits.from_config({"beam": 3})
+    for bad in ({"max_images": 0}, {"max_len": "5"}, {"max_beam_size": True}, {"file_root": 3}):
+        with pytest.raises(ValueError):
+            ServingLimits.from_config(bad)

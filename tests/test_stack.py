@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
 import socket
+import stat
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +18,7 @@ from s3server import free_port
 
 from captioning.cli import main
 from captioning.services.stack import LocalStack
-from captioning.services.stack_settings import StackError, StackSettings, load_settings
+from captioning.services.stack_settings import COMPONENTS, StackError, StackSettings, load_settings
 
 
 def _get(url: str) -> tuple[int, bytes]:
@@ -99,6 +101,21 @@ def test_up_is_idempotent_and_down_leaves_nothing(
     assert f"export PREFECT_API_URL=http://127.0.0.1:{prefect}/api" in env_sh
     assert f"export AWS_ACCESS_KEY_ID={env['AWS_ACCESS_KEY_ID']}" in env_sh
     assert json.loads((state / "stack.json").read_text())["settings"]["prefect_port"] == prefect
+    # Its state (databases, logs, S3 keys) is its owner's only; its servers listen on loopback only.
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    listening = set()
+    for name in COMPONENTS:
+        pid = stack.running_pid(name)
+        assert pid is not None, name
+        root = psutil.Process(pid)
+        for process in (root, *root.children(recursive=True)):
+            listening |= {
+                (c.laddr.ip, c.laddr.port)
+                for c in process.net_connections(kind="inet")
+                if c.status == psutil.CONN_LISTEN
+            }
+    assert {port for _, port in listening} >= {prefect, mlflow, s3}
+    assert all(ipaddress.ip_address(ip).is_loopback for ip, _ in listening), listening
 
     # Each server answers.
     assert _get(f"{env['PREFECT_API_URL']}/health")[0] == 200

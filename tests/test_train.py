@@ -8,10 +8,12 @@ enough that a stage takes seconds on 2 CPU cores.
 from __future__ import annotations
 
 import io
+import ipaddress
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -116,6 +118,36 @@ def start_torchrun(args: list[str], **kwargs: Any) -> subprocess.Popen[str]:
         cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True, **kwargs,
     )  # fmt: skip
+
+
+class ListeningSockets:
+    """Every (address, port) that a process whose command line names ``marker`` listens on, polled while
+    the ``with`` block runs."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+        self.found: set[tuple[str, int]] = set()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self) -> ListeningSockets:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _poll(self) -> None:
+        while not self._done.wait(0.2):
+            for process in psutil.process_iter(["cmdline"]):
+                if self.marker not in " ".join(process.info["cmdline"] or []):
+                    continue
+                try:
+                    sockets = process.net_connections(kind="inet")
+                except psutil.Error:
+                    continue
+                self.found |= {(c.laddr.ip, c.laddr.port) for c in sockets if c.status == psutil.CONN_LISTEN}
 
 
 def run_to_end(args: list[str], timeout: float = 600) -> str:
@@ -238,8 +270,12 @@ def test_torchrun_two_processes_runs_all_three_stages_into_mlflow(
     tracking = [f"--tracking.tracking_uri={mlflow_server.url}", f"--tracking.experiment={name}"]
     tracking.append(f"--tracking.registered_model={name}")
     lines: list[str] = []
-    summary = train_pipeline("demo", [*data, *TINY, *tracking], output=str(out), on_line=lines.append)
+    with ListeningSockets(str(out)) as listening:
+        summary = train_pipeline("demo", [*data, *TINY, *tracking], output=str(out), on_line=lines.append)
     log = "\n".join(lines)
+    # The stores of each stage's agent and the workers' gloo sockets, all on loopback only.
+    assert len(listening.found) >= 3 * 3, listening.found
+    assert all(ipaddress.ip_address(host).is_loopback for host, _ in listening.found), listening.found
     assert [s["stage"] for s in summary["stages"]] == ["xe", "finetune", "scst"]
     assert all(s["world_size"] == 2 for s in summary["stages"])
     assert "[rank 1]" not in log or "INFO" not in log.split("[rank 1]")[1][:20]  # rank 1 logs warnings only

@@ -28,7 +28,7 @@ import urllib.request
 from pathlib import Path
 
 from captioning.launch import live_process, stop_process_group
-from captioning.services.processes import spawn_logged
+from captioning.services.processes import private_dir, spawn_logged
 
 DEFAULT_PORT = 5000
 READY_TIMEOUT_S = 90.0
@@ -102,7 +102,7 @@ class MlflowServer:
             raise MlflowServerError(
                 f"port {self.port} on {self.host} is taken by another process: choose --port or stop it"
             )
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.state_dir)
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         self.process = spawn_logged(self.command(), log_path=self.log_path, env=env, pid_path=self.pid_path)
         deadline = time.monotonic() + timeout_s

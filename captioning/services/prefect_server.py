@@ -24,6 +24,7 @@ from typing import Any
 from captioning.services.stack_settings import StackError
 
 GPU_LIMIT = "gpu"
+LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
 
 
 def prefect_env(state_dir: str | os.PathLike[str], api_url: str) -> dict[str, str]:
@@ -36,6 +37,11 @@ def prefect_env(state_dir: str | os.PathLike[str], api_url: str) -> dict[str, st
         "PREFECT_API_URL": api_url,
         "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # Concurrency leases on disk (PREFECT_HOME/concurrency_leases), not in the server's memory: a
+        # restarted server still knows who holds the `gpu` slot, so the holder's release frees it (with
+        # the default in-memory storage the slot stayed taken by nobody, and every later stage waited).
+        # A holder that dies stops renewing; its lease expires and the server's repossessor frees it.
+        "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": LEASE_STORAGE,
         # Off by default: without them `prefect deployment run --watch` shows state events but no log line.
         "PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED": "true",
         "PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED": "true",

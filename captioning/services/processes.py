@@ -1,5 +1,5 @@
 """Starting a local service's process: in a session (or process group) of its own, output appended to
-its log file, its pid recorded, so ``captioning.launch.stop_process_group`` can take its whole tree
+its log file, its pid recorded (in a private state folder: ``private_dir``), so ``captioning.launch.stop_process_group`` can take its whole tree
 down later, from this process or from another one that reads the pid file."""
 
 from __future__ import annotations
@@ -8,6 +8,15 @@ import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+
+def private_dir(path: Path) -> Path:
+    """``path`` created (with its parents) and readable by its owner only (0700): a service's state
+    folder holds databases, logs, pid files and credentials that other users of the machine must
+    not read."""
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
 
 
 def _default_sigint() -> None:

@@ -35,7 +35,7 @@ from types import TracebackType
 from typing import Any
 
 from captioning.launch import live_process, stop_process_group
-from captioning.services.processes import spawn_logged
+from captioning.services.processes import private_dir, spawn_logged
 
 # rclone wants keys of a few characters at least; these are test-only secrets for a loopback server
 # (the local stack generates its own).
@@ -85,7 +85,7 @@ class S3Server:
             self._tmp = tempfile.TemporaryDirectory(prefix="s3server-")
             workdir = self._tmp.name
         self.workdir = Path(workdir).resolve()
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.workdir)  # its rclone.conf and log
         self.root = Path(root).resolve() if root is not None else self.workdir / "root"
         self.root.mkdir(parents=True, exist_ok=True)
         self.config_path = self.workdir / "rclone.conf"

@@ -55,7 +55,7 @@ from captioning.services.prefect_server import (
     worker_command,
     worker_online,
 )
-from captioning.services.processes import spawn_logged
+from captioning.services.processes import private_dir, spawn_logged
 from captioning.services.s3_server import S3Server
 from captioning.services.stack_settings import (
     COMPONENTS,
@@ -254,7 +254,7 @@ class LocalStack:
         self._check_recorded_ports(running)
         to_start = [n for n, on in self._enabled().items() if on and running[n] is None]
         self._check_ports(to_start)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.state_dir)
         self._write_record()
         started: list[str] = []
         try:

@@ -91,14 +91,12 @@ def usage_lines(model_uri: str, tracking_uri: str, image: str | None, *, port: i
 
     env = f"MLFLOW_TRACKING_URI={shlex.quote(redact(tracking_uri))}"
     shown = shlex.quote(image) if image else "IMAGE"
-    bin_dir = os.path.dirname(sys.executable)  # `mlflow models serve` runs uvicorn from PATH: this venv's
-    path = f'PATH="{bin_dir}:$PATH" ' if os.path.exists(os.path.join(bin_dir, "uvicorn")) else ""
     body = '{"dataframe_split": {"columns": ["image"], "data": [["\'"$(base64 -w0 ' + shown + ')"\'"]]}}'
     return [
         "caption an image with it" + ("" if image else " (IMAGE: any .jpg or .png)") + ":",
         f"  {env} {_command('captioning')} caption {shown} --checkpoint {model_uri}",
         "serve it (and ask it from another terminal):",
-        f"  {env} {path}mlflow models serve -m {model_uri} --env-manager local -p {port}",
+        f"  {env} {_command('captioning')} serve {model_uri} --port {port}",
         f"  curl -s localhost:{port}/invocations -H 'Content-Type: application/json' -d '{body}'",
     ]
 
