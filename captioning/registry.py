@@ -175,10 +175,7 @@ def promote_if_better(
         promoted = False
     else:
         promoted = score > previous_score  # strictly: a tie keeps the incumbent
-    alias = CHAMPION if promoted else CHALLENGER
-    client.set_registered_model_alias(name, alias, version)
-    if promoted and aliases.get(CHALLENGER) == version:  # a challenger that now wins is no longer one
-        client.delete_registered_model_alias(name, CHALLENGER)
+    alias = _move_alias(client, name, version, promoted, aliases)
     return Promotion(
         name=name,
         version=version,
@@ -188,6 +185,50 @@ def promote_if_better(
         previous_score=previous_score,
         metric=metric,
     )
+
+
+def actor() -> str:
+    """Who is moving an alias: the MLflow user (with authentication on), the OS user and host, the
+    program, and the Prefect flow run when there is one."""
+    import getpass
+    import os
+    import socket
+    import sys
+
+    parts = []
+    if mlflow_user := os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        parts.append(f"mlflow user {mlflow_user}")
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    parts.append(f"{user}@{socket.gethostname()}")
+    parts.append(os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python")
+    try:
+        from prefect.runtime import flow_run  # only where Prefect runs the code
+
+        if flow_run.id:
+            parts.append(f"flow run {flow_run.id}")
+    except ImportError:
+        pass
+    return ", ".join(parts)
+
+
+def _move_alias(
+    client: MlflowClient, name: str, version: str, promote: bool, aliases: Mapping[str, str]
+) -> str:
+    """Point ``champion`` (promote) or ``challenger`` at ``version``; a challenger that now wins is no
+    longer one. The version records who moved it and when (tags ``<alias>_set_by``, ``<alias>_set_at``),
+    and the registered model who moved it last (``<alias>_set_by``: "vN by ...")."""
+    alias = CHAMPION if promote else CHALLENGER
+    who, when = actor(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    client.set_model_version_tag(name, version, f"{alias}_set_by", who)
+    client.set_model_version_tag(name, version, f"{alias}_set_at", when)
+    client.set_registered_model_alias(name, alias, version)
+    client.set_registered_model_tag(name, f"{alias}_set_by", f"v{version} at {when} by {who}")
+    if promote and aliases.get(CHALLENGER) == version:
+        client.delete_registered_model_alias(name, CHALLENGER)
+    return alias
 
 
 def _holdout_ids(
@@ -330,10 +371,7 @@ def promote_on_holdouts(
     tags.update(gate="promoted" if promote else "not promoted", gate_reason=reason)
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
-    alias = CHAMPION if promote else CHALLENGER
-    client.set_registered_model_alias(name, alias, version)
-    if promote and aliases.get(CHALLENGER) == version:
-        client.delete_registered_model_alias(name, CHALLENGER)
+    alias = _move_alias(client, name, version, promote, aliases)
     log.info("%s version %s: %s", name, version, reason)
     return Promotion(
         name=name,

@@ -225,6 +225,6 @@ def main(argv: Sequence[str] | None = None, *, tracker: Tracker | None = None) -
 if __name__ == "__main__":
     try:
         main()
-    except (TrainError, ConfigError) as exc:
+    except (TrainError, ConfigError, storage.StorageFull) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

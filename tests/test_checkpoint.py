@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -19,6 +23,7 @@ from captioning.model import (
     save_checkpoint,
 )
 from captioning.model.checkpoint import FORMAT_VERSION, clean_state_dict
+from captioning.storage import StorageFull
 
 WORDS = ("a", "red", "blue", "circle", "square", "on", "left", "right")
 VOCAB = Vocab(SPECIALS + WORDS, (0,) * len(SPECIALS) + (3,) * len(WORDS), min_word_freq=1)
@@ -131,3 +136,55 @@ def test_bad_saves_and_loads_are_clear_errors(tmp_path: Path) -> None:
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a captioning checkpoint"):
         load_checkpoint(str(tmp_path / "other.pt"))
+
+
+class _FillsUp:
+    """A file whose disk fills up after ``room`` bytes (ENOSPC, as a full disk answers write())."""
+
+    def __init__(self, path: str, room: int) -> None:
+        self.file = open(path, "wb")  # noqa: SIM115 (closed in __exit__)
+        self.room = room
+
+    def __enter__(self) -> _FillsUp:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
+
+    def write(self, data: bytes) -> int:
+        if len(data) > self.room:
+            self.file.write(data[: self.room])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def fileno(self) -> int:
+        return self.file.fileno()
+
+
+def test_a_full_disk_names_the_file_and_the_space_and_keeps_the_last_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import captioning.storage as storage_module
+
+    model = trained_model("show_attend_tell")
+    _, config = tiny("show_attend_tell")
+    path = tmp_path / "last.pt"
+    save_checkpoint(str(path), model=model, vocab=VOCAB, config=config, step=3)
+    size = path.stat().st_size
+
+    def full_disk_open(file: str, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        return _FillsUp(file, 1000) if "w" in mode else open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(storage_module, "open", full_disk_open, raising=False)
+    with pytest.raises(StorageFull) as info:
+        save_checkpoint(str(path), model=model, vocab=VOCAB, config=config, step=4)
+    message = str(info.value)
+    assert "\n" not in message and info.value.errno == errno.ENOSPC
+    assert f"cannot write {path}: no space left on the device ({size / 2**20:.1f} MiB needed, " in message
+    assert re.search(r"\d+\.\d MiB free there\); the previous file there is unchanged$", message), message
+    assert load_checkpoint(str(path))["step"] == 3  # the last good one, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no partial temporary left

@@ -6,7 +6,9 @@ Registration does not look inside the source, so every version here points at on
 
 from __future__ import annotations
 
+import getpass
 import re
+import socket
 import uuid
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from captioning.registry import (
     CHALLENGER,
     CHAMPION,
     Promotion,
+    actor,
     champion,
     promote_if_better,
     promote_on_holdouts,
@@ -69,6 +72,16 @@ def test_champion_moves_only_to_strictly_better_versions(
     assert client.get_model_version_by_alias(name, CHAMPION).version == "3"
     assert client.get_model_version_by_alias(name, CHALLENGER).version == "2"
     assert [client.get_model_version(name, v).tags["test_CIDEr"] for v in versions] == ["1.0", "0.8", "1.2"]
+    # Who moved each alias, and when: on the version, and the last move on the registered model.
+    who = actor()
+    assert getpass.getuser() in who and socket.gethostname() in who
+    tags = client.get_model_version(name, "3").tags
+    assert tags["champion_set_by"] == who and re.fullmatch(
+        r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", tags["champion_set_at"]
+    )
+    assert client.get_model_version(name, "2").tags["challenger_set_by"] == who
+    model_tags = client.get_registered_model(name).tags
+    assert model_tags["champion_set_by"] == f"v3 at {tags['champion_set_at']} by {who}"
 
 
 def test_a_tie_keeps_the_incumbent_every_time(client: MlflowClient, run_source: tuple[str, str]) -> None:

@@ -396,3 +396,81 @@ def test_killed_stage_resumes_to_the_same_result(
     assert storage.read_json(str(straight / "xe" / "test-captions.json")) == storage.read_json(
         str(killed / "xe" / "test-captions.json")
     )
+
+
+def test_a_crash_mid_epoch_loses_at_most_one_checkpoint_interval(
+    data: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, java: str
+) -> None:
+    """Each step takes one minute on the checkpoints' clock; checkpoints every 2 minutes (and never by
+    step count); the process dies during step 6: last.pt holds step 4, and the resumed stage ends with
+    the weights of an uninterrupted one."""
+    from captioning.training import steps, trainer
+
+    now = [0.0]
+    monkeypatch.setattr(trainer, "CLOCK", lambda: now[0])
+    crash_at: list[int | None] = [6]
+    calls = [0]
+    original = steps.XeStep.__call__
+
+    def timed(self: Any, batch: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == crash_at[0]:
+            raise RuntimeError("the machine died")
+        now[0] += 60.0
+        return original(self, batch)
+
+    monkeypatch.setattr(steps.XeStep, "__call__", timed)
+    settings = tiny("--train.checkpoint_every_steps=0", "--train.log_every_steps=1")
+    interval = ["--train.checkpoint_every_minutes=2"]
+    args = ["--stage", "xe", "--config", "demo", "--tracker", "none", *data, *settings]
+    out = tmp_path / "crashed"
+    with pytest.raises(RuntimeError, match="the machine died"):
+        main([*args, *interval, "--output", str(out)])
+    saved = load_checkpoint(str(out / "xe" / "last.pt"))
+    done = 5  # steps finished before the crash
+    assert saved["step"] == saved["train_state"]["batch_in_epoch"] == 4
+    assert done - saved["step"] <= 2  # at most one interval's steps lost
+    crash_at[0] = None
+    resumed = main([*args, "--train.checkpoint_every_minutes=0.5", "--output", str(out)])  # free to change
+    assert resumed.steps == 12
+    whole = main([*args, *interval, "--output", str(tmp_path / "whole")])
+    assert same_tensors(model_state(resumed.checkpoint), model_state(whole.checkpoint), "")
+    # Without the clock nothing was saved before the crash: the interval is what bounded the loss.
+    calls[0], crash_at[0] = 0, 6
+    with pytest.raises(RuntimeError, match="the machine died"):
+        main([*args, "--train.checkpoint_every_minutes=0", "--output", str(tmp_path / "no-clock")])
+    assert not (tmp_path / "no-clock" / "xe" / "last.pt").exists()
+
+
+FULL_DISK = """
+import builtins, errno, os, runpy, sys
+
+import captioning.storage as storage
+
+def full_disk_open(file, mode="r", *args, **kwargs):
+    if "w" in mode and ".last.pt." in os.path.basename(str(file)):  # the tmp file of last.pt
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
+    return builtins.open(file, mode, *args, **kwargs)
+
+storage.open = full_disk_open
+sys.argv = ["captioning.train", *sys.argv[1:]]
+runpy.run_module("captioning.train", run_name="__main__")
+"""
+
+
+def test_a_full_disk_stops_training_with_one_line(
+    data: list[str], tmp_path: Path, subprocess_tree: None
+) -> None:
+    out = tmp_path / "run"
+    args = ["--stage", "xe", "--config", "demo", "--tracker", "none", "--output", str(out), *data, *TINY]
+    done = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, *args],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: [Errno 28] cannot write {out / 'xe' / 'last.pt'}: no space left"), last
+    assert "MiB needed" in last and "MiB free there" in last
+    assert "Traceback" not in done.stderr
+    assert not list((out / "xe").glob(".*.tmp"))

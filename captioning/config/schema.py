@@ -253,6 +253,12 @@ class TrainConfig:
     checkpoint_every_steps: int = setting(
         1000, "Steps between periodic checkpoints (0: epoch ends only).", min=0
     )
+    checkpoint_every_minutes: float = setting(
+        5.0,
+        "Minutes between periodic checkpoints, besides the steps and every epoch end (0: off); checked "
+        "at each logging step, so a crash loses at most this long plus log_every_steps steps.",
+        min=0,
+    )
     log_every_steps: int = setting(50, "Steps between logged training metrics.", min=1)
     xe: XeStageConfig = section(XeStageConfig, "Stage 1: cross-entropy, frozen encoder.")
     finetune: XeStageConfig = section(

@@ -40,7 +40,7 @@ import tempfile
 from collections.abc import Sequence
 from typing import Any, BinaryIO, cast
 
-from captioning.storage._local import TMP_SUFFIX, atomic_local, is_local_tmp, local_tmp
+from captioning.storage._local import TMP_SUFFIX, StorageFull, atomic_local, is_local_tmp, local_tmp
 from captioning.storage._s3 import (
     NOT_FOUND_CODES,
     call,
@@ -54,6 +54,7 @@ from captioning.storage._streams import S3Reader, WriteThenCommit
 from captioning.storage._uri import SCHEME, PathOrUri, is_s3, join, split_s3
 
 __all__ = [
+    "StorageFull",
     "copy",
     "download_file",
     "exists",
@@ -153,7 +154,7 @@ def write_bytes(uri: PathOrUri, data: bytes, *, endpoint_url: str | None = None)
     """Write `data` to `uri`, replacing what was there: locally atomic (parents created); s3: one PUT."""
     uri = _uri(uri)
     if not is_s3(uri):
-        with atomic_local(uri) as tmp, open(tmp, "wb") as f:
+        with atomic_local(uri, len(data)) as tmp, open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -188,7 +189,7 @@ def write_json(uri: PathOrUri, obj: Any, *, indent: int = 2, endpoint_url: str |
 
 def _copy_local(src: str, dst: str) -> None:
     """A local file copied to a tmp file next to ``dst``, then renamed over it."""
-    with atomic_local(dst) as tmp:
+    with atomic_local(dst, os.path.getsize(src)) as tmp:
         shutil.copyfile(src, tmp)
 
 

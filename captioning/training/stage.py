@@ -8,7 +8,8 @@ files) and the one rule that decides whether it trains, resumes or is already do
 Files of a stage under ``OUTPUT/STAGE/`` (a local folder or s3://), written by rank 0:
 
 - ``last.pt``: everything needed to resume (model, optimiser, schedule, scaler, every rank's RNG
-  states, epoch and batch position, best score), rewritten every ``train.checkpoint_every_steps``
+  states, epoch and batch position, best score), rewritten every ``train.checkpoint_every_steps``,
+  every ``train.checkpoint_every_minutes``
   and at each epoch end;
 - ``best.pt``: the model of the best validation epoch; ``val/epoch-NNN.json``: each validation's
   scores and captions; ``test-captions.json``: the test split in COCO results format;
@@ -80,6 +81,7 @@ class StageSetup:
     decay_patience: int
     precision: Literal["fp32", "bf16", "fp16"]
     checkpoint_every_steps: int
+    checkpoint_every_s: float
     log_every_steps: int
     seed: int
     objective: XeSettings | ScstSettings
@@ -124,6 +126,7 @@ def build_stage_setup(cfg: Config, name: str, output: str) -> StageSetup:
         stage_dir=storage.join(output, name),
         precision=t.precision,
         checkpoint_every_steps=t.checkpoint_every_steps,
+        checkpoint_every_s=60.0 * t.checkpoint_every_minutes,
         log_every_steps=t.log_every_steps,
         seed=stage_seed(cfg, name),
         config=cfg.to_dict(),
@@ -229,9 +232,14 @@ def read_stage_result(output: str, stage: str) -> StageResult | None:
 
 
 def _is_free(key: str) -> bool:
-    """Settings a stage may be run again with changed: where it reports, which other stages run, and
-    how a retrain chose its data (its effect is recorded in ``data.extra_shard_dirs``)."""
-    return key.startswith("tracking.") or key in ("train.stages", "data.retrain_on")
+    """Settings a stage may be run again with changed: where it reports, which other stages run, how
+    a retrain chose its data (its effect is recorded in ``data.extra_shard_dirs``) and how often the
+    clock asks for a checkpoint (resuming is exact wherever it was written)."""
+    return key.startswith("tracking.") or key in (
+        "train.stages",
+        "data.retrain_on",
+        "train.checkpoint_every_minutes",
+    )
 
 
 def _lookup(config: Mapping[str, Any], key: str) -> Any:

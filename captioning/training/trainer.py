@@ -48,6 +48,7 @@ from captioning.training.state import TrainState, capture_rng, restore_rng
 from captioning.training.steps import Optimization, StepMetrics, XeStep, build_step
 
 logger = logging.getLogger(__name__)
+CLOCK: Callable[[], float] = time.monotonic  # the periodic checkpoints' clock (a test steps its own)
 
 
 class StageReporter(Protocol):
@@ -95,6 +96,27 @@ class MetricWindow:
         return out
 
 
+class CheckpointClock:
+    """Whether a periodic checkpoint is due by wall clock: rank 0's clock decides for every rank (one
+    tiny collective, asked only at logging steps, where metrics are pooled anyway)."""
+
+    def __init__(self, every_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.every_s = every_s
+        self.clock = clock
+        self.last = clock()
+
+    def due(self, dist: DistInfo) -> bool:
+        """Collective: every rank calls it at the same step."""
+        if self.every_s <= 0:
+            return False
+        mine = 1.0 if dist.is_main and self.clock() - self.last >= self.every_s else 0.0
+        return all_reduce_sum(dist, [mine])[0] > 0
+
+    def reset(self) -> None:
+        """A checkpoint was just written."""
+        self.last = self.clock()
+
+
 def train_one_epoch(
     step_fn: Callable[[Batch], StepMetrics],
     loader: CaptionLoader,
@@ -104,12 +126,14 @@ def train_one_epoch(
     *,
     log_every_steps: int,
     checkpoint_every_steps: int = 0,
+    checkpoint_clock: CheckpointClock | None = None,
     save_checkpoint: Callable[[], None] = lambda: None,
 ) -> dict[str, float]:
     """Train on the epoch ``state.epoch``, resuming after ``state.batch_in_epoch`` batches.
 
-    ``save_checkpoint`` runs every ``checkpoint_every_steps`` inside the epoch (its end is the
-    caller's, after validation). Metrics are pooled and logged every ``log_every_steps``, at the
+    ``save_checkpoint`` runs every ``checkpoint_every_steps`` inside the epoch and, checked at each
+    logging step, whenever ``checkpoint_clock`` says one is due (the epoch's end is the caller's,
+    after validation). Metrics are pooled and logged every ``log_every_steps``, at the
     epoch's end and at every such checkpoint (so that no half-filled window is lost to a resume). Returns the epoch's
     step-weighted means of the logged windows (kept in ``state.epoch_windows``, so a resumed epoch
     reports what an uninterrupted one would).
@@ -131,10 +155,12 @@ def train_one_epoch(
         state.step += 1
         state.batch_in_epoch = index + 1
         epoch_end = state.batch_in_epoch == len(loader)
-        checkpoint_due = (
-            checkpoint_every_steps > 0 and state.step % checkpoint_every_steps == 0 and not epoch_end
+        log_due = state.step % log_every_steps == 0 or epoch_end
+        checkpoint_due = not epoch_end and (
+            (checkpoint_every_steps > 0 and state.step % checkpoint_every_steps == 0)
+            or (log_due and checkpoint_clock is not None and checkpoint_clock.due(dist))
         )
-        if state.step % log_every_steps == 0 or epoch_end or checkpoint_due:
+        if log_due or checkpoint_due:
             pooled = window.pooled(dist)
             steps = float(window.steps)
             state.epoch_windows.append(
@@ -284,6 +310,11 @@ def fit_stage(
         batches = len(train_loader)
         logger.info(start_line(setup.name, first, setup.epochs, batches, setup.batch_size, dist.world_size))
     epoch_seconds: list[float] = []  # epochs run by this process (not before a resume): the ETA's basis
+    clock = CheckpointClock(setup.checkpoint_every_s, CLOCK)
+
+    def save_last() -> None:
+        save_training_checkpoint(setup, model, vocab, opt, state, dist, generator)
+        clock.reset()
 
     while state.epoch < setup.epochs and not state.stopped_early:
         epoch_start = time.perf_counter()
@@ -298,9 +329,8 @@ def fit_stage(
             tracker,
             log_every_steps=setup.log_every_steps,
             checkpoint_every_steps=setup.checkpoint_every_steps,
-            save_checkpoint=lambda: save_training_checkpoint(
-                setup, model, vocab, opt, state, dist, generator
-            ),
+            checkpoint_clock=clock,
+            save_checkpoint=save_last,
         )
         eval_start = time.perf_counter()
         result = evaluate(
@@ -358,7 +388,7 @@ def fit_stage(
         state.batch_in_epoch = 0
         if state.epochs_since_improvement >= setup.early_stop_patience:
             state.stopped_early = True
-        save_training_checkpoint(setup, model, vocab, opt, state, dist, generator)
+        save_last()
 
     return finish_stage(setup, model, vocab, loaders, dist, tracker, ev, state, start, reporter)
 
