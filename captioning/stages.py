@@ -20,13 +20,14 @@ ends the parent run. The train-sat flow wires the same functions as Prefect task
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from captioning import storage
 from captioning.config import Config, load_config, normalize_overrides, resolve_stages, without_keys
-from captioning.launch import LaunchError, run_streaming, torchrun_command
+from captioning.launch import LaunchError, LaunchTimeout, run_streaming, torchrun_command
 from captioning.progress import QUIET_ENV
 from captioning.training.stage import (
     SettingsChanged,
@@ -35,6 +36,8 @@ from captioning.training.stage import (
     read_stage_result,
     stage_status,
 )
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_METRIC = "CIDEr"  # what picks the best stage, as the registry's champion gate compares
 
@@ -147,19 +150,58 @@ def launch_stage(
     child_env.setdefault("OMP_NUM_THREADS", "1")
     for name, value in QUIET_ENV.items():  # no progress bars or MLflow emoji links in the streamed output
         child_env.setdefault(name, value)
+    leftovers = StageRuns(cfg, tracker, parent_run_id, stage, output)
+    leftovers.end("left RUNNING by an earlier attempt whose process ended without closing it")
     on_line(("resuming: " if status == "interrupted" else "") + "torchrun " + " ".join(cmd[3:]))
-    launched = run_streaming(cmd, on_line=on_line, timeout_s=timeout_s, env=child_env)
-    if launched.returncode != 0:
-        raise LaunchError(
-            f"training stage {stage} failed (exit {launched.returncode}); running it again with the same "
-            f"output ({output}) resumes it. Last lines:",
-            launched.returncode,
-            launched.tail,
-        )
+    try:
+        launched = run_streaming(cmd, on_line=on_line, timeout_s=timeout_s, env=child_env)
+        if launched.returncode != 0:
+            raise LaunchError(
+                f"training stage {stage} failed (exit {launched.returncode}); running it again with the "
+                f"same output ({output}) resumes it. Last lines:",
+                launched.returncode,
+                launched.tail,
+            )
+    except BaseException as exc:  # failed, timed out, cancelled: the stage's runs end with the reason
+        leftovers.end(_stop_reason(stage, exc), status="FAILED" if type(exc) is LaunchError else "KILLED")
+        raise
     result = read_stage_result(output, stage)
     if result is None:
         raise StageError(f"stage {stage} exited 0 but left no result in {storage.join(output, stage)}")
     return result
+
+
+def _stop_reason(stage: str, exc: BaseException) -> str:
+    if isinstance(exc, LaunchTimeout):
+        return f"stage {stage} ran past its time limit and was stopped"
+    if isinstance(exc, LaunchError):
+        return f"stage {stage} failed (exit {exc.returncode})"
+    return f"stage {stage} was stopped ({type(exc).__name__}: {exc})"[:300]
+
+
+class StageRuns:
+    """The MLflow runs of one stage under a parent run, for ending those a stage process left RUNNING."""
+
+    def __init__(self, cfg: Config, tracker: str, parent_run_id: str | None, stage: str, output: str) -> None:
+        from captioning.tracking.runs import configured_uri, tracker_kind
+
+        self.cfg, self.parent_run_id, self.stage, self.output = cfg, parent_run_id, stage, output
+        self.uri = configured_uri(cfg) if parent_run_id and tracker_kind(tracker, cfg) == "mlflow" else None
+
+    def end(self, reason: str, status: str = "KILLED") -> None:
+        """Never raises: the stage's own outcome matters more than this bookkeeping."""
+        if self.uri is None or self.parent_run_id is None:
+            return
+        try:
+            from captioning.tracking.client import connect
+            from captioning.tracking.lineage import end_leftover_runs
+
+            client = connect(self.uri, timeout_s=self.cfg.tracking.connect_timeout_s)
+            end_leftover_runs(
+                client, self.parent_run_id, reason, status=status, stage=self.stage, output=self.output
+            )
+        except Exception as exc:
+            logger.warning("could not end the MLflow runs of stage %s left RUNNING: %s", self.stage, exc)
 
 
 def run_stages(stages: Sequence[str], launch: Launch, init_from: str | None = None) -> list[StageResult]:

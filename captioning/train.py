@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -40,7 +41,7 @@ from captioning.model.captioner import Captioner
 from captioning.model.checkpoint import captioner_from_checkpoint
 from captioning.model.factory import build_captioner, build_embeddings
 from captioning.tracking import TRACKERS, Tracker, TrackingUnavailable
-from captioning.tracking.runs import open_stage_tracker
+from captioning.tracking.runs import error_status, open_stage_tracker
 from captioning.training.dist import (
     DistInfo,
     barrier,
@@ -62,6 +63,21 @@ from captioning.training.stage import (
 from captioning.training.trainer import fit_stage
 
 logger = logging.getLogger("captioning.train")
+
+
+class Stopped(BaseException):
+    """The stage process was asked to stop (SIGTERM: a cancel, a time limit, its launcher stopping it)."""
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM unwinds the stage like an interrupt, so its run ends KILLED with the reason (Python's
+    default would end the process on the spot and leave the run RUNNING)."""
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Stopped(f"stopped by {signal.Signals(signum).name}")
+
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, stop)
 
 
 class TrainError(RuntimeError):
@@ -215,16 +231,21 @@ def main(argv: Sequence[str] | None = None, *, tracker: Tracker | None = None) -
         )
         tracker.close()
         return StageResult(**broadcast_object(dist, result.to_json()))  # rank 0's (it knows the run id)
-    except BaseException:
-        tracker.close("FAILED")
+    except BaseException as exc:  # the run ends with the reason: FAILED for an error, KILLED when stopped
+        tracker.set_tags({"error": f"{type(exc).__name__}: {exc}"[:500]})
+        tracker.close(error_status(exc))
         raise
     finally:
         destroy_process_group(dist)
 
 
 if __name__ == "__main__":
+    _stop_on_sigterm()  # the process's own, not a caller's that runs main() in-process
     try:
         main()
     except (TrainError, ConfigError, storage.StorageFull) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except Stopped as exc:
+        print(f"stage {exc}", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)

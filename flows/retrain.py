@@ -39,6 +39,7 @@ from captioning.evaluation.holdouts import (
 from captioning.stages import run_output
 from captioning.tracking.links import run_links_markdown
 from captioning.tracking.runs import ended_on_error, tracking_uri_of
+from flows import supervision
 from flows.prepare_data import prepare_data
 from tasks.tracking import (
     end_tracking_run,
@@ -67,6 +68,7 @@ def retrain(
     """Fine-tune the registered champion on the dataset at ``karpathy_json`` (Karpathy format; images
     under ``image_dir``, default the JSON's folder) plus, by default, the recipe's own training data
     (``data.retrain_on``), and promote the result if the holdout gate says so."""
+    supervision.stop_when_worker_dies()  # a dead worker stops this run now, not at a later log line
     base = load_config(recipe, normalize_overrides(overrides))
     tracking_uri = tracking_uri_of(base)
     model_name = base.tracking.registered_model
@@ -78,6 +80,7 @@ def retrain(
     original = load_holdout(base.data.shard_dir, label=base.data.dataset)
     new = load_holdout(cfg.data.shard_dir, label=dataset_label(karpathy_json))
     name = flow_run.get_name() or "local"
+    output = run_output(cfg, f"retrain-{name}")
     run_id = start_tracking_run(
         cfg,
         [stage],
@@ -91,6 +94,7 @@ def retrain(
             "new_holdout": new.name,
             "prefect_flow_run_id": str(flow_run.get_id()),
         },
+        output=output,
     )
 
     def scored(role: str, model_version: str, checkpoint: str, holdout: Holdout) -> dict[str, float]:
@@ -110,11 +114,14 @@ def retrain(
         )
         return dict(result["scores"])
 
-    with ended_on_error(run_id, tracking_uri=tracking_uri):
+    with (
+        ended_on_error(run_id, tracking_uri=tracking_uri, reason=supervision.reason),
+        supervision.tasks_cancelled_with_the_flow(),
+    ):
         retrained = train_stage(
             recipe,
             stage,
-            run_output(cfg, f"retrain-{name}"),
+            output,
             without_keys(data_overrides, "train.stages"),
             init_from=champion,
             parent_run_id=run_id,

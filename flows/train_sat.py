@@ -29,6 +29,7 @@ from captioning.tracking.links import run_links_markdown
 from captioning.tracking.report import scores_table
 from captioning.tracking.runs import ended_on_error, tracking_uri_of
 from captioning.training.stage import StageResult
+from flows import supervision
 from flows.prepare_data import prepare_data
 from tasks.tracking import end_tracking_run, fetch_model, register_model, start_tracking_run
 from tasks.training import GPU_LIMIT, train_stage
@@ -54,6 +55,7 @@ def train_sat(
     ``init_from``: the model the first stage starts from (a checkpoint path or s3:// URI, ``runs:/...``,
     ``models:/NAME@ALIAS``). ``stage_timeout_s``: per-stage limit.
     """
+    supervision.stop_when_worker_dies()  # a dead worker stops this run now, not at a later log line
     cfg = load_config(recipe, normalize_overrides(overrides))
     stages = resolve_stages(stages, cfg)
     tracking_uri = tracking_uri_of(cfg)
@@ -77,6 +79,7 @@ def train_sat(
         run_name,
         cfg.train.nproc_per_node,
         tags={"prefect_flow_run_id": str(flow_run.get_id()), "output": output, "orchestrator": "prefect"},
+        output=output,
     )
     per_stage = without_keys(overrides, "train.stages")  # each launch trains its own stage
 
@@ -92,7 +95,10 @@ def train_sat(
             gpu_limit=gpu_limit,
         )
 
-    with ended_on_error(run_id, tracking_uri=tracking_uri):
+    with (
+        ended_on_error(run_id, tracking_uri=tracking_uri, reason=supervision.reason),
+        supervision.tasks_cancelled_with_the_flow(),
+    ):
         start = fetch_model(init_from, tracking_uri).checkpoint if init_from else None  # any model source
         results = run_stages(stages, launch, start)
         best = best_stage(results)

@@ -27,10 +27,18 @@ NOT_REGISTRY_ERRORS = unless(registry.RegistryError)
 
 @task(name="start-tracking-run", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=RETRY_DELAYS_S)
 def start_tracking_run(
-    cfg: Config, stages: Sequence[str], run_name: str, world_size: int, tags: Mapping[str, str]
+    cfg: Config,
+    stages: Sequence[str],
+    run_name: str,
+    world_size: int,
+    tags: Mapping[str, str],
+    output: str | None = None,
 ) -> str:
-    """The MLflow parent run every stage reports under; its id."""
-    return runs.start_pipeline_run(cfg, stages, run_name=run_name, world_size=world_size, tags=tags)
+    """The MLflow parent run every stage reports under; its id. With ``output``, a retry continues the
+    parent run the first attempt recorded there (``captioning.tracking.lineage``)."""
+    return runs.start_pipeline_run(
+        cfg, stages, run_name=run_name, world_size=world_size, tags=tags, output=output
+    )
 
 
 @task(name="end-tracking-run", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=RETRY_DELAYS_S)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from typing import Any
 
 import psutil
 import pytest
+from leftovers import owned_by_fixture
 from s3server import free_port
 from test_train import TINY, data_overrides
 
@@ -125,6 +127,27 @@ def training_processes(marker: str) -> list[psutil.Process]:
     return found
 
 
+def task_states(stack: dict[str, Any], flow_run_id: str) -> dict[str, str]:
+    runs = api(stack, "POST", "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
+    return {r["name"]: r["state"]["type"] for r in runs if r["state"]}
+
+
+def mlflow_runs(stack: dict[str, Any], output: Path) -> list[Any]:
+    """The parent run recorded in ``output`` and every run below it."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(stack["env"]["MLFLOW_TRACKING_URI"])
+    parent = client.get_run(json.loads((output / "tracking.json").read_text())["run_id"])
+    found, queue = [parent], [parent.info.run_id]
+    while queue:
+        below = client.search_runs(
+            [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{queue.pop()}'"
+        )
+        found += below
+        queue += [r.info.run_id for r in below]
+    return found
+
+
 def state_of(stack: dict[str, Any], flow_run_id: str) -> str:
     return str(api(stack, "GET", f"/flow_runs/{flow_run_id}")["state"]["type"])
 
@@ -183,12 +206,73 @@ def test_cancelling_a_training_run_leaves_no_torchrun_and_the_gpu_slot_is_exclus
     assert not [
         pid for pid in first_pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"
     ]
+    # The run reads as what happened: its training task Cancelled, every MLflow run it opened ended
+    # KILLED with a reason, no staging folder left.
+    assert task_states(stack, first)["train-xe"] == "CANCELLED"
+    runs = mlflow_runs(stack, first_out)
+    assert runs and all(r.info.status == "KILLED" and r.data.tags.get("error") for r in runs), [
+        (r.info.run_name, r.info.status, r.data.tags.get("error")) for r in runs
+    ]
+    assert not list(first_out.glob("mlflow-staging-*"))
 
     # The slot went to the second run, which now trains; cancel it too.
     wait_for("the second run's torchrun", lambda: len(training_processes(str(second_out))) >= 3)
     assert prefect_cli(stack, "flow-run", "cancel", second, timeout=120).returncode == 0
     wait_for("the second run to be cancelled", lambda: state_of(stack, second) == "CANCELLED", timeout_s=180)
     wait_for("no process of the second run", lambda: training_processes(str(second_out)) == [], 120)
+
+
+def test_a_dead_worker_stops_its_flow_run_now_and_a_retry_continues_the_lineage(
+    stack: dict[str, Any],
+) -> None:
+    from captioning.services.stack_settings import WORKER
+
+    local = stack["stack"]
+    longer = [o for o in stack["overrides"] if not o.startswith("--train.finetune.epochs")]
+    output = stack["root"] / "runs" / "worker-dies"
+    run = start_run(
+        stack, "train-sat/demo", {"overrides": [*longer, "--train.finetune.epochs=4"], "output": str(output)}
+    )
+
+    # Mid-stage: the finetune stage has its MLflow run and a checkpoint (every 2 steps).
+    wait_for("the finetune stage to train", lambda: (output / "finetune" / "last.pt").exists(), timeout_s=600)
+    worker = local.running_pid(WORKER)
+    assert worker is not None
+    os.kill(worker, signal.SIGKILL)
+    # The flow run stops promptly (its watch polls every 2 s), with its torchrun tree, and says why.
+    try:
+        wait_for("the flow run to stop", lambda: state_of(stack, run) in ("CRASHED", "FAILED"), timeout_s=90)
+    except AssertionError:
+        logs = api(stack, "POST", "/logs/filter", {"logs": {"flow_run_id": {"any_": [run]}}, "limit": 200})
+        last = [entry["message"][:200] for entry in logs[-10:]]
+        raise AssertionError(
+            f"the flow run is still {state_of(stack, run)}; its last log lines: {last}"
+        ) from None
+    wait_for("no process of the run", lambda: training_processes(str(output)) == [], 60)
+    first = {r.info.run_id: r for r in mlflow_runs(stack, output)}
+    assert all(r.info.status != "RUNNING" for r in first.values()), [
+        (r.info.run_name, r.info.status) for r in first.values()
+    ]
+    parent_id = json.loads((output / "tracking.json").read_text())["run_id"]
+    assert "worker" in first[parent_id].data.tags["error"] and first[parent_id].info.status == "KILLED"
+    # A retry (the UI's Retry) on a live worker continues the same output and the same parent run.
+    local.up()
+    owned_by_fixture(local.running_pid(WORKER))  # the stack fixture stops it
+    retried = {"type": "SCHEDULED", "name": "AwaitingRetry"}
+    api(stack, "POST", f"/flow_runs/{run}/set_state", {"state": retried, "force": True})
+    wait_for("the retried run to complete", lambda: state_of(stack, run) == "COMPLETED", timeout_s=900)
+    runs = mlflow_runs(stack, output)
+    assert json.loads((output / "tracking.json").read_text())["run_id"] == parent_id
+    by_stage: dict[str, list[str]] = {}
+    for r in runs:
+        by_stage.setdefault(r.info.run_name, []).append(r.info.status)
+    assert by_stage[next(r.info.run_name for r in runs if r.info.run_id == parent_id)] == ["FINISHED"]
+    assert by_stage["xe"] == ["FINISHED"]  # trained once, kept
+    assert sorted(by_stage["finetune"]) == ["FINISHED", "KILLED"]  # the stopped attempt and the resumed one
+    assert by_stage["scst"] == ["FINISHED"]
+    parent = next(r for r in runs if r.info.run_id == parent_id)
+    assert parent.data.tags["attempt"] == "2" and "error" not in parent.data.tags
+    assert not list(output.glob("mlflow-staging-*"))
 
 
 def test_new_data_event_starts_a_retrain_run(stack: dict[str, Any]) -> None:

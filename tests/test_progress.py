@@ -192,7 +192,7 @@ def test_fit_stage_logs_one_line_per_epoch_with_scores_and_eta(
         {
             "name": "xe", "epochs": 3, "batch_size": 16, "seed": 0, "train_encoder": False,
             "fine_tune_from_block": 2, "objective": XeSettings.__new__(XeSettings), "early_stop_patience": 5,
-            "log_every_steps": 1, "checkpoint_every_steps": 0, "stage_dir": "unused", "last_uri": "unused",
+            "log_every_steps": 1, "checkpoint_every_steps": 0, "checkpoint_every_s": 0.0,"stage_dir": "unused", "last_uri": "unused",
         },
     )()  # fmt: skip
     monkeypatch.setattr(trainer, "build_step", lambda *a: (FakeOpt(), lambda batch: {}))

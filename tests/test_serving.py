@@ -259,14 +259,19 @@ def test_logged_to_a_run_loads_registers_and_serves_by_alias(
     assert mlflow.get_tracking_uri() == mlflow_server.url
     expected = reference(checkpoint, images)
     assert (
-        list(mlflow.pyfunc.load_model(source).predict(pd.DataFrame({"image": images}))["caption"]) == expected
+        list(
+            mlflow.pyfunc.load_model(source).predict(pd.DataFrame({"image": [b64(p) for p in images]}))[
+                "caption"
+            ]
+        )
+        == expected
     )
 
     name = f"captioner-{uuid.uuid4().hex[:8]}"
     version = register_model(client, name, source, run_id, tags={"checkpoint": checkpoint})
     assert promote_if_better(client, name, version, 0.5).promoted
     by_alias = mlflow.pyfunc.load_model(f"models:/{name}@champion")
-    assert list(by_alias.predict(pd.DataFrame({"image": images[:1]}))["caption"]) == expected[:1]
+    assert list(by_alias.predict(pd.DataFrame({"image": [b64(images[0])]}))["caption"]) == expected[:1]
 
 
 def _post_json(url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:

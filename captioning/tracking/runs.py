@@ -25,7 +25,7 @@ import os
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from captioning import storage
@@ -186,14 +186,33 @@ def start_pipeline_run(
     world_size: int,
     tags: Mapping[str, str] | None = None,
     tracking_uri: str | None = None,
+    output: str | None = None,
 ) -> str:
     """Create and describe the MLflow parent run of a pipeline; its id. The run stays RUNNING: each
-    stage reports under it (``--parent-run-id``) and ``end_pipeline_run`` ends it."""
+    stage reports under it (``--parent-run-id``) and ``end_pipeline_run`` ends it.
+
+    With ``output``: the parent run an earlier attempt recorded there (``lineage``) is continued
+    instead (RUNNING again, its ``attempt`` tag counted up; runs the earlier attempt left RUNNING
+    below it are ended KILLED with the reason), so a retry keeps one lineage.
+    """
+    from captioning.tracking import lineage
+
+    client = _connect(tracking_uri or tracking_uri_of(cfg), timeout_s=cfg.tracking.connect_timeout_s)
+    if output is not None and (earlier := lineage.parent_run_of(output, client)) is not None:
+        attempt = lineage.reopen_run(client, earlier)
+        lineage.end_leftover_runs(
+            client,
+            earlier,
+            f"left RUNNING by attempt {attempt - 1}, which ended without closing it",
+            output=output,
+        )
+        logger.info("MLflow: attempt %d continues parent run %s", attempt, earlier)
+        return earlier
     tracker = _mlflow_tracker().start_run(
-        _connect(tracking_uri or tracking_uri_of(cfg), timeout_s=cfg.tracking.connect_timeout_s),
+        client,
         cfg.tracking.experiment,
         run_name,
-        tags=dict(tags or {}),
+        tags={"attempt": "1", **dict(tags or {})},
         terminate_on_close=False,
         system_metrics=False,
     )
@@ -202,6 +221,8 @@ def start_pipeline_run(
     finally:
         tracker.close()
     assert tracker.run_id is not None
+    if output is not None:
+        lineage.remember_parent_run(output, tracker.run_id, client)
     return tracker.run_id
 
 
@@ -227,26 +248,36 @@ def error_status(exc: BaseException) -> str:
     return "FAILED" if isinstance(exc, Exception) else "KILLED"
 
 
-def end_run_after_error(run_id: str, exc: BaseException, *, tracking_uri: str | None = None) -> None:
-    """End the parent run after the pipeline failed (FAILED) or was cancelled or interrupted (KILLED);
-    a tracking server that cannot be reached then only gets a warning: the original error matters."""
-    status = error_status(exc)
+def end_run_after_error(
+    run_id: str, exc: BaseException, *, tracking_uri: str | None = None, reason: str | None = None
+) -> None:
+    """End the parent run after the pipeline failed (FAILED) or was cancelled or interrupted (KILLED),
+    tagged ``error`` with ``reason`` (default: the exception; a run stopped for a given reason from
+    outside is KILLED); a tracking server that cannot be reached then only gets a warning: the
+    original error matters."""
+    status = "KILLED" if reason else error_status(exc)
     try:
         end_pipeline_run(
-            run_id, status, tags={"error": f"{type(exc).__name__}: {exc}"[:500]}, tracking_uri=tracking_uri
+            run_id,
+            status,
+            tags={"error": (reason or f"{type(exc).__name__}: {exc}")[:500]},
+            tracking_uri=tracking_uri,
         )
     except Exception as err:
         logger.warning("could not end MLflow run %s as %s: %s", run_id, status, err)
 
 
 @contextlib.contextmanager
-def ended_on_error(run_id: str, *, tracking_uri: str | None = None) -> Iterator[None]:
+def ended_on_error(
+    run_id: str, *, tracking_uri: str | None = None, reason: Callable[[], str | None] = lambda: None
+) -> Iterator[None]:
     """Around a pipeline's steps: an error, a cancellation or an interrupt ends the parent run
-    (``end_run_after_error``) before it propagates, so no parent run is left RUNNING by a failure."""
+    (``end_run_after_error``; ``reason()``, when it says something, names why) before it propagates,
+    so no parent run is left RUNNING by a failure."""
     try:
         yield
     except BaseException as exc:
-        end_run_after_error(run_id, exc, tracking_uri=tracking_uri)
+        end_run_after_error(run_id, exc, tracking_uri=tracking_uri, reason=reason())
         raise
 
 
@@ -301,7 +332,9 @@ class PipelineRun:
         kind = tracker_kind(requested, cfg)
         if kind == "mlflow":
             uri = tracking_uri_of(cfg)
-            run_id = start_pipeline_run(cfg, stages, run_name=run_name, world_size=world_size, tags=tags)
+            run_id = start_pipeline_run(
+                cfg, stages, run_name=run_name, world_size=world_size, tags=tags, output=output
+            )
             return cls(kind, run_id, uri, None)
         if kind == "jsonl" and not storage.is_s3(output):
             tracker = JsonlTracker(os.path.join(output, METRICS_FILE), run_name=PIPELINE_RUN)
