@@ -231,3 +231,58 @@ def test_settings_come_from_stack_json_unless_given(tmp_path: Path) -> None:
     assert (loaded.prefect_port, loaded.mlflow_port, loaded.s3, loaded.worker) == (4999, 5111, True, False)
     assert (loaded.work_pool, loaded.workdir, loaded.state_dir) == ("pool-a", tmp_path.resolve(), state)
     assert load_settings(tmp_path / "none") == StackSettings(state_dir=tmp_path / "none")
+
+
+def _status(method: str, url: str, auth: str | None = None, body: bytes | None = None) -> int:
+    """The HTTP status of one request (basic credentials ``user:password`` when given)."""
+    import base64
+    import urllib.error
+
+    headers = {"Content-Type": "application/json"}
+    if auth:
+        headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(
+            urllib.request.Request(url, data=body, headers=headers, method=method), timeout=10
+        ) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+
+
+def test_auth_on_refuses_unauthenticated_mlflow_and_prefect_calls(
+    settings: StackSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secured = dataclasses.replace(settings, auth=True, s3=False)
+    stack = LocalStack(secured)
+    env = stack.up(timeout_s=240)  # the worker comes online through the auth string too
+    user, password = env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"]
+    prefect_auth = env["PREFECT_API_AUTH_STRING"]
+    assert len(password) >= 20 and prefect_auth.startswith("captioning:")
+    env_sh = (secured.state_dir / "env.sh").read_text()
+    assert f"export PREFECT_API_AUTH_STRING={prefect_auth}" in env_sh
+    assert stat.S_IMODE((secured.state_dir / "env.sh").stat().st_mode) == 0o600
+    # MLflow: every call but /health needs the credentials.
+    search = f"{env['MLFLOW_TRACKING_URI']}/api/2.0/mlflow/experiments/search?max_results=5"
+    assert _status("GET", f"{env['MLFLOW_TRACKING_URI']}/health") == 200
+    assert _status("GET", search) == 401
+    assert _status("GET", search, f"{user}:wrong") == 401
+    assert _status("GET", search, f"{user}:{password}") == 200
+    # Prefect: every API call but /health needs the auth string.
+    flows = f"{env['PREFECT_API_URL']}/flows/filter"
+    assert _status("GET", f"{env['PREFECT_API_URL']}/health") == 200
+    assert _status("POST", flows, body=b"{}") == 401
+    assert _status("POST", flows, prefect_auth, body=b"{}") == 200
+    # Clients with the exported environment just work.
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    from mlflow import MlflowClient
+
+    assert MlflowClient(env["MLFLOW_TRACKING_URI"]).search_experiments()
+    # The credentials outlive a restart; the same stack is not re-opened without auth.
+    stack.down()
+    again = LocalStack(secured)
+    assert again.up(timeout_s=240)["MLFLOW_TRACKING_PASSWORD"] == password
+    with pytest.raises(StackError, match="--auth"):
+        LocalStack(dataclasses.replace(secured, auth=False)).up(timeout_s=60)

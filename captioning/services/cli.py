@@ -355,6 +355,12 @@ def _add_stack_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     up = actions.add_parser("up", parents=[common], help="start what is not running (running parts are kept)")
     up.add_argument("--s3", action=argparse.BooleanOptionalAction, help="also an S3 server (default: off)")
     up.add_argument("--worker", action=argparse.BooleanOptionalAction, help="a process worker (default: on)")
+    up.add_argument(
+        "--auth",
+        action=argparse.BooleanOptionalAction,
+        help="MLflow basic auth and a Prefect API auth string, with generated credentials (`stack env` "
+        "prints them); for servers others can reach (default: off, loopback)",
+    )
     up.add_argument("--prefect-port", type=int, help="Prefect server port (default 4200)")
     up.add_argument("--mlflow-port", type=int, help="MLflow server port (default 5000)")
     up.add_argument("--s3-port", type=int, help="S3 server port (default 9000)")
@@ -379,7 +385,17 @@ def _cmd_stack(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     if overrides:
         raise ConfigError(f"stack takes no config overrides: {' '.join(overrides)}")
     state_dir = args.state_dir or Path(STACK_STATE_DIR)
-    names = ("s3", "worker", "prefect_port", "mlflow_port", "s3_port", "work_pool", "gpu_slots", "workdir")
+    names = (
+        "s3",
+        "worker",
+        "auth",
+        "prefect_port",
+        "mlflow_port",
+        "s3_port",
+        "work_pool",
+        "gpu_slots",
+        "workdir",
+    )
     stack = LocalStack(load_settings(state_dir, **{name: getattr(args, name, None) for name in names}))
     where = f" --state-dir {state_dir}" if args.state_dir else ""
     try:
@@ -390,6 +406,8 @@ def _cmd_stack(args: argparse.Namespace, overrides: Sequence[str]) -> int:
             print(f"local stack up in {time.perf_counter() - start:.1f} s (state {state_dir})")
             print(f"  Prefect UI: {s.prefect_url}   (work pool {s.work_pool})")
             print(f"  MLflow UI:  {s.mlflow_url}")
+            if s.auth:
+                print("  auth: on (MLflow basic auth, Prefect API auth string; credentials: `stack env`)")
             if s.s3:
                 print(f"  S3:         {s.s3_url}   (bucket s3://{S3_BUCKET})")
             print(f'clients: eval "$(captioning stack env{where})"  or  source {stack.env_path}')

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from captioning.launch import live_process, stop_process_group
 from captioning.services.processes import private_dir, spawn_logged
+from captioning.services.stack_auth import StackCredentials
 
 DEFAULT_PORT = 5000
 READY_TIMEOUT_S = 90.0
@@ -63,8 +64,10 @@ class MlflowServer:
         host: str = "127.0.0.1",
         port: int = DEFAULT_PORT,
         artifacts_destination: str | None = None,
+        auth: StackCredentials | None = None,
     ) -> None:
         self.state_dir = Path(state_dir).resolve()
+        self.auth = auth  # None: open; else MLflow's basic-auth app with this admin (stack_auth.py)
         self.host = host
         self.port = port
         self.artifacts_destination = artifacts_destination or (self.state_dir / "artifacts").as_uri()
@@ -92,6 +95,7 @@ class MlflowServer:
             "--backend-store-uri", self.backend_store_uri,
             "--artifacts-destination", self.artifacts_destination,
             "--host", self.host, "--port", str(self.port), "--workers", "1",
+            *(["--app-name", "basic-auth"] if self.auth is not None else []),
         ]  # fmt: skip
 
     def start(self, timeout_s: float = READY_TIMEOUT_S) -> MlflowServer:
@@ -104,6 +108,8 @@ class MlflowServer:
             )
         private_dir(self.state_dir)
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        if self.auth is not None:
+            env.update(self.auth.mlflow_server_env(self.state_dir))
         self.process = spawn_logged(self.command(), log_path=self.log_path, env=env, pid_path=self.pid_path)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -21,18 +21,21 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from captioning.services.stack_auth import basic_header
 from captioning.services.stack_settings import StackError
 
 GPU_LIMIT = "gpu"
 LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
 
 
-def prefect_env(state_dir: str | os.PathLike[str], api_url: str) -> dict[str, str]:
+def prefect_env(state_dir: str | os.PathLike[str], api_url: str, auth: str | None = None) -> dict[str, str]:
     """The environment the Prefect server, its CLI and the worker need: a PREFECT_HOME (and SQLite
     database) under ``state_dir/prefect``, the API URL, no analytics, and log lines streamed to
-    watchers."""
+    watchers. ``auth``: the API auth string (``user:password``) the server requires and clients send.
+    """
     home = Path(state_dir).resolve() / "prefect"
-    return {
+    secured = {"PREFECT_SERVER_API_AUTH_STRING": auth, "PREFECT_API_AUTH_STRING": auth} if auth else {}
+    return secured | {
         "PREFECT_HOME": str(home),
         "PREFECT_API_URL": api_url,
         "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
@@ -50,15 +53,17 @@ def prefect_env(state_dir: str | os.PathLike[str], api_url: str) -> dict[str, st
 
 
 def http_json(
-    method: str, url: str, body: dict[str, Any] | None = None, timeout_s: float = 5.0
+    method: str, url: str, body: dict[str, Any] | None = None, timeout_s: float = 5.0, auth: str | None = None
 ) -> tuple[int, Any]:
-    """(status, parsed JSON or None) of one request; status 0 when nothing answers. http.client, unlike
-    urllib, never goes through an HTTP(S)_PROXY from the environment."""
+    """(status, parsed JSON or None) of one request (``auth``: ``user:password`` basic credentials);
+    status 0 when nothing answers. http.client, unlike urllib, never goes through an HTTP(S)_PROXY
+    from the environment."""
     parsed = urllib.parse.urlsplit(url)
     conn = http.client.HTTPConnection(parsed.hostname or "127.0.0.1", parsed.port, timeout=timeout_s)
     try:
         payload = json.dumps(body).encode() if body is not None else None
         headers = {"Content-Type": "application/json"} if payload is not None else {}
+        headers.update(basic_header(auth))
         conn.request(method, parsed.path or "/", body=payload, headers=headers)
         response = conn.getresponse()
         raw = response.read()
@@ -87,9 +92,11 @@ def server_healthy(api_url: str) -> bool:
     return http_json("GET", f"{api_url}/health", timeout_s=2.0)[0] == 200
 
 
-def worker_online(api_url: str, work_pool: str, worker_name: str, since: datetime | None = None) -> bool:
+def worker_online(
+    api_url: str, work_pool: str, worker_name: str, since: datetime | None = None, auth: str | None = None
+) -> bool:
     """Whether worker ``worker_name`` is ONLINE in ``work_pool`` (with a heartbeat after ``since``)."""
-    status, workers = http_json("POST", f"{api_url}/work_pools/{work_pool}/workers/filter", {})
+    status, workers = http_json("POST", f"{api_url}/work_pools/{work_pool}/workers/filter", {}, auth=auth)
     if status != 200 or not isinstance(workers, list):
         return False
     for worker in workers:
@@ -102,10 +109,10 @@ def worker_online(api_url: str, work_pool: str, worker_name: str, since: datetim
 
 
 def prefect_cli(
-    state_dir: str | os.PathLike[str], api_url: str, *args: str
+    state_dir: str | os.PathLike[str], api_url: str, *args: str, auth: str | None = None
 ) -> subprocess.CompletedProcess[str]:
     """``prefect ARGS...`` against the stack's server; output captured."""
-    env = {**os.environ, **prefect_env(state_dir, api_url)}
+    env = {**os.environ, **prefect_env(state_dir, api_url, auth)}
     return subprocess.run(
         [sys.executable, "-m", "prefect", *args],
         env=env,
@@ -116,21 +123,23 @@ def prefect_cli(
     )
 
 
-def ensure_work_pool(state_dir: str | os.PathLike[str], api_url: str, pool: str) -> None:
+def ensure_work_pool(
+    state_dir: str | os.PathLike[str], api_url: str, pool: str, auth: str | None = None
+) -> None:
     """A process work pool, made through the CLI (which fills in the process worker's job template)."""
-    if http_json("GET", f"{api_url}/work_pools/{pool}")[0] == 200:
+    if http_json("GET", f"{api_url}/work_pools/{pool}", auth=auth)[0] == 200:
         return
-    done = prefect_cli(state_dir, api_url, "work-pool", "create", pool, "--type", "process")
+    done = prefect_cli(state_dir, api_url, "work-pool", "create", pool, "--type", "process", auth=auth)
     if done.returncode != 0 and "already exists" not in done.stdout + done.stderr:
         raise StackError(f"prefect work-pool create {pool} failed:\n{done.stdout}{done.stderr}")
 
 
-def ensure_gpu_limit(api_url: str, slots: int) -> None:
+def ensure_gpu_limit(api_url: str, slots: int, auth: str | None = None) -> None:
     """The global concurrency limit ``gpu`` (slots = GPUs that flows may use at once); an existing
     one is left as it is."""
     url = f"{api_url}/v2/concurrency_limits/"
-    if http_json("GET", f"{url}{GPU_LIMIT}")[0] == 200:
+    if http_json("GET", f"{url}{GPU_LIMIT}", auth=auth)[0] == 200:
         return
-    status, answer = http_json("POST", url, {"name": GPU_LIMIT, "limit": slots})
+    status, answer = http_json("POST", url, {"name": GPU_LIMIT, "limit": slots}, auth=auth)
     if status not in (200, 201, 409):
         raise StackError(f"creating the {GPU_LIMIT!r} concurrency limit failed: HTTP {status} {answer}")

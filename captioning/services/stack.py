@@ -57,6 +57,7 @@ from captioning.services.prefect_server import (
 )
 from captioning.services.processes import private_dir, spawn_logged
 from captioning.services.s3_server import S3Server
+from captioning.services.stack_auth import StackCredentials
 from captioning.services.stack_settings import (
     COMPONENTS,
     MLFLOW,
@@ -105,6 +106,7 @@ class LocalStack:
         self._procs: dict[str, subprocess.Popen[bytes]] = {}  # what this object started
         self._mlflow_server: MlflowServer | None = None
         self._new_credentials: tuple[str, str] | None = None
+        self._new_auth: StackCredentials | None = None
 
     # paths ---------------------------------------------------------------------------------------------
 
@@ -129,7 +131,9 @@ class LocalStack:
     def _mlflow(self) -> MlflowServer:
         if self._mlflow_server is None:
             s = self.settings
-            self._mlflow_server = MlflowServer(self.state_dir / "mlflow", host=s.host, port=s.mlflow_port)
+            self._mlflow_server = MlflowServer(
+                self.state_dir / "mlflow", host=s.host, port=s.mlflow_port, auth=self._auth()
+            )
         return self._mlflow_server
 
     def _s3(self) -> S3Server:
@@ -152,6 +156,22 @@ class LocalStack:
         if self._new_credentials is None:
             self._new_credentials = (f"stack-{secrets.token_hex(6)}", secrets.token_urlsafe(24))
         return self._new_credentials
+
+    def _auth(self) -> StackCredentials | None:
+        """With ``settings.auth``: credentials made once per state folder and kept in stack.json."""
+        if not self.settings.auth:
+            return None
+        recorded = StackCredentials.from_json(read_json(self.json_path).get("auth_credentials"))
+        if recorded is not None:
+            return recorded
+        if self._new_auth is None:
+            self._new_auth = StackCredentials.generate()
+        return self._new_auth
+
+    @property
+    def _auth_string(self) -> str | None:
+        auth = self._auth()
+        return auth.prefect_auth_string if auth is not None else None
 
     # identity and health ---------------------------------------------------------------------------------
 
@@ -187,7 +207,7 @@ class LocalStack:
             return is_healthy(s.mlflow_url)
         if component == S3:
             return http_json("GET", f"{s.s3_url}/", timeout_s=2.0)[0] != 0  # any answer (403) is serving
-        return worker_online(s.api_url, s.work_pool, self.worker_name)
+        return worker_online(s.api_url, s.work_pool, self.worker_name, auth=self._auth_string)
 
     @property
     def worker_name(self) -> str:
@@ -200,9 +220,12 @@ class LocalStack:
     # public API ------------------------------------------------------------------------------------------
 
     def env(self) -> dict[str, str]:
-        """What a client needs: PREFECT_API_URL, MLFLOW_TRACKING_URI, and the AWS_* variables with S3."""
+        """What a client needs: PREFECT_API_URL, MLFLOW_TRACKING_URI, the credentials with ``auth``, and
+        the AWS_* variables with S3."""
         s = self.settings
         env = {"PREFECT_API_URL": s.api_url, "MLFLOW_TRACKING_URI": s.mlflow_url}
+        if (auth := self._auth()) is not None:
+            env.update(auth.client_env())
         if s.s3:
             access_key, secret_key = self._s3_credentials()
             env.update(
@@ -272,8 +295,10 @@ class LocalStack:
             for name in (MLFLOW, S3):
                 if self._enabled()[name] and name not in to_start:
                     self._wait_healthy(name, deadline)
-            ensure_work_pool(self.state_dir, self.settings.api_url, self.settings.work_pool)
-            ensure_gpu_limit(self.settings.api_url, self.settings.gpu_slots)
+            ensure_work_pool(
+                self.state_dir, self.settings.api_url, self.settings.work_pool, self._auth_string
+            )
+            ensure_gpu_limit(self.settings.api_url, self.settings.gpu_slots, self._auth_string)
             if WORKER in to_start:
                 started.append(WORKER)
                 self._start_worker(deadline)
@@ -297,9 +322,9 @@ class LocalStack:
     def _check_recorded_ports(self, running: dict[str, int | None]) -> None:
         """A running component keeps the port it was started on: moving it needs a ``down`` first."""
         keys = {
-            PREFECT_SERVER: ("host", "prefect_port"),
-            WORKER: ("host", "prefect_port", "work_pool"),
-            MLFLOW: ("host", "mlflow_port"),
+            PREFECT_SERVER: ("host", "prefect_port", "auth"),
+            WORKER: ("host", "prefect_port", "work_pool", "auth"),
+            MLFLOW: ("host", "mlflow_port", "auth"),
             S3: ("host", "s3_port"),
         }
         recorded = read_json(self.json_path).get("settings", {})
@@ -340,6 +365,8 @@ class LocalStack:
             "worker_name": self.worker_name,
             "s3_credentials": {"access_key": access_key, "secret_key": secret_key},
         }
+        if (auth := self._auth()) is not None:
+            record["auth_credentials"] = auth.to_json()
         tmp = self.json_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(record, indent=2) + "\n")
         tmp.chmod(0o600)  # it holds the S3 secret
@@ -367,7 +394,7 @@ class LocalStack:
         s = self.settings
         cmd = server_command(s.host, s.prefect_port)
         (self.state_dir / "prefect").mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **prefect_env(self.state_dir, s.api_url)}
+        env = {**os.environ, **prefect_env(self.state_dir, s.api_url, self._auth_string)}
         self._procs[PREFECT_SERVER] = spawn_logged(
             cmd, env=env, log_path=self.log_path(PREFECT_SERVER), pid_path=self.pid_path(PREFECT_SERVER)
         )
@@ -382,17 +409,16 @@ class LocalStack:
     def _start_worker(self, deadline: float) -> None:
         s = self.settings
         cmd = worker_command(s.work_pool, self.worker_name)
-        env = {**os.environ, **prefect_env(self.state_dir, s.api_url), "MLFLOW_TRACKING_URI": s.mlflow_url}
+        env = {**os.environ, **prefect_env(self.state_dir, s.api_url, self._auth_string)}
         env.update(QUIET_ENV)  # its log (and its flow runs' output in it) without bars or emoji lines
-        if s.s3:
-            env.update(self.env())
+        env.update(self.env())  # its flow runs reach MLflow (and S3) with the stack's credentials
         since = datetime.now(UTC) - timedelta(seconds=2)
         self._procs[WORKER] = spawn_logged(
             cmd, env=env, log_path=self.log_path(WORKER), pid_path=self.pid_path(WORKER), cwd=Path(s.workdir)
         )
         self._wait(
             WORKER,
-            lambda: worker_online(s.api_url, s.work_pool, self.worker_name, since),
+            lambda: worker_online(s.api_url, s.work_pool, self.worker_name, since, auth=self._auth_string),
             deadline,
             "is not online in its work pool",
         )

@@ -40,6 +40,7 @@ class StackSettings:
     work_pool: str = "captioning-local"
     gpu_slots: int = 1
     worker: bool = True
+    auth: bool = False  # MLflow basic auth + Prefect API auth string (stack_auth.py)
     workdir: Path = field(default_factory=Path.cwd)  # the worker's cwd: flow runs pull their code here
 
     @property
