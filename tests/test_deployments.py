@@ -173,8 +173,11 @@ def test_deployment_run_train_sat_demo_completes(stack: dict[str, Any]) -> None:
 def test_cancelling_a_training_run_leaves_no_torchrun_and_the_gpu_slot_is_exclusive(
     stack: dict[str, Any],
 ) -> None:
+    # Long enough to be cancelled mid-stage: many epochs, none of them an early stop (the tiny model's
+    # val CIDEr stays flat, so the default patience would end xe after a few epochs).
     long = [o for o in stack["overrides"] if not o.startswith("--train.xe.epochs")] + [
-        "--train.xe.epochs=500"
+        "--train.xe.epochs=500",
+        "--train.xe.early_stop_patience=1000",
     ]
     first_out = stack["root"] / "runs" / "cancel-1"
     second_out = stack["root"] / "runs" / "cancel-2"
