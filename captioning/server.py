@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import threading
 import urllib.parse
@@ -261,8 +262,9 @@ def make_server(args: argparse.Namespace) -> CaptionServer:
     model = CaptionPyfunc()
     model.load(resolved.checkpoint, device=args.device, limits=limits)
     assert model.predictor is not None
+    shown = args.model if args.model.startswith(("models:/", "runs:/")) else os.path.basename(args.model)
     description = {
-        "model": args.model,
+        "model": shown,  # a registry name as given; a file by its name only (no server path)
         "decoding": model.predictor.decoding,
         "limits": limits.to_config() | {"file_root": "on" if limits.file_root else "off"},
         "max_request_bytes": args.max_request_bytes,

@@ -122,6 +122,7 @@ def test_served_captions_are_the_models(served: Served, tmp_path: Path) -> None:
         assert status == 200 and body["predictions"][0]["caption"] == expected, payload
     status, about = served.request("GET", "/")
     assert status == 200 and about["limits"]["file_root"] == "off" and about["limits"]["max_beam_size"] == 20
+    assert about["model"] == "model.pt" and not any(path in json.dumps(about) for path in served.paths)
 
 
 @pytest.mark.usefixtures("subprocess_tree")
