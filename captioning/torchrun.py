@@ -63,8 +63,14 @@ def _patch_tcp_store() -> None:
             if is_master and is_loopback(host_name) and kwargs.get("master_listen_fd") is None:
                 listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                 listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                listener.bind((LOOPBACK, port))
-                listener.listen(socket.SOMAXCONN)
+                try:
+                    listener.bind((LOOPBACK, port))
+                    listener.listen(socket.SOMAXCONN)
+                except OSError as exc:
+                    listener.close()
+                    # Another agent on this machine hosts it (loopback "nodes"): the c10d backend then
+                    # joins as a client, but only after a RuntimeError, as TCPStore itself would raise.
+                    raise RuntimeError(f"cannot host the store on {LOOPBACK}:{port}: {exc}") from exc
                 host_name, port = LOOPBACK, listener.getsockname()[1]
                 kwargs["master_listen_fd"] = listener.detach()  # the store owns the socket from here
             super().__init__(host_name, port, *args, **kwargs)

@@ -323,3 +323,44 @@ def test_torchrun_command_multi_node() -> None:
     single = torchrun_command(["-m", "x"], nproc_per_node=1, rdzv_endpoint="head:29400")
     assert "--rdzv-endpoint=head:29400" in single and "--nnodes=1" in single
     assert not any(f.startswith(("--node-rank", "--rdzv-id")) for f in single)
+
+
+ALL_REDUCE = """
+import torch, torch.distributed as dist
+dist.init_process_group("gloo")
+value = torch.tensor([float(dist.get_rank() + 1)])
+dist.all_reduce(value)
+print(f"rank {dist.get_rank()} of {dist.get_world_size()}: sum {value.item()}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_two_loopback_nodes_meet_at_one_rendezvous(tmp_path: Path, torchrun: str) -> None:
+    """Two agents on this machine (loopback "nodes"), one process each, joined by the c10d rendezvous of
+    ``torchrun_command(nnodes=2)``: the first hosts the store, the second finds the port taken and joins."""
+    from s3server import free_port
+
+    script = tmp_path / "all_reduce.py"
+    script.write_text(ALL_REDUCE)
+    cmd = torchrun_command(
+        [str(script)],
+        nproc_per_node=1,
+        nnodes=2,
+        rdzv_endpoint=f"127.0.0.1:{free_port()}",
+        rdzv_id="two-nodes",
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    agents = [
+        subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
+    try:
+        outputs = [agent.communicate(timeout=180)[0] for agent in agents]
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                agent.kill()
+                agent.wait()
+    assert [agent.returncode for agent in agents] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    lines = sorted(line for o in outputs for line in o.splitlines() if line.startswith("rank "))
+    assert lines == ["rank 0 of 2: sum 3.0", "rank 1 of 2: sum 3.0"]
