@@ -35,6 +35,7 @@ from captioning.tracking import TrackingUnavailable
 
 TRUNCATION_MARKER = "...[truncated]"
 PARENT_TAG = "mlflow.parentRunId"
+STAGING_PREFIX = "mlflow-staging-"  # FALLBACK_DIR/<prefix><run id>: a run's artifacts waiting to upload
 RUN_NAME_TAG = "mlflow.runName"
 # What an experiment holds, as MLflow's UI records it (3.17: mlflow/server/js ExperimentKind); the
 # training kind, as opposed to "genai_development".

@@ -22,6 +22,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from captioning import storage
+from captioning.tracking.client import PARENT_TAG, STAGING_PREFIX, redact
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -29,8 +30,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PARENT_RUN_FILE = "tracking.json"
-PARENT_TAG = "mlflow.parentRunId"
-STAGING_PREFIX = "mlflow-staging-"
 
 
 def parent_run_of(output: str, client: MlflowClient) -> str | None:
@@ -62,8 +61,6 @@ def remember_parent_run(output: str, run_id: str, client: MlflowClient) -> None:
 
 
 def _server(client: MlflowClient) -> str:
-    from captioning.tracking.client import redact
-
     return redact(str(client.tracking_uri))
 
 

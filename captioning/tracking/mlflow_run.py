@@ -48,6 +48,7 @@ from captioning.tracking.client import (
     FIRST_BACKOFF_S,
     PARENT_TAG,
     RUN_NAME_TAG,
+    STAGING_PREFIX,
     Backend,
     ensure_experiment,
     is_transient,
@@ -207,7 +208,7 @@ class MlflowTracker:
         self._uploads = ArtifactUploads(
             client,
             self._cv,
-            os.path.join(settings.fallback_dir, f"mlflow-staging-{run_id or uuid.uuid4().hex}"),
+            os.path.join(settings.fallback_dir, f"{STAGING_PREFIX}{run_id or uuid.uuid4().hex}"),
             attempts=settings.artifact_attempts,
             run_id=lambda: self.run_id,
             name=run_name,
