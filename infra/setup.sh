@@ -8,14 +8,14 @@ VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 
 # Python >= 3.11 (tomllib, the typing the config tree uses).
-echo "setup: 1/5 Python: $("$PYTHON" --version 2>&1) ($(command -v "$PYTHON"))"
+echo "setup: 1/6 Python: $("$PYTHON" --version 2>&1) ($(command -v "$PYTHON"))"
 if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
     echo "setup: need Python >= 3.11, found $("$PYTHON" --version 2>&1)" >&2
     exit 1
 fi
 
 # A Java runtime: pycocoevalcap's PTB tokenizer and METEOR run on the JVM.
-echo "setup: 2/5 Java runtime (pycocoevalcap's tokenizer and METEOR run on the JVM)"
+echo "setup: 2/6 Java runtime (pycocoevalcap's tokenizer and METEOR run on the JVM)"
 if command -v java >/dev/null 2>&1; then
     echo "setup:   found: $(java -version 2>&1 | head -1)"
 else
@@ -31,7 +31,7 @@ fi
 
 # Chromium, optional: infra/ui_check.py renders the MLflow UI headless. Without it that check (and
 # tests/test_ui_check.py) skips, so failing to install it is a note, not an error.
-echo "setup: 3/5 Chromium, optional (the headless MLflow UI check)"
+echo "setup: 3/6 Chromium, optional (the headless MLflow UI check)"
 browser=$(command -v chromium || command -v chromium-browser || command -v google-chrome || true)
 if [ -n "$browser" ]; then
     echo "setup:   found: $browser"
@@ -48,17 +48,34 @@ else
     fi
 fi
 
-if [ -x "$VENV/bin/python" ]; then
-    echo "setup: 4/5 virtual environment: $VENV (already there)"
+# PostgreSQL's server binaries, optional: `captioning stack up --db postgres` runs a local cluster with
+# them (tests/test_postgres.py too). Without them SQLite stays the stack's database and those tests skip.
+echo "setup: 4/6 PostgreSQL server binaries, optional (captioning stack up --db postgres)"
+pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)
+if command -v initdb >/dev/null 2>&1 || [ -n "$pg_bin" ]; then
+    echo "setup:   found: ${pg_bin:-$(dirname "$(command -v initdb)")}"
+elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup:   none found; installing Debian's postgresql with apt-get (the stack runs its own cluster)"
+    if ! { apt-get update -qq \
+        && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null; }; then
+        echo "setup: note: could not install postgresql; --db postgres (and tests/test_postgres.py) unavailable" >&2
+    fi
 else
-    echo "setup: 4/5 virtual environment: creating $VENV"
+    echo "setup: note: no PostgreSQL server binaries and no root apt-get: --db postgres needs them" \
+        "(apt-get install postgresql), or give an existing server's URL" >&2
+fi
+
+if [ -x "$VENV/bin/python" ]; then
+    echo "setup: 5/6 virtual environment: $VENV (already there)"
+else
+    echo "setup: 5/6 virtual environment: creating $VENV"
     "$PYTHON" -m venv "$VENV"
 fi
 # The constraints file pins torch/torchvision together (a stray spec pulls GBs of CUDA packages).
 # pip's own upgrade is skipped: the pinned stack installs with the pip that venv ships. Its whole
 # output goes to a log; the terminal gets one line per package it fetches, then the count installed.
 PIP_LOG="$VENV/pip-install.log"
-echo "setup: 5/5 the pinned Python stack into $VENV (torch CPU, torchvision, Prefect, MLflow, pycocoevalcap," \
+echo "setup: 6/6 the pinned Python stack into $VENV (torch CPU, torchvision, Prefect, MLflow, pycocoevalcap," \
     "WebDataset, ...; a few minutes the first time; log: $PIP_LOG)"
 set +o pipefail
 "$VENV/bin/python" -m pip install --progress-bar off -c constraints.txt -e '.[dev]' 2>&1 | tee "$PIP_LOG" | awk '

@@ -104,7 +104,9 @@ def test_up_is_idempotent_and_down_leaves_nothing(
     # Its state (databases, logs, S3 keys) is its owner's only; its servers listen on loopback only.
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
     listening = set()
-    for name in COMPONENTS:
+    enabled = [name for name, info in stack.status().items() if info["enabled"]]
+    assert enabled == [name for name in COMPONENTS if name != "postgres"]  # SQLite: the default
+    for name in enabled:
         pid = stack.running_pid(name)
         assert pid is not None, name
         root = psutil.Process(pid)
@@ -154,14 +156,14 @@ def test_up_is_idempotent_and_down_leaves_nothing(
         assert (state / "pids" / f"{name}.pid").is_file()
         assert (state / "logs" / f"{name}.log").is_file()
     assert (state / "mlflow" / "server.pid").is_file()
-    status = stack.status()
+    status = {name: c for name, c in stack.status().items() if c["enabled"]}
     assert all(c["running"] and c["healthy"] for c in status.values()), status
     pids = {name: c["pid"] for name, c in status.items()}
 
     # Again, from the recorded settings (as the CLI does): a no-op that keeps every process.
     again = LocalStack(load_settings(settings.state_dir))
     assert again.up(timeout_s=60) == env
-    assert {name: c["pid"] for name, c in again.status().items()} == pids
+    assert {name: c["pid"] for name, c in again.status().items() if c["enabled"]} == pids
     moved = dataclasses.replace(settings, mlflow_port=free_port())
     with pytest.raises(StackError, match=f"running with --mlflow-port {mlflow}"):
         LocalStack(moved).up(timeout_s=60)

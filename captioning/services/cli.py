@@ -336,6 +336,7 @@ A later `up` reuses the settings the last one recorded there (STATE_DIR/stack.js
 again, so `down`, `status` and `env` need only --state-dir.
 
   captioning stack up --s3                 # prints the Prefect and MLflow UI URLs
+  captioning stack up --db postgres        # both servers on a local PostgreSQL (default: SQLite)
   eval "$(captioning stack env)"           # PREFECT_API_URL, MLFLOW_TRACKING_URI, AWS_* (with --s3)
   captioning stack status
   captioning stack down
@@ -364,6 +365,14 @@ def _add_stack_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     up.add_argument("--prefect-port", type=int, help="Prefect server port (default 4200)")
     up.add_argument("--mlflow-port", type=int, help="MLflow server port (default 5000)")
     up.add_argument("--s3-port", type=int, help="S3 server port (default 9000)")
+    up.add_argument(
+        "--db",
+        metavar="sqlite|postgres|URL",
+        help="where Prefect and MLflow keep their state: sqlite (files, the default), postgres (a local "
+        "PostgreSQL cluster in the state folder, loopback, generated password) or an existing server's "
+        "postgresql://USER:PASSWORD@HOST:PORT (databases prefect and mlflow are made there when missing)",
+    )
+    up.add_argument("--postgres-port", type=int, help="the local PostgreSQL's port (default 5432)")
     up.add_argument("--work-pool", help="process work pool name (default captioning-local)")
     up.add_argument("--gpu-slots", type=int, help="limit of the `gpu` global concurrency limit (default 1)")
     up.add_argument("--workdir", type=Path, help="the worker's working folder (default: the current one)")
@@ -392,6 +401,8 @@ def _cmd_stack(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         "prefect_port",
         "mlflow_port",
         "s3_port",
+        "db",
+        "postgres_port",
         "work_pool",
         "gpu_slots",
         "workdir",
@@ -410,6 +421,9 @@ def _cmd_stack(args: argparse.Namespace, overrides: Sequence[str]) -> int:
                 print("  auth: on (MLflow basic auth, Prefect API auth string; credentials: `stack env`)")
             if s.s3:
                 print(f"  S3:         {s.s3_url}   (bucket s3://{S3_BUCKET})")
+            if s.db != "sqlite":
+                where_db = f"local cluster on {s.host}:{s.postgres_port}" if s.db == "postgres" else s.db
+                print(f"  database:   PostgreSQL, {where_db} (databases prefect and mlflow)")
             print(f'clients: eval "$(captioning stack env{where})"  or  source {stack.env_path}')
             print(f"stop with: captioning stack down{where}")
             return 0

@@ -1,4 +1,4 @@
-"""A local MLflow tracking server on loopback: SQLite backend, local or S3 artifacts.
+"""A local MLflow tracking server on loopback: SQLite (or a PostgreSQL database) backend, local or S3 artifacts.
 
     server = MlflowServer(state_dir="demo-data/mlflow", port=5000).start()   # waits until /health is OK
     server.url                                                                 # http://127.0.0.1:5000
@@ -65,8 +65,12 @@ class MlflowServer:
         port: int = DEFAULT_PORT,
         artifacts_destination: str | None = None,
         auth: StackCredentials | None = None,
+        backend_store_uri: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.state_dir = Path(state_dir).resolve()
+        self._backend_store_uri = backend_store_uri  # None: mlflow.db in state_dir
+        self.env = env or {}  # e.g. PGPASSWORD for a PostgreSQL backend (never on the command line)
         self.auth = auth  # None: open; else MLflow's basic-auth app with this admin (stack_auth.py)
         self.host = host
         self.port = port
@@ -79,7 +83,7 @@ class MlflowServer:
 
     @property
     def backend_store_uri(self) -> str:
-        return f"sqlite:///{self.state_dir / 'mlflow.db'}"
+        return self._backend_store_uri or f"sqlite:///{self.state_dir / 'mlflow.db'}"
 
     @property
     def log_path(self) -> Path:
@@ -107,9 +111,10 @@ class MlflowServer:
                 f"port {self.port} on {self.host} is taken by another process: choose --port or stop it"
             )
         private_dir(self.state_dir)
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        env = {**os.environ, **self.env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         if self.auth is not None:
             env.update(self.auth.mlflow_server_env(self.state_dir))
+        self.migrate(env)
         self.process = spawn_logged(self.command(), log_path=self.log_path, env=env, pid_path=self.pid_path)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -123,6 +128,21 @@ class MlflowServer:
         raise MlflowServerError(
             f"mlflow server not healthy at {self.url} after {timeout_s:.0f} s; see {self.log_path}"
         )
+
+    def migrate(self, env: dict[str, str]) -> None:
+        """``mlflow db upgrade`` on a database server's store that has MLflow's tables (the server
+        refuses an older schema; an empty one it creates at the newest itself). SQLite files are left
+        to the server, as before."""
+        if self.backend_store_uri.startswith("sqlite:") or not _has_table(self.backend_store_uri, env):
+            return
+        cmd = [sys.executable, "-m", "mlflow", "db", "upgrade", self.backend_store_uri]
+        done = subprocess.run(
+            cmd, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300
+        )
+        if done.returncode != 0:
+            raise MlflowServerError(
+                f"mlflow db upgrade failed (exit {done.returncode}):\n{done.stderr[-3000:]}"
+            )
 
     def running_pid(self) -> int | None:
         """The pid in server.pid when that process is alive."""
@@ -141,3 +161,15 @@ class MlflowServer:
         stop_process_group(pid, ((signal.SIGTERM, timeout_s),), reap=self.process)
         self.pid_path.unlink(missing_ok=True)
         self.process = None
+
+
+def _has_table(store_uri: str, env: dict[str, str], table: str = "alembic_version") -> bool:
+    """Whether the database at ``store_uri`` has ``table`` (its password from ``env``'s PGPASSWORD)."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(store_uri, connect_args={"password": env.get("PGPASSWORD", "")})
+    try:
+        with engine.connect() as conn:
+            return bool(sqlalchemy.inspect(conn).has_table(table))
+    finally:
+        engine.dispose()

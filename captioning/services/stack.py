@@ -1,6 +1,6 @@
 """The local stack: a Prefect server and process worker, an MLflow server and (optionally) an S3 server.
 
-    captioning stack up [--s3]             # starts what is not running yet; prints the URLs
+    captioning stack up [--s3] [--db postgres]   # starts what is not running yet; prints the URLs
     eval "$(captioning stack env)"         # PREFECT_API_URL, MLFLOW_TRACKING_URI (and AWS_* with --s3)
     captioning stack status
     captioning stack down                  # the worker first (SIGINT), then the servers
@@ -15,6 +15,8 @@ Everything binds to 127.0.0.1 and keeps its state in one folder (default ``demo-
     env.sh                 ``export`` lines for clients (``captioning stack env`` prints the same)
     pids/{prefect-server,worker,s3}.pid     logs/{prefect-server,worker,s3}.log
     prefect/               PREFECT_HOME: the server's SQLite database, profiles, UI build
+    postgres/              with ``--db postgres``: the PostgreSQL cluster (data/, server.log,
+                           server.pid) that holds the Prefect and MLflow databases (postgres.py)
     mlflow/                the MLflow server's state (mlflow_server.py): mlflow.db,
                            artifacts/, and its own server.pid and server.log
     s3/                    the S3 root: each folder is a bucket (``captioning`` is made by default)
@@ -25,7 +27,10 @@ up`` and no terminal signal reaches it, and stopping takes its whole process gro
 processes, a server's workers). A pid file counts only while its process is alive and is this stack's
 (its command line or ``PREFECT_HOME`` names the state folder), so a recycled pid is never signalled.
 Prefect is driven through its CLI and REST API as subprocesses (prefect_server.py): the library never
-imports it. The settings, their record and the status lines are in stack_settings.py.
+imports it. Both servers keep their state in SQLite by default; with ``db="postgres"`` in a local
+PostgreSQL cluster the stack starts first and stops last, with ``db="postgresql://USER:PW@HOST:PORT"``
+in an existing server (databases ``prefect`` and ``mlflow``, made when missing); migrations run at
+each start (Prefect's on its own, MLflow's with ``mlflow db upgrade``). The settings, their record and the status lines are in stack_settings.py.
 """
 
 from __future__ import annotations
@@ -33,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 import signal
 import subprocess
 import time
@@ -45,6 +49,7 @@ from typing import Any
 from captioning.launch import live_process, stop_process_group
 from captioning.progress import QUIET_ENV
 from captioning.services.mlflow_server import MlflowServer, is_healthy, port_is_open
+from captioning.services.postgres import LocalPostgres, PostgresTarget, redact
 from captioning.services.prefect_server import (
     ensure_gpu_limit,
     ensure_work_pool,
@@ -57,11 +62,12 @@ from captioning.services.prefect_server import (
 )
 from captioning.services.processes import private_dir, spawn_logged
 from captioning.services.s3_server import S3Server
-from captioning.services.stack_auth import StackCredentials
+from captioning.services.stack_auth import StackSecrets
 from captioning.services.stack_settings import (
     COMPONENTS,
     MLFLOW,
     PORT_OPTIONS,
+    POSTGRES,
     PREFECT_SERVER,
     S3,
     S3_BUCKET,
@@ -105,8 +111,14 @@ class LocalStack:
         self.state_dir = Path(settings.state_dir).resolve()
         self._procs: dict[str, subprocess.Popen[bytes]] = {}  # what this object started
         self._mlflow_server: MlflowServer | None = None
-        self._new_credentials: tuple[str, str] | None = None
-        self._new_auth: StackCredentials | None = None
+        self._secrets = StackSecrets(read_json(self.json_path), auth=settings.auth)
+        if settings.db.startswith(("postgresql:", "postgres:")):  # an existing server: the URL's password
+            target, password = PostgresTarget.parse(settings.db)  # is a secret, the rest a setting
+            self._secrets.db_password(password)
+            settings.db = redact(settings.db).replace(":***@", "@")
+            self._db_target: PostgresTarget | None = target
+        else:
+            self._db_target = None
 
     # paths ---------------------------------------------------------------------------------------------
 
@@ -121,23 +133,52 @@ class LocalStack:
     def pid_path(self, component: str) -> Path:
         if component == MLFLOW:
             return self._mlflow().pid_path
+        if component == POSTGRES:
+            return self._postgres().pid_path
         return self.state_dir / "pids" / f"{component}.pid"
 
     def log_path(self, component: str) -> Path:
         if component == MLFLOW:
             return self._mlflow().log_path
+        if component == POSTGRES:
+            return self._postgres().log_path
         return self.state_dir / "logs" / f"{component}.log"
 
     def _mlflow(self) -> MlflowServer:
         if self._mlflow_server is None:
             s = self.settings
+            database = self._database()
             self._mlflow_server = MlflowServer(
-                self.state_dir / "mlflow", host=s.host, port=s.mlflow_port, auth=self._auth()
+                self.state_dir / "mlflow",
+                host=s.host,
+                port=s.mlflow_port,
+                auth=self._secrets.auth(),
+                backend_store_uri=database.url("mlflow") if database is not None else None,
+                env=self._db_env(),
             )
         return self._mlflow_server
 
+    def _postgres(self) -> LocalPostgres:
+        s = self.settings
+        return LocalPostgres(
+            self.state_dir / "postgres",
+            host=s.host,
+            port=s.postgres_port,
+            password=self._secrets.db_password(),
+        )
+
+    def _database(self) -> PostgresTarget | None:
+        """The PostgreSQL server behind both servers; None: SQLite."""
+        if self.settings.db == "postgres":
+            return self._postgres().target
+        return self._db_target
+
+    def _db_env(self) -> dict[str, str]:
+        """What a server process needs to log in (module docstring of postgres.py)."""
+        return {"PGPASSWORD": self._secrets.db_password()} if self._database() is not None else {}
+
     def _s3(self) -> S3Server:
-        access_key, secret_key = self._s3_credentials()
+        access_key, secret_key = self._secrets.s3()
         return S3Server(
             self.state_dir / "s3",
             port=self.settings.s3_port,
@@ -148,30 +189,9 @@ class LocalStack:
             pid_path=self.pid_path(S3),
         )
 
-    def _s3_credentials(self) -> tuple[str, str]:
-        """Keys made once per state folder and kept in stack.json, so clients' env stays valid."""
-        recorded = read_json(self.json_path).get("s3_credentials") or {}
-        if recorded.get("access_key") and recorded.get("secret_key"):
-            return recorded["access_key"], recorded["secret_key"]
-        if self._new_credentials is None:
-            self._new_credentials = (f"stack-{secrets.token_hex(6)}", secrets.token_urlsafe(24))
-        return self._new_credentials
-
-    def _auth(self) -> StackCredentials | None:
-        """With ``settings.auth``: credentials made once per state folder and kept in stack.json."""
-        if not self.settings.auth:
-            return None
-        recorded = StackCredentials.from_json(read_json(self.json_path).get("auth_credentials"))
-        if recorded is not None:
-            return recorded
-        if self._new_auth is None:
-            self._new_auth = StackCredentials.generate()
-        return self._new_auth
-
     @property
     def _auth_string(self) -> str | None:
-        auth = self._auth()
-        return auth.prefect_auth_string if auth is not None else None
+        return self._secrets.auth_string
 
     # identity and health ---------------------------------------------------------------------------------
 
@@ -185,6 +205,8 @@ class LocalStack:
                 return self._mlflow().backend_store_uri in cmdline
             if component == S3:
                 return str(self.state_dir / "s3") in cmdline
+            if component == POSTGRES:
+                return str(self._postgres().data_dir) in cmdline
             home = process.environ().get("PREFECT_HOME")
         except psutil.Error:
             return False
@@ -207,6 +229,8 @@ class LocalStack:
             return is_healthy(s.mlflow_url)
         if component == S3:
             return http_json("GET", f"{s.s3_url}/", timeout_s=2.0)[0] != 0  # any answer (403) is serving
+        if component == POSTGRES:
+            return self._postgres().target.answers(self._secrets.db_password())
         return worker_online(s.api_url, s.work_pool, self.worker_name, auth=self._auth_string)
 
     @property
@@ -215,7 +239,7 @@ class LocalStack:
 
     def _enabled(self) -> dict[str, bool]:
         s = self.settings
-        return {PREFECT_SERVER: True, WORKER: s.worker, MLFLOW: True, S3: s.s3}
+        return {PREFECT_SERVER: True, WORKER: s.worker, MLFLOW: True, S3: s.s3, POSTGRES: s.db == "postgres"}
 
     # public API ------------------------------------------------------------------------------------------
 
@@ -224,10 +248,10 @@ class LocalStack:
         the AWS_* variables with S3."""
         s = self.settings
         env = {"PREFECT_API_URL": s.api_url, "MLFLOW_TRACKING_URI": s.mlflow_url}
-        if (auth := self._auth()) is not None:
+        if (auth := self._secrets.auth()) is not None:
             env.update(auth.client_env())
         if s.s3:
-            access_key, secret_key = self._s3_credentials()
+            access_key, secret_key = self._secrets.s3()
             env.update(
                 {
                     "AWS_ACCESS_KEY_ID": access_key,
@@ -249,6 +273,7 @@ class LocalStack:
             WORKER: f"pool {s.work_pool}",
             MLFLOW: s.mlflow_url,
             S3: s.s3_url,
+            POSTGRES: f"postgresql://{s.host}:{s.postgres_port}",
         }
         enabled = self._enabled()
         result = {}
@@ -284,6 +309,10 @@ class LocalStack:
             if S3 in to_start:
                 started.append(S3)
                 self._start_s3(deadline)
+            if POSTGRES in to_start:
+                started.append(POSTGRES)
+                self._start_postgres(deadline)
+            self._prepare_database()
             if PREFECT_SERVER in to_start:
                 started.append(PREFECT_SERVER)
                 self._spawn_prefect_server()
@@ -292,7 +321,7 @@ class LocalStack:
                 started.append(MLFLOW)
                 self._start_mlflow(deadline)
             self._wait_healthy(PREFECT_SERVER, deadline)
-            for name in (MLFLOW, S3):
+            for name in (MLFLOW, S3, POSTGRES):
                 if self._enabled()[name] and name not in to_start:
                     self._wait_healthy(name, deadline)
             ensure_work_pool(
@@ -314,18 +343,20 @@ class LocalStack:
 
     def down(self, timeout_s: float = 60) -> None:
         """Stop every component that runs: the worker first (SIGINT, then SIGTERM/SIGKILL after a grace
-        period), then MLflow, S3 and the Prefect server; removes the pid files. Idempotent."""
-        self._stop([WORKER, MLFLOW, S3, PREFECT_SERVER], time.monotonic() + timeout_s)
+        period), then MLflow, S3, the Prefect server and PostgreSQL (a fast shutdown: its data stays);
+        removes the pid files. Idempotent."""
+        self._stop([WORKER, MLFLOW, S3, PREFECT_SERVER, POSTGRES], time.monotonic() + timeout_s)
 
     # steps -----------------------------------------------------------------------------------------------
 
     def _check_recorded_ports(self, running: dict[str, int | None]) -> None:
         """A running component keeps the port it was started on: moving it needs a ``down`` first."""
         keys = {
-            PREFECT_SERVER: ("host", "prefect_port", "auth"),
+            PREFECT_SERVER: ("host", "prefect_port", "auth", "db"),
             WORKER: ("host", "prefect_port", "work_pool", "auth"),
-            MLFLOW: ("host", "mlflow_port", "auth"),
+            MLFLOW: ("host", "mlflow_port", "auth", "db"),
             S3: ("host", "s3_port"),
+            POSTGRES: ("host", "postgres_port"),
         }
         recorded = read_json(self.json_path).get("settings", {})
         wanted = self.settings.to_json()
@@ -341,6 +372,7 @@ class LocalStack:
         s = self.settings
         ports = {PREFECT_SERVER: ("prefect_port", s.prefect_port), MLFLOW: ("mlflow_port", s.mlflow_port)}
         ports[S3] = ("s3_port", s.s3_port)
+        ports[POSTGRES] = ("postgres_port", s.postgres_port)
         for name in to_start:
             if name in ports:
                 key, port = ports[name]
@@ -351,7 +383,6 @@ class LocalStack:
                     )
 
     def _write_record(self) -> None:
-        access_key, secret_key = self._s3_credentials()
         s = self.settings
         record = {
             "settings": s.to_json(),
@@ -363,10 +394,10 @@ class LocalStack:
             },
             "work_pool": s.work_pool,
             "worker_name": self.worker_name,
-            "s3_credentials": {"access_key": access_key, "secret_key": secret_key},
+            **self._secrets.record(db=self._database() is not None),
         }
-        if (auth := self._auth()) is not None:
-            record["auth_credentials"] = auth.to_json()
+        if (database := self._database()) is not None:
+            record["databases"] = {"prefect": database.url("prefect"), "mlflow": database.url("mlflow")}
         tmp = self.json_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(record, indent=2) + "\n")
         tmp.chmod(0o600)  # it holds the S3 secret
@@ -390,11 +421,35 @@ class LocalStack:
         if server.process is not None:
             self._procs[component] = server.process
 
+    def _start_postgres(self, deadline: float) -> None:
+        server = self._postgres()
+        timeout_s = max(1.0, deadline - time.monotonic())
+        self._start_server(
+            POSTGRES,
+            server,
+            lambda: server.start(timeout_s),
+            f"PostgreSQL on {server.target.host}:{server.target.port}",
+        )
+
+    def _prepare_database(self) -> None:
+        """The ``prefect`` and ``mlflow`` databases exist on the PostgreSQL server (when there is one)."""
+        database = self._database()
+        if database is None:
+            return
+        if not database.answers(self._secrets.db_password()):
+            raise StackError(
+                f"the PostgreSQL server {database.url('postgres')} does not accept the stack's login "
+                f"(a wrong password, or it is down)"
+            )
+        database.ensure_databases(self._secrets.db_password())
+
     def _spawn_prefect_server(self) -> None:
         s = self.settings
         cmd = server_command(s.host, s.prefect_port)
         (self.state_dir / "prefect").mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **prefect_env(self.state_dir, s.api_url, self._auth_string)}
+        env = {**os.environ, **prefect_env(self.state_dir, s.api_url, self._auth_string), **self._db_env()}
+        if (database := self._database()) is not None:
+            env["PREFECT_API_DATABASE_CONNECTION_URL"] = database.url("prefect", driver="asyncpg")
         self._procs[PREFECT_SERVER] = spawn_logged(
             cmd, env=env, log_path=self.log_path(PREFECT_SERVER), pid_path=self.pid_path(PREFECT_SERVER)
         )
@@ -454,6 +509,8 @@ class LocalStack:
                 signals: tuple[tuple[signal.Signals, float], ...]
                 if name == WORKER:
                     signals = ((signal.SIGINT, min(WORKER_GRACE_S, left)), (signal.SIGTERM, 5.0))
+                elif name == POSTGRES:  # SIGINT: a fast shutdown (SIGTERM waits for every client to leave)
+                    signals = ((signal.SIGINT, min(30.0, left)), (signal.SIGTERM, 5.0))
                 else:
                     signals = ((signal.SIGTERM, min(15.0, left)),)
                 stop_process_group(pid, signals, reap=process)

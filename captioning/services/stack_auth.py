@@ -95,3 +95,59 @@ def basic_header(auth_string: str | None) -> dict[str, str]:
     if not auth_string:
         return {}
     return {"Authorization": "Basic " + base64.b64encode(auth_string.encode()).decode("ascii")}
+
+
+class StackSecrets:
+    """The secrets a stack makes once per state folder and keeps in ``stack.json`` (0600), so that a
+    restart keeps clients' environments valid: the S3 keys, the ``auth`` credentials and the
+    PostgreSQL password (generated for a local cluster, or the one an existing server's URL gave)."""
+
+    def __init__(self, recorded: dict[str, Any], *, auth: bool) -> None:
+        self._recorded = recorded
+        self._auth_on = auth
+        self._s3: tuple[str, str] | None = None
+        self._auth: StackCredentials | None = None
+        self._db_password: str | None = None
+
+    def s3(self) -> tuple[str, str]:
+        keys = self._recorded.get("s3_credentials") or {}
+        if keys.get("access_key") and keys.get("secret_key"):
+            return keys["access_key"], keys["secret_key"]
+        if self._s3 is None:
+            self._s3 = (f"stack-{secrets.token_hex(6)}", secrets.token_urlsafe(24))
+        return self._s3
+
+    def auth(self) -> StackCredentials | None:
+        """With ``auth`` on: the credentials of both servers; None otherwise."""
+        if not self._auth_on:
+            return None
+        recorded = StackCredentials.from_json(self._recorded.get("auth_credentials"))
+        if recorded is not None:
+            return recorded
+        if self._auth is None:
+            self._auth = StackCredentials.generate()
+        return self._auth
+
+    @property
+    def auth_string(self) -> str | None:
+        auth = self.auth()
+        return auth.prefect_auth_string if auth is not None else None
+
+    def db_password(self, given: str | None = None) -> str:
+        """``given`` (from an existing server's URL) when there is one, else the recorded password,
+        else a new one (a local cluster's superuser's)."""
+        if given:
+            self._db_password = given
+        if self._db_password is None:
+            self._db_password = self._recorded.get("db_password") or secrets.token_urlsafe(24)
+        return self._db_password
+
+    def record(self, *, db: bool) -> dict[str, Any]:
+        """What ``stack.json`` keeps."""
+        access_key, secret_key = self.s3()
+        record: dict[str, Any] = {"s3_credentials": {"access_key": access_key, "secret_key": secret_key}}
+        if (auth := self.auth()) is not None:
+            record["auth_credentials"] = auth.to_json()
+        if db:
+            record["db_password"] = self.db_password()
+        return record

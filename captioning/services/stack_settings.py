@@ -17,10 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-PREFECT_SERVER, WORKER, MLFLOW, S3 = "prefect-server", "worker", "mlflow", "s3"
-COMPONENTS = (PREFECT_SERVER, WORKER, MLFLOW, S3)
+PREFECT_SERVER, WORKER, MLFLOW, S3, POSTGRES = "prefect-server", "worker", "mlflow", "s3", "postgres"
+COMPONENTS = (PREFECT_SERVER, WORKER, MLFLOW, S3, POSTGRES)
 S3_BUCKET = "captioning"
-PORT_OPTIONS = {"prefect_port": "--prefect-port", "mlflow_port": "--mlflow-port", "s3_port": "--s3-port"}
+PORT_OPTIONS = {
+    "prefect_port": "--prefect-port",
+    "mlflow_port": "--mlflow-port",
+    "s3_port": "--s3-port",
+    "postgres_port": "--postgres-port",
+}
 
 
 class StackError(RuntimeError):
@@ -41,6 +46,10 @@ class StackSettings:
     gpu_slots: int = 1
     worker: bool = True
     auth: bool = False  # MLflow basic auth + Prefect API auth string (stack_auth.py)
+    # Where both servers keep their state: "sqlite" (files in the state folder), "postgres" (a local
+    # cluster the stack runs) or an existing server's "postgresql://USER@HOST:PORT" (postgres.py).
+    db: str = "sqlite"
+    postgres_port: int = 5432
     workdir: Path = field(default_factory=Path.cwd)  # the worker's cwd: flow runs pull their code here
 
     @property
@@ -58,6 +67,13 @@ class StackSettings:
     @property
     def s3_url(self) -> str:
         return f"http://{self.host}:{self.s3_port}"
+
+    def __post_init__(self) -> None:
+        if self.db not in ("sqlite", "postgres") and not self.db.startswith(("postgresql://", "postgres://")):
+            raise StackError(
+                f"--db {self.db!r}: expected sqlite, postgres or an existing server's "
+                "postgresql://USER:PASSWORD@HOST:PORT"
+            )
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
