@@ -68,15 +68,23 @@ def torchrun_command(
     node_rank: int | None = None,
     rdzv_endpoint: str | None = None,
     rdzv_id: str | None = None,
+    max_restarts: int = 0,
+    rdzv_hosted_elsewhere: bool = False,
+    local_addr: str | None = None,
 ) -> list[str]:
     """``python -m captioning.torchrun`` (torchrun) with this interpreter: one node or several.
 
     One node (no ``rdzv_endpoint``): its stores and collectives listen on 127.0.0.1 only
     (``captioning.torchrun.loopback_args``). Several nodes need ``rdzv_endpoint`` (host:port of the
     c10d rendezvous, reachable from every node) and the same ``rdzv_id`` on each; torchrun assigns
-    ranks when ``node_rank`` is None.
+    ranks when ``node_rank`` is None. ``rdzv_hosted_elsewhere``: no agent hosts the rendezvous store
+    (the orchestrator does: ``captioning.torchrun.host_rendezvous_store``). ``local_addr``: the address
+    this node's agent and workers are reached at (default: its host name). ``max_restarts``: elastic
+    restarts of the worker group after a failure.
     """
     cmd = [sys.executable, "-m", "captioning.torchrun"]
+    if max_restarts:
+        cmd.append(f"--max-restarts={max_restarts}")
     if nnodes == 1 and rdzv_endpoint is None:
         cmd += loopback_args(nproc_per_node)
     else:
@@ -92,6 +100,10 @@ def torchrun_command(
             cmd.append(f"--rdzv-id={rdzv_id}")
         if node_rank is not None:
             cmd.append(f"--node-rank={node_rank}")
+        if rdzv_hosted_elsewhere:
+            cmd.append("--rdzv-conf=is_host=0")
+        if local_addr:
+            cmd.append(f"--local-addr={local_addr}")
     return [*cmd, *args]
 
 

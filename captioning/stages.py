@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from captioning import storage
@@ -42,6 +43,19 @@ logger = logging.getLogger(__name__)
 DEFAULT_METRIC = "CIDEr"  # what picks the best stage, as the registry's champion gate compares
 
 Launch = Callable[[str, str | None], StageResult]  # (stage, init_from) -> its result
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where the ``nnodes`` node agents of one multi-node stage launch meet: the c10d store at
+    ``endpoint`` (host:port, hosted by the orchestrator, not by a node: ``host_rendezvous_store``),
+    under ``run_id`` (the same on every node, a new one per launch). ``local_addr``: the address each
+    node is reached at (127.0.0.1 for loopback "nodes"; None: the node's host name)."""
+
+    endpoint: str
+    run_id: str
+    nnodes: int
+    local_addr: str | None = None
 
 
 class StageError(RuntimeError):
@@ -90,18 +104,34 @@ def stage_command(
     tracker: str = "auto",
     nnodes: int = 1,
     rdzv_endpoint: str | None = None,
+    max_restarts: int = 0,
+    rendezvous: Rendezvous | None = None,
 ) -> list[str]:
-    """The ``torchrun -m captioning.train`` command line for one stage (one node, or several joined
-    by a c10d rendezvous at ``rdzv_endpoint``)."""
+    """The ``torchrun -m captioning.train`` command line for one stage: one node, several joined by a
+    c10d rendezvous at ``rdzv_endpoint`` that node 0's agent hosts (a hand-started cluster), or one
+    node of an orchestrated ``rendezvous`` (the train-node flow)."""
     args = stage_args(
         recipe, stage, output, overrides, init_from=init_from, parent_run_id=parent_run_id, tracker=tracker
     )
+    module = ["-m", "captioning.train", *args]
+    if rendezvous is not None:
+        return torchrun_command(
+            module,
+            nproc_per_node=nproc_per_node,
+            nnodes=rendezvous.nnodes,
+            rdzv_endpoint=rendezvous.endpoint,
+            rdzv_id=rendezvous.run_id,
+            max_restarts=max_restarts,
+            rdzv_hosted_elsewhere=True,
+            local_addr=rendezvous.local_addr,
+        )
     return torchrun_command(
-        ["-m", "captioning.train", *args],
+        module,
         nproc_per_node=nproc_per_node,
         nnodes=nnodes,
         rdzv_endpoint=rdzv_endpoint,
         rdzv_id=f"{os.path.basename(output.rstrip('/'))}-{stage}" if rdzv_endpoint else None,
+        max_restarts=max_restarts,
     )
 
 
@@ -118,24 +148,21 @@ def launch_stage(
     timeout_s: float | None = None,
     on_line: Callable[[str], None] = print,
     env: Mapping[str, str] | None = None,
+    rendezvous: Rendezvous | None = None,
 ) -> StageResult:
     """Train ``stage`` under torchrun into ``output/stage``; return its result (best checkpoint, test scores).
 
     A stage already finished under ``output`` is returned as it is, without a launch; one interrupted
-    earlier resumes. ``nproc_per_node`` defaults to the recipe's ``train.nproc_per_node``. Raises
-    LaunchError (with the last lines of output) when training fails, LaunchTimeout when it runs past
-    ``timeout_s``; its whole process tree is gone either way.
+    earlier resumes. ``nproc_per_node`` defaults to the recipe's ``train.nproc_per_node``; elastic
+    restarts are the recipe's ``train.max_restarts``. Raises LaunchError (with the last lines of
+    output) when training fails, LaunchTimeout when it runs past ``timeout_s``; its whole process
+    tree is gone either way. With ``rendezvous`` this is one node of a multi-node launch (the
+    train-node flow): whoever orchestrates the nodes ends the stage's leftover runs, not each node.
     """
     cfg = load_config(recipe, normalize_overrides(overrides))  # a bad override fails here, before a launch
     status = stage_status(output, stage)
     if status == "finished":
-        try:
-            found = finished_result(output, stage, cfg.to_dict())
-        except SettingsChanged as exc:
-            raise StageError(str(exc)) from None
-        assert found is not None
-        on_line(f"stage {stage} already finished in {storage.join(output, stage)}; not launched again")
-        return found
+        return finished_stage(cfg, output, stage, on_line)
     cmd = stage_command(
         recipe,
         stage,
@@ -145,12 +172,15 @@ def launch_stage(
         init_from=init_from,
         parent_run_id=parent_run_id,
         tracker=tracker,
+        max_restarts=cfg.train.max_restarts,
+        rendezvous=rendezvous,
     )
     child_env = dict(os.environ if env is None else env)
     child_env.setdefault("OMP_NUM_THREADS", "1")
     for name, value in QUIET_ENV.items():  # no progress bars or MLflow emoji links in the streamed output
         child_env.setdefault(name, value)
-    leftovers = StageRuns(cfg, tracker, parent_run_id, stage, output)
+    # One node of several does not end runs: its peers' are live (the orchestrator ends leftovers).
+    leftovers = StageRuns(cfg, tracker, parent_run_id if rendezvous is None else None, stage, output)
     leftovers.end("left RUNNING by an earlier attempt whose process ended without closing it")
     on_line(("resuming: " if status == "interrupted" else "") + "torchrun " + " ".join(cmd[3:]))
     try:
@@ -163,7 +193,7 @@ def launch_stage(
                 launched.tail,
             )
     except BaseException as exc:  # failed, timed out, cancelled: the stage's runs end with the reason
-        leftovers.end(_stop_reason(stage, exc), status="FAILED" if type(exc) is LaunchError else "KILLED")
+        leftovers.end(stop_reason(stage, exc), status="FAILED" if type(exc) is LaunchError else "KILLED")
         raise
     result = read_stage_result(output, stage)
     if result is None:
@@ -171,7 +201,18 @@ def launch_stage(
     return result
 
 
-def _stop_reason(stage: str, exc: BaseException) -> str:
+def finished_stage(cfg: Config, output: str, stage: str, on_line: Callable[[str], None]) -> StageResult:
+    """The recorded result of a stage finished under ``output`` with ``cfg``'s settings (else StageError)."""
+    try:
+        found = finished_result(output, stage, cfg.to_dict())
+    except SettingsChanged as exc:
+        raise StageError(str(exc)) from None
+    assert found is not None
+    on_line(f"stage {stage} already finished in {storage.join(output, stage)}; not launched again")
+    return found
+
+
+def stop_reason(stage: str, exc: BaseException) -> str:
     if isinstance(exc, LaunchTimeout):
         return f"stage {stage} ran past its time limit and was stopped"
     if isinstance(exc, LaunchError):

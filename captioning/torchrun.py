@@ -79,6 +79,19 @@ def _patch_tcp_store() -> None:
     c10d_rendezvous_backend.TCPStore = LoopbackTCPStore  # type: ignore[misc]  # the rendezvous store
 
 
+def host_rendezvous_store(host: str = LOOPBACK, port: int = 0) -> Any:
+    """A c10d rendezvous store hosted by this process (the orchestrator's) rather than by a node's
+    agent, so it outlives any node: agents started with ``--rdzv-conf=is_host=0`` meet there, and a
+    node that dies and is replaced finds the rendezvous it left. On a loopback ``host`` it listens on
+    127.0.0.1 only; else on every interface, as torchrun's own would. ``store.port`` is its port."""
+    import torch.distributed as dist
+
+    _patch_tcp_store()
+    return dist.TCPStore(
+        host, port, is_master=True, multi_tenant=True, wait_for_workers=False, use_libuv=True
+    )
+
+
 def _local_addr(argv: Sequence[str]) -> str | None:
     for i, arg in enumerate(argv):
         if arg == "-m" or not arg.startswith("-"):

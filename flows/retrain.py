@@ -41,6 +41,7 @@ from captioning.tracking.links import run_links_markdown
 from captioning.tracking.runs import ended_on_error, tracking_uri_of
 from flows import supervision
 from flows.prepare_data import prepare_data
+from tasks.nodes import NODE_DEPLOYMENT
 from tasks.tracking import (
     end_tracking_run,
     evaluate_on_holdout,
@@ -64,10 +65,13 @@ def retrain(
     stage: str = "finetune",
     stage_timeout_s: float | None = None,
     gpu_limit: str = GPU_LIMIT,
+    nnodes: int = 1,
+    node_deployment: str = NODE_DEPLOYMENT,
 ) -> dict[str, Any]:
     """Fine-tune the registered champion on the dataset at ``karpathy_json`` (Karpathy format; images
     under ``image_dir``, default the JSON's folder) plus, by default, the recipe's own training data
-    (``data.retrain_on``), and promote the result if the holdout gate says so."""
+    (``data.retrain_on``), and promote the result if the holdout gate says so. ``nnodes``: machines
+    for the stage, as in train-sat (``tasks.nodes``)."""
     supervision.stop_when_worker_dies()  # a dead worker stops this run now, not at a later log line
     base = load_config(recipe, normalize_overrides(overrides))
     tracking_uri = tracking_uri_of(base)
@@ -85,7 +89,7 @@ def retrain(
         cfg,
         [stage],
         f"{recipe}-retrain-{name}",
-        cfg.train.nproc_per_node,
+        nnodes * cfg.train.nproc_per_node,
         tags={
             "retrain_of_version": version,
             "new_data": karpathy_json,
@@ -127,6 +131,8 @@ def retrain(
             parent_run_id=run_id,
             timeout_s=stage_timeout_s,
             gpu_limit=gpu_limit,
+            nnodes=nnodes,
+            node_deployment=node_deployment,
         )
         registered = register_model(
             retrained,

@@ -31,6 +31,7 @@ from captioning.tracking.runs import ended_on_error, tracking_uri_of
 from captioning.training.stage import StageResult
 from flows import supervision
 from flows.prepare_data import prepare_data
+from tasks.nodes import NODE_DEPLOYMENT
 from tasks.tracking import end_tracking_run, fetch_model, register_model, start_tracking_run
 from tasks.training import GPU_LIMIT, train_stage
 
@@ -46,6 +47,8 @@ def train_sat(
     init_from: str | None = None,
     stage_timeout_s: float | None = None,
     gpu_limit: str = GPU_LIMIT,
+    nnodes: int = 1,
+    node_deployment: str = NODE_DEPLOYMENT,
 ) -> dict[str, Any]:
     """Train Show-Attend-Tell with ``recipe`` (configs/NAME.toml) and register the best stage's model.
 
@@ -53,8 +56,12 @@ def train_sat(
     (``train.xe.epochs=2``). ``prepare``: build the shards first (a no-op when up to date). ``register_best``: register the
     best stage's model and run the champion gate.
     ``init_from``: the model the first stage starts from (a checkpoint path or s3:// URI, ``runs:/...``,
-    ``models:/NAME@ALIAS``). ``stage_timeout_s``: per-stage limit.
+    ``models:/NAME@ALIAS``). ``stage_timeout_s``: per-stage limit. ``nnodes``: machines per stage,
+    each a ``node_deployment`` run on the ``captioning-nodes`` pool running ``train.nproc_per_node``
+    processes (``tasks.nodes``; the output must be storage every node reaches).
     """
+    if nnodes < 1:
+        raise ValueError(f"nnodes must be >= 1, got {nnodes}")
     supervision.stop_when_worker_dies()  # a dead worker stops this run now, not at a later log line
     cfg = load_config(recipe, normalize_overrides(overrides))
     stages = resolve_stages(stages, cfg)
@@ -77,7 +84,7 @@ def train_sat(
         cfg,
         stages,
         run_name,
-        cfg.train.nproc_per_node,
+        nnodes * cfg.train.nproc_per_node,
         tags={"prefect_flow_run_id": str(flow_run.get_id()), "output": output, "orchestrator": "prefect"},
         output=output,
     )
@@ -93,6 +100,8 @@ def train_sat(
             parent_run_id=run_id,
             timeout_s=stage_timeout_s,
             gpu_limit=gpu_limit,
+            nnodes=nnodes,
+            node_deployment=node_deployment,
         )
 
     with (

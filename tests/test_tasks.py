@@ -98,9 +98,16 @@ def test_train_stage_holds_the_gpu_slot_while_the_stage_runs(monkeypatch: pytest
         return "result"  # type: ignore[return-value]
 
     monkeypatch.setattr(training, "get_run_logger", lambda: logger)
-    monkeypatch.setattr(training, "ensure_limit", lambda name: events.append(("ensure", name)))
+    monkeypatch.setattr(
+        training, "ensure_limit", lambda name, needed: events.append(("ensure", name, needed))
+    )
     monkeypatch.setattr(training, "concurrency", concurrency)
     monkeypatch.setattr(training, "launch_stage", launch_stage)
+    def run_nodes(*args: Any, **kwargs: Any) -> str:
+        events.append(("nodes", args, kwargs))
+        return "nodes"
+
+    monkeypatch.setattr(training, "run_nodes", run_nodes)
     got = training.train_stage.fn(
         "demo",
         "xe",
@@ -111,12 +118,35 @@ def test_train_stage_holds_the_gpu_slot_while_the_stage_runs(monkeypatch: pytest
         gpu_limit="gpu-a",
     )
     assert got == "result"
-    assert events[0] == ("ensure", "gpu-a") and events[1] == ("acquire", "gpu-a", 1)
+    assert events[0] == ("ensure", "gpu-a", 1) and events[1] == ("acquire", "gpu-a", 1)
     assert events[-1] == ("release", "gpu-a")
     _, recipe, stage, output, overrides, kwargs = events[2]
     assert (recipe, stage, output, overrides) == ("demo", "xe", "runs/r1", ["--train.xe.epochs=1"])
     assert kwargs["init_from"] == "a.pt" and kwargs["parent_run_id"] == "p" and kwargs["tracker"] == "mlflow"
     assert logger.lines == ["a torchrun line"]  # torchrun's output goes into the task's log
+
+    # Two nodes: node jobs (tasks.nodes) under two slots, no local launch.
+    events.clear()
+    assert training.train_stage.fn("demo", "xe", "runs/r1", nnodes=2, gpu_limit="gpu-a") == "nodes"
+    assert [e[:3] for e in events[:2]] == [("ensure", "gpu-a", 2), ("acquire", "gpu-a", 2)]
+    assert events[2][0] == "nodes" and events[2][2]["nnodes"] == 2 and events[-1] == ("release", "gpu-a")
+
+
+def test_a_gpu_limit_smaller_than_the_nodes_is_an_error_not_a_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Client:
+        def __enter__(self) -> Client:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+        def read_global_concurrency_limit_by_name(self, name: str) -> Any:
+            return type("Limit", (), {"limit": 1})()
+
+    monkeypatch.setattr(training, "get_client", lambda sync_client: Client())
+    training.ensure_limit("gpu", needed=1)
+    with pytest.raises(ValueError, match=r"holds 2 slots of the 'gpu' concurrency limit, which has 1"):
+        training.ensure_limit("gpu", needed=2)
 
 
 def test_tracking_tasks_against_a_real_server(

@@ -250,6 +250,12 @@ class TrainConfig:
         "bf16", "Mixed precision on GPU: bf16, or fp16 with a gradient scaler (CPU always runs fp32)."
     )
     nproc_per_node: int = setting(1, "torchrun processes per node (GPUs per node on GPU).", min=1)
+    max_restarts: int = setting(
+        0,
+        "torchrun's elastic restarts of a stage's worker group (every node's) after a worker or a node "
+        "dies; each restart resumes from the last checkpoint. 0: the first failure ends the stage.",
+        min=0,
+    )
     checkpoint_every_steps: int = setting(
         1000, "Steps between periodic checkpoints (0: epoch ends only).", min=0
     )

@@ -25,6 +25,7 @@ from captioning.services.stack_auth import basic_header
 from captioning.services.stack_settings import StackError
 
 GPU_LIMIT = "gpu"
+NODE_POOL = "captioning-nodes"  # the train-node jobs of multi-node stages (prefect.yaml, tasks/nodes.py)
 LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
 
 

@@ -51,6 +51,7 @@ from captioning.progress import QUIET_ENV
 from captioning.services.mlflow_server import MlflowServer, is_healthy, port_is_open
 from captioning.services.postgres import LocalPostgres, PostgresTarget, redact
 from captioning.services.prefect_server import (
+    NODE_POOL,
     ensure_gpu_limit,
     ensure_work_pool,
     http_json,
@@ -324,9 +325,8 @@ class LocalStack:
             for name in (MLFLOW, S3, POSTGRES):
                 if self._enabled()[name] and name not in to_start:
                     self._wait_healthy(name, deadline)
-            ensure_work_pool(
-                self.state_dir, self.settings.api_url, self.settings.work_pool, self._auth_string
-            )
+            for pool in (self.settings.work_pool, NODE_POOL):  # NODE_POOL: multi-node stages' jobs
+                ensure_work_pool(self.state_dir, self.settings.api_url, pool, self._auth_string)
             ensure_gpu_limit(self.settings.api_url, self.settings.gpu_slots, self._auth_string)
             if WORKER in to_start:
                 started.append(WORKER)

@@ -233,12 +233,14 @@ def read_stage_result(output: str, stage: str) -> StageResult | None:
 
 def _is_free(key: str) -> bool:
     """Settings a stage may be run again with changed: where it reports, which other stages run, how
-    a retrain chose its data (its effect is recorded in ``data.extra_shard_dirs``) and how often the
-    clock asks for a checkpoint (resuming is exact wherever it was written)."""
+    a retrain chose its data (its effect is recorded in ``data.extra_shard_dirs``), how often the
+    clock asks for a checkpoint (resuming is exact wherever it was written) and how many elastic
+    restarts a launch allows."""
     return key.startswith("tracking.") or key in (
         "train.stages",
         "data.retrain_on",
         "train.checkpoint_every_minutes",
+        "train.max_restarts",
     )
 
 
