@@ -28,6 +28,9 @@ STAMP = re.compile(r"^\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d(?:[,.]\d+)? ")
 LOOKBACK = timedelta(seconds=10)  # lines reach the API in batches: ask again this far back (seen ones skip)
 PAGE = 200
 SETTLE_POLLS = 2  # after the run ends: polls without a new line before stopping (the last batch lands)
+# ... and at least this long: a flow run's last lines reach the API one batch interval (2 s by default,
+# PREFECT_LOGGING_TO_API_BATCH_INTERVAL) after they were logged, which can be after its final state.
+SETTLE_S = 3.0
 HOLD_POLLS = 3  # polls a state change waits for the log lines from before it
 WAITING = ("Scheduled", "Late", "AwaitingRetry")  # states in which no worker has taken the run yet
 WAITING_HINT_S = 60.0
@@ -94,6 +97,7 @@ class Follower:
         self.seen: set[str] = set()
         self.after: datetime | None = None
         self.quiet = 0
+        self.final_at: float | None = None  # when the run was first seen final (the clock's time)
         self.held: list[tuple[datetime, str, int]] = []  # state changes not written yet: time, line, polls
 
     def poll(self) -> RunState | None:
@@ -117,7 +121,10 @@ class Follower:
             )
         fresh = self._new_lines()
         self.quiet = 0 if fresh or not run.final else self.quiet + 1
-        ended = run.final and self.quiet >= SETTLE_POLLS
+        if run.final and self.final_at is None:
+            self.final_at = self.clock()
+        settled = self.final_at is not None and self.clock() - self.final_at >= SETTLE_S
+        ended = run.final and self.quiet >= SETTLE_POLLS and settled
         due = [h for h in self.held if ended or h[2] >= HOLD_POLLS or (self.after and h[0] <= self.after)]
         self.held = [(at, text, polls + 1) for at, text, polls in self.held if (at, text, polls) not in due]
         out = [(line.timestamp, format_line(line, self._label(line))) for line in fresh]
@@ -156,9 +163,10 @@ def follow(
     write: Callable[[str], None] = print,
     poll_s: float = 2.0,
     sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
 ) -> RunState:
     """Poll until the run has ended and its last lines are written; returns its final state."""
-    follower = Follower(source, flow_run_id, write)
+    follower = Follower(source, flow_run_id, write, clock=clock)
     while (ended := follower.poll()) is None:
         sleep(poll_s)
     return ended

@@ -65,7 +65,12 @@ class FakeRuns:
 
 def run_follower(source: FakeRuns, **kwargs: Any) -> tuple[RunState, list[str]]:
     written: list[str] = []
-    ended = follow.follow(source, PARENT, write=written.append, sleep=lambda s: None, **kwargs)
+    now = [0.0]
+
+    def sleep(seconds: float) -> None:  # the clock moves with the polls only
+        now[0] += seconds
+
+    ended = follow.follow(source, PARENT, write=written.append, sleep=sleep, clock=lambda: now[0], **kwargs)
     return ended, written
 
 
