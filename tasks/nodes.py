@@ -54,11 +54,13 @@ from captioning.training.stage import read_stage_result, stage_status
 NODE_DEPLOYMENT = "train-node/default"
 POLL_S = 2.0
 STOP_WAIT_S = 90.0
-TAIL_LINES = 40
+TAIL_LINES = 200  # searched for the cause when a node fails
 FAILURE_GRACE_S = 15.0
 # torchrun's lines that say why a worker group failed: "failed (exitcode: -9) local_rank: 0 ...",
 # "Signal 9 (SIGKILL) received by PID ...", the root-cause table, an exception's last line.
-CAUSE = re.compile(r"exitcode|Signal \d+|Root Cause|Error:|Exception:")
+CAUSE = re.compile(
+    r"failed \(exitcode: -?\d+\)|exitcode\s*: -?\d+|Signal \d+ \(\w+\) received|^\[rank\d+\]: \w+Error: "
+)
 FINAL = {StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED}
 
 
@@ -188,7 +190,7 @@ def _failure(
     lines = []
     for node in failed:
         assert node.run is not None and node.run.state is not None
-        causes = [line for line in node.tail if CAUSE.search(line)][-3:]
+        causes = [line for message in node.tail for line in message.splitlines() if CAUSE.search(line)][-3:]
         lines.append(
             f"node {node.index} (flow run {_name(node)}) ended {node.run.state.type.value}: "
             f"{_message(node).splitlines()[0][:300]}"

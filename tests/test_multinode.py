@@ -105,13 +105,15 @@ def one_node(stack: dict[str, Any]) -> Path:
 
 
 def run_params(stack: dict[str, Any], output: Path, *extra: str) -> dict[str, Any]:
+    changed = {o.split("=")[0] for o in extra}
     return {
         "stages": ["xe"],
         "nnodes": NODES,
         "register_best": False,
         "prepare": False,
         "output": str(output),
-        "overrides": [*stack["common"], "--train.nproc_per_node=1", *extra],
+        "overrides": [o for o in stack["common"] if o.split("=")[0] not in changed]
+        + ["--train.nproc_per_node=1", *extra],
     }
 
 
@@ -286,7 +288,13 @@ def test_cancelling_a_two_node_stage_stops_every_node(stack: dict[str, Any], jav
     output = stack["root"] / "cancelled"
     params = run_params(stack, output, "--train.xe.epochs=50")
     flow_run_id = start_run(stack, "train-sat/demo", params)
-    wait_for("training on both nodes", lambda: len(training_workers(output)) == NODES)
+    wait_for(
+        "training on both nodes",
+        lambda: (
+            len(training_workers(output)) == NODES or state_of(stack, flow_run_id) in ("FAILED", "CRASHED")
+        ),
+    )
+    assert state_of(stack, flow_run_id) == "RUNNING"
     done = prefect_cli(stack, "flow-run", "cancel", flow_run_id, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     wait_for("the flow run to be cancelled", lambda: state_of(stack, flow_run_id) == "CANCELLED", 180)

@@ -103,6 +103,7 @@ def test_train_stage_holds_the_gpu_slot_while_the_stage_runs(monkeypatch: pytest
     )
     monkeypatch.setattr(training, "concurrency", concurrency)
     monkeypatch.setattr(training, "launch_stage", launch_stage)
+
     def run_nodes(*args: Any, **kwargs: Any) -> str:
         events.append(("nodes", args, kwargs))
         return "nodes"
