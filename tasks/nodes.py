@@ -10,11 +10,11 @@ told the endpoint and a run id new to this launch, and waits for all of them:
 
 - every node run's log lines are streamed into this task's log as ``node I | ...``;
 - all Completed: the stage's result is read from the output folder once and returned;
-- a node run that Crashes (its worker or machine died; torchrun's own restarts cover a worker
-  process) is replaced by a new node job while ``train.max_restarts`` allows: the survivors' agents
-  see a node waiting, restart their workers, and the group resumes from the last checkpoint;
-- any other end (Failed, Cancelled, restarts used up) fails the stage with a message naming the
-  node, its flow run and the cause (its state message and last log lines);
+- a worker process that dies costs one of torchrun's elastic restarts (``train.max_restarts``): every
+  node's agent restarts its workers and training resumes from the last checkpoint;
+- any node run that ends otherwise (Failed, Crashed, Cancelled; restarts used up; a node lost
+  whole) fails the stage with a message naming every failed node, its flow run and the cause (its
+  state message and torchrun's exit lines); running the flow again with the same output resumes;
 - when this task stops for any reason (the flow cancelled, a failure, a time limit) every node run
   not yet final is cancelled, and the wait for them to stop is bounded: their workers kill the
   torchrun trees.
@@ -122,15 +122,14 @@ def run_nodes(
         "nproc_per_node": nproc_per_node,
     }
     nodes = [_Node(i) for i in range(nnodes)]
-    restarts_left = cfg.train.max_restarts
     logger.info(
-        "stage %s on %d nodes: rendezvous %s (id %s), node jobs %s, %d restart(s) allowed",
+        "stage %s on %d nodes: rendezvous %s (id %s), node jobs %s, %d elastic restart(s) allowed",
         stage,
         nnodes,
         rendezvous.endpoint,
         rendezvous.run_id,
         deployment,
-        restarts_left,
+        cfg.train.max_restarts,
     )
     deadline = time.monotonic() + timeout_s if timeout_s else None
     try:
@@ -142,22 +141,9 @@ def run_nodes(
             states = _refresh(nodes)
             if all(state == StateType.COMPLETED for state in states):
                 break
-            for node, state in zip(nodes, states, strict=True):
-                if state in FINAL and state != StateType.COMPLETED:
-                    _stream_logs(nodes, since, logger)
-                    if state == StateType.CRASHED and restarts_left > 0 and not _all_final(states):
-                        restarts_left -= 1
-                        logger.warning(
-                            "node %d (flow run %s) crashed: %s; starting a replacement node job (%d restart(s) "
-                            "left): the group resumes from the last checkpoint",
-                            node.index,
-                            _name(node),
-                            _message(node),
-                            restarts_left,
-                        )
-                        node.run = _submit(deployment, parameters, node.index)
-                        continue
-                    raise _failure(stage, output, nodes, since, logger)
+            if any(state in FINAL and state != StateType.COMPLETED for state in states):
+                _stream_logs(nodes, since, logger)
+                raise _failure(stage, output, nodes, since, logger)
             if deadline is not None and time.monotonic() > deadline:
                 raise LaunchTimeout(f"stage {stage} ran past its time limit ({timeout_s:.0f} s)", None, [])
             time.sleep(POLL_S)
