@@ -48,15 +48,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     )
     try:
         env = {**os.environ, **local.env(), **local.up(), "CAPTIONING_HOME": str(REPO)}
-        deploy = subprocess.run(
-            [*PREFECT, "--no-prompt", "deploy", "--all"],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
+        deploy(env, "--all")
         name = f"deploy-{uuid.uuid4().hex[:8]}"
         overrides = [
             *data_overrides(root),
@@ -68,6 +60,27 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         yield {"root": root, "env": env, "overrides": overrides, "name": name, "stack": local}
     finally:
         local.down()
+
+
+def deploy(env: dict[str, str], *which: str) -> None:
+    """``prefect --no-prompt deploy WHICH...`` from this checkout (``--all``, or ``-n FLOW/NAME`` each)."""
+    done = subprocess.run(
+        [*PREFECT, "--no-prompt", "deploy", *which],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def ended(stack: dict[str, Any], flow_run_id: str, timeout_s: float = 900) -> str:
+    """The flow run's final state type (COMPLETED, FAILED, CRASHED or CANCELLED) once it has one."""
+    final = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+    return str(
+        wait_for("the flow run to end", lambda: (s := state_of(stack, flow_run_id)) in final and s, timeout_s)
+    )
 
 
 def prefect_cli(stack: dict[str, Any], *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:

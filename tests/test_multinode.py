@@ -15,7 +15,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ import psutil
 import pytest
 import torch
 from s3server import free_port
-from test_deployments import api, prefect_cli, start_run, state_of, wait_for
+from test_deployments import api, deploy, ended, prefect_cli, start_run, state_of, wait_for
 from test_train import data_overrides, tiny
 
 from captioning import stages, storage
@@ -59,25 +58,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     workers: list[subprocess.Popen[bytes]] = []
     try:
         env = {**os.environ, **local.up(timeout_s=240), "CAPTIONING_HOME": str(REPO)}
-        deploy = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "prefect",
-                "--no-prompt",
-                "deploy",
-                "-n",
-                "train-sat/demo",
-                "-n",
-                "train-node/default",
-            ],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
+        deploy(env, "-n", "train-sat/demo", "-n", "train-node/default")
         worker_env = {**env, **prefect_env(local.state_dir, local.settings.api_url), **QUIET_ENV}
         logs = [root / f"node-worker-{i}.log" for i in range(NODES)]
         for i, log in enumerate(logs):
@@ -239,14 +220,7 @@ def test_a_worker_killed_mid_epoch_costs_one_restart_and_the_stage_ends_as_if_no
     time.sleep(1.0)  # a few more steps: the kill lands mid-epoch, after the last checkpoint
     victim = next(p for p in training_workers(output) if p.environ().get("RANK") == "1")
     victim.send_signal(signal.SIGKILL)
-    state = wait_for(
-        "the flow run to end",
-        lambda: (
-            state_of(stack, flow_run_id) in ("COMPLETED", "FAILED", "CRASHED")
-            and state_of(stack, flow_run_id)
-        ),
-        900,
-    )
+    state = ended(stack, flow_run_id, 900)
     lines = flow_logs(stack, flow_run_id)
     assert state == "COMPLETED", "\n".join(lines[-60:])
     assert_same_training(one_node, output)
@@ -268,14 +242,7 @@ def test_a_kill_with_no_restart_left_fails_naming_the_node_and_leaves_nothing(
     victim = next(p for p in training_workers(output) if p.environ().get("RANK") == "1")
     victim_node = node_of(stack, victim)
     victim.send_signal(signal.SIGKILL)
-    state = wait_for(
-        "the flow run to fail",
-        lambda: (
-            state_of(stack, flow_run_id) in ("COMPLETED", "FAILED", "CRASHED")
-            and state_of(stack, flow_run_id)
-        ),
-        600,
-    )
+    state = ended(stack, flow_run_id, 600)
     assert state == "FAILED"
     message = api(stack, "GET", f"/flow_runs/{flow_run_id}")["state"]["message"]
     lines = "\n".join(flow_logs(stack, flow_run_id))

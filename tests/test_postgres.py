@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from leftovers import owned_by_fixture
 from s3server import free_port
+from test_deployments import deploy
 from test_train import TINY, data_overrides
 
 from captioning.services import postgres
@@ -110,15 +111,7 @@ def test_the_cluster_is_private_loopback_and_password_only(stack: dict[str, Any]
 
 def test_train_sat_runs_end_to_end_with_its_results_in_postgres(stack: dict[str, Any]) -> None:
     env, root = stack["env"], stack["root"]
-    deploy = subprocess.run(
-        [*PREFECT, "--no-prompt", "deploy", "--name", "train-sat/demo"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
+    deploy(env, "-n", "train-sat/demo")
     name = f"pg-{uuid.uuid4().hex[:8]}"
     output = root / "runs" / name
     overrides = [
