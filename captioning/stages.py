@@ -179,6 +179,11 @@ def launch_stage(
     child_env.setdefault("OMP_NUM_THREADS", "1")
     for name, value in QUIET_ENV.items():  # no progress bars or MLflow emoji links in the streamed output
         child_env.setdefault(name, value)
+    if rendezvous is not None:
+        # torch's c10d rendezvous caches rank 0's worker-store address from the first round, so an agent
+        # that joins a later round (a replacement node) waits forever for MASTER_ADDR; without sharing
+        # the rendezvous store with the workers, rank 0 publishes it every round.
+        child_env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     # One node of several does not end runs: its peers' are live (the orchestrator ends leftovers).
     leftovers = StageRuns(cfg, tracker, parent_run_id if rendezvous is None else None, stage, output)
     leftovers.end("left RUNNING by an earlier attempt whose process ended without closing it")

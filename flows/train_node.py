@@ -7,7 +7,7 @@ worker per machine, each taking one job at a time: ``prefect worker start --pool
 ``torchrun --nnodes=N --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT --rdzv-id=ID --rdzv-conf=is_host=0
 --max-restarts=R -m captioning.train --stage STAGE ...``; torchrun gives the ranks, restarts the whole
 group (every node) when a worker process fails, and training resumes from the stage's last
-checkpoint; a node lost whole fails the stage (re-running it resumes). Output streams into this run's logs; cancelling it (or its parent) stops the agent's
+checkpoint; a node lost whole is replaced by the orchestrating task with a new run of this flow. Output streams into this run's logs; cancelling it (or its parent) stops the agent's
 whole process tree. The stage's output folder must be one every node reaches (``s3://`` or a shared
 file system): rank 0 writes checkpoints and the result there, and every rank resumes from it.
 """

@@ -12,9 +12,13 @@ told the endpoint and a run id new to this launch, and waits for all of them:
 - all Completed: the stage's result is read from the output folder once and returned;
 - a worker process that dies costs one of torchrun's elastic restarts (``train.max_restarts``): every
   node's agent restarts its workers and training resumes from the last checkpoint;
-- any node run that ends otherwise (Failed, Crashed, Cancelled; restarts used up; a node lost
-  whole) fails the stage with a message naming every failed node, its flow run and the cause (its
-  state message and torchrun's exit lines); running the flow again with the same output resumes;
+- a node lost whole (its run Crashed: its worker or machine died; or its torchrun agent was killed by
+  a signal) is replaced by a new node job, from the same ``train.max_restarts`` budget: the
+  survivors' agents see a node waiting, restart their workers, and the group resumes from the last
+  checkpoint;
+- any node run that ends otherwise (Failed, Cancelled, restarts used up) fails the stage with a
+  message naming every failed node, its flow run and the cause (its state message and torchrun's
+  exit lines); running the flow again with the same output resumes;
 - when this task stops for any reason (the flow cancelled, a failure, a time limit) every node run
   not yet final is cancelled, and the wait for them to stop is bounded: their workers kill the
   torchrun trees.
@@ -58,6 +62,7 @@ TAIL_LINES = 200  # searched for the cause when a node fails
 FAILURE_GRACE_S = 15.0
 # torchrun's lines that say why a worker group failed: "failed (exitcode: -9) local_rank: 0 ...",
 # "Signal 9 (SIGKILL) received by PID ...", the root-cause table, an exception's last line.
+AGENT_KILLED = re.compile(r"training stage \w+ failed \(exit -\d+\)")  # launch_stage's LaunchError
 CAUSE = re.compile(
     r"failed \(exitcode: -?\d+\)|exitcode\s*: -?\d+|Signal \d+ \(\w+\) received|^\[rank\d+\]: \w+Error: "
 )
@@ -131,6 +136,7 @@ def run_nodes(
         deployment,
         cfg.train.max_restarts,
     )
+    replacements_left = cfg.train.max_restarts
     deadline = time.monotonic() + timeout_s if timeout_s else None
     try:
         for node in nodes:
@@ -141,8 +147,22 @@ def run_nodes(
             states = _refresh(nodes)
             if all(state == StateType.COMPLETED for state in states):
                 break
-            if any(state in FINAL and state != StateType.COMPLETED for state in states):
+            for node, state in zip(nodes, states, strict=True):
+                if state not in FINAL or state == StateType.COMPLETED:
+                    continue
                 _stream_logs(nodes, since, logger)
+                if _lost(node) and replacements_left > 0 and not _all_final(states):
+                    replacements_left -= 1
+                    logger.warning(
+                        "node %d (flow run %s) lost: %s; placing a replacement node job (%d left): the group "
+                        "resumes from the last checkpoint",
+                        node.index,
+                        _name(node),
+                        _message(node).splitlines()[0][:200],
+                        replacements_left,
+                    )
+                    node.run = _submit(deployment, parameters, node.index)
+                    continue
                 raise _failure(stage, output, nodes, since, logger)
             if deadline is not None and time.monotonic() > deadline:
                 raise LaunchTimeout(f"stage {stage} ran past its time limit ({timeout_s:.0f} s)", None, [])
@@ -208,6 +228,15 @@ def _refresh(nodes: list[_Node]) -> list[StateType | None]:
             assert node.run is not None
             node.run = client.read_flow_run(node.run.id)
     return [node.run.state.type if node.run and node.run.state else None for node in nodes]
+
+
+def _lost(node: _Node) -> bool:
+    """Whether the node itself was lost (its flow run Crashed: the worker or machine died; or its
+    torchrun agent was killed by a signal), rather than its training failing (restarts used up)."""
+    state = node.run.state if node.run is not None else None
+    if state is None:
+        return False
+    return state.type == StateType.CRASHED or bool(AGENT_KILLED.search(state.message or ""))
 
 
 def _all_final(states: list[StateType | None]) -> bool:

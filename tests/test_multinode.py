@@ -274,3 +274,31 @@ def test_cancelling_a_two_node_stage_stops_every_node(stack: dict[str, Any], jav
     )
     wait_for("no training process", lambda: not processes_of(output), 60)
     assert not (output / "xe" / "result.json").exists()
+
+
+def test_a_node_lost_mid_epoch_is_replaced_and_the_stage_ends_as_if_not(
+    stack: dict[str, Any], one_node: Path, java: str
+) -> None:
+    """A whole node lost (its torchrun agent SIGKILLed; its worker dies with it): that node run fails
+    with a signal exit, the task places a replacement node job (on the worker it freed), the survivor's
+    agent restarts its workers, and the group resumes from the last checkpoint."""
+    output = stack["root"] / "node-lost"
+    flow_run_id = start_run(stack, "train-sat/demo", run_params(stack, output, "--train.max_restarts=1"))
+    last = output / "xe" / "last.pt"
+    wait_for(
+        "a checkpoint and two training processes",
+        lambda: last.exists() and len(training_workers(output)) == NODES,
+    )
+    time.sleep(1.0)
+    worker = next(p for p in training_workers(output) if p.environ().get("RANK") == "1")
+    agent = next(a for a in worker.parents() if "captioning.torchrun" in " ".join(a.cmdline()))
+    lost = node_of(stack, worker)
+    agent.send_signal(signal.SIGKILL)
+    state = ended(stack, flow_run_id, 900)
+    lines = flow_logs(stack, flow_run_id)
+    assert state == "COMPLETED", "\n".join(lines[-80:])
+    assert_same_training(one_node, output)
+    assert any(line.startswith(f"node {lost} (flow run") and "replacement" in line for line in lines), lines
+    runs = node_runs(stack, flow_run_id)
+    assert sorted(r["state"]["type"] for r in runs) == ["COMPLETED", "COMPLETED", "FAILED"]
+    assert not processes_of(output)
