@@ -31,6 +31,7 @@ import signal
 import subprocess
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -262,3 +263,44 @@ class LocalPostgres:
             stop_process_group(pid, ((signal.SIGINT, timeout_s), (signal.SIGTERM, 5.0)), reap=self.process)
         self.pid_path.unlink(missing_ok=True)
         self.process = None
+
+
+class StackDatabase:
+    """Where a stack's Prefect and MLflow servers keep their state (``StackSettings.db``): SQLite
+    (``target`` None), the local cluster in ``folder`` (``server()``; its paths exist for every
+    setting, so a status can look for it), or an existing server (``db`` its URL, the password
+    already taken out). ``password`` is read when needed (the stack's secrets hold it)."""
+
+    def __init__(self, db: str, folder: Path, *, host: str, port: int, password: Callable[[], str]) -> None:
+        self._password = password
+        self._local = LocalPostgres(folder, host=host, port=port, password="")
+        self.target: PostgresTarget | None = self._local.target if db == "postgres" else None
+        if db.startswith(("postgresql:", "postgres:")):
+            self.target = PostgresTarget.parse(db)[0]
+
+    @property
+    def password(self) -> str:
+        return self._password()
+
+    def server(self) -> LocalPostgres:
+        """The local cluster (started only where ``db`` is "postgres"), with the password."""
+        self._local.password = self.password
+        return self._local
+
+    def url(self, database: str, driver: str | None = None) -> str | None:
+        return self.target.url(database, driver) if self.target is not None else None
+
+    def server_env(self) -> dict[str, str]:
+        """What a server process needs to log in (``PGPASSWORD``; the URLs carry no password)."""
+        return {"PGPASSWORD": self.password} if self.target is not None else {}
+
+    def prepare(self) -> None:
+        """The ``prefect`` and ``mlflow`` databases exist on the server (when there is one)."""
+        if self.target is None:
+            return
+        if not self.target.answers(self.password):
+            raise PostgresError(
+                f"the PostgreSQL server {self.target.url('postgres')} does not accept the stack's login "
+                "(a wrong password, or it is down)"
+            )
+        self.target.ensure_databases(self.password)

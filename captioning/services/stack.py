@@ -49,7 +49,7 @@ from typing import Any
 from captioning.launch import live_process, stop_process_group
 from captioning.progress import QUIET_ENV
 from captioning.services.mlflow_server import MlflowServer, is_healthy, port_is_open
-from captioning.services.postgres import LocalPostgres, PostgresTarget, redact
+from captioning.services.postgres import PostgresError, PostgresTarget, StackDatabase, redact
 from captioning.services.prefect_server import (
     NODE_POOL,
     ensure_gpu_limit,
@@ -114,12 +114,15 @@ class LocalStack:
         self._mlflow_server: MlflowServer | None = None
         self._secrets = StackSecrets(read_json(self.json_path), auth=settings.auth)
         if settings.db.startswith(("postgresql:", "postgres:")):  # an existing server: the URL's password
-            target, password = PostgresTarget.parse(settings.db)  # is a secret, the rest a setting
-            self._secrets.db_password(password)
+            self._secrets.db_password(PostgresTarget.parse(settings.db)[1])  # is a secret, the rest a setting
             settings.db = redact(settings.db).replace(":***@", "@")
-            self._db_target: PostgresTarget | None = target
-        else:
-            self._db_target = None
+        self._db = StackDatabase(
+            settings.db,
+            self.state_dir / "postgres",
+            host=settings.host,
+            port=settings.postgres_port,
+            password=self._secrets.db_password,
+        )
 
     # paths ---------------------------------------------------------------------------------------------
 
@@ -135,48 +138,28 @@ class LocalStack:
         if component == MLFLOW:
             return self._mlflow().pid_path
         if component == POSTGRES:
-            return self._postgres().pid_path
+            return self._db.server().pid_path
         return self.state_dir / "pids" / f"{component}.pid"
 
     def log_path(self, component: str) -> Path:
         if component == MLFLOW:
             return self._mlflow().log_path
         if component == POSTGRES:
-            return self._postgres().log_path
+            return self._db.server().log_path
         return self.state_dir / "logs" / f"{component}.log"
 
     def _mlflow(self) -> MlflowServer:
         if self._mlflow_server is None:
             s = self.settings
-            database = self._database()
             self._mlflow_server = MlflowServer(
                 self.state_dir / "mlflow",
                 host=s.host,
                 port=s.mlflow_port,
                 auth=self._secrets.auth(),
-                backend_store_uri=database.url("mlflow") if database is not None else None,
-                env=self._db_env(),
+                backend_store_uri=self._db.url("mlflow"),
+                env=self._db.server_env(),
             )
         return self._mlflow_server
-
-    def _postgres(self) -> LocalPostgres:
-        s = self.settings
-        return LocalPostgres(
-            self.state_dir / "postgres",
-            host=s.host,
-            port=s.postgres_port,
-            password=self._secrets.db_password(),
-        )
-
-    def _database(self) -> PostgresTarget | None:
-        """The PostgreSQL server behind both servers; None: SQLite."""
-        if self.settings.db == "postgres":
-            return self._postgres().target
-        return self._db_target
-
-    def _db_env(self) -> dict[str, str]:
-        """What a server process needs to log in (module docstring of postgres.py)."""
-        return {"PGPASSWORD": self._secrets.db_password()} if self._database() is not None else {}
 
     def _s3(self) -> S3Server:
         access_key, secret_key = self._secrets.s3()
@@ -207,7 +190,7 @@ class LocalStack:
             if component == S3:
                 return str(self.state_dir / "s3") in cmdline
             if component == POSTGRES:
-                return str(self._postgres().data_dir) in cmdline
+                return str(self._db.server().data_dir) in cmdline
             home = process.environ().get("PREFECT_HOME")
         except psutil.Error:
             return False
@@ -231,7 +214,7 @@ class LocalStack:
         if component == S3:
             return http_json("GET", f"{s.s3_url}/", timeout_s=2.0)[0] != 0  # any answer (403) is serving
         if component == POSTGRES:
-            return self._postgres().target.answers(self._secrets.db_password())
+            return self._db.target is not None and self._db.target.answers(self._db.password)
         return worker_online(s.api_url, s.work_pool, self.worker_name, auth=self._auth_string)
 
     @property
@@ -313,7 +296,10 @@ class LocalStack:
             if POSTGRES in to_start:
                 started.append(POSTGRES)
                 self._start_postgres(deadline)
-            self._prepare_database()
+            try:
+                self._db.prepare()
+            except PostgresError as exc:
+                raise StackError(str(exc)) from exc
             if PREFECT_SERVER in to_start:
                 started.append(PREFECT_SERVER)
                 self._spawn_prefect_server()
@@ -394,10 +380,10 @@ class LocalStack:
             },
             "work_pool": s.work_pool,
             "worker_name": self.worker_name,
-            **self._secrets.record(db=self._database() is not None),
+            **self._secrets.record(db=self._db.target is not None),
         }
-        if (database := self._database()) is not None:
-            record["databases"] = {"prefect": database.url("prefect"), "mlflow": database.url("mlflow")}
+        if self._db.target is not None:
+            record["databases"] = {"prefect": self._db.url("prefect"), "mlflow": self._db.url("mlflow")}
         tmp = self.json_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(record, indent=2) + "\n")
         tmp.chmod(0o600)  # it holds the S3 secret
@@ -422,7 +408,7 @@ class LocalStack:
             self._procs[component] = server.process
 
     def _start_postgres(self, deadline: float) -> None:
-        server = self._postgres()
+        server = self._db.server()
         timeout_s = max(1.0, deadline - time.monotonic())
         self._start_server(
             POSTGRES,
@@ -431,25 +417,17 @@ class LocalStack:
             f"PostgreSQL on {server.target.host}:{server.target.port}",
         )
 
-    def _prepare_database(self) -> None:
-        """The ``prefect`` and ``mlflow`` databases exist on the PostgreSQL server (when there is one)."""
-        database = self._database()
-        if database is None:
-            return
-        if not database.answers(self._secrets.db_password()):
-            raise StackError(
-                f"the PostgreSQL server {database.url('postgres')} does not accept the stack's login "
-                f"(a wrong password, or it is down)"
-            )
-        database.ensure_databases(self._secrets.db_password())
-
     def _spawn_prefect_server(self) -> None:
         s = self.settings
         cmd = server_command(s.host, s.prefect_port)
         (self.state_dir / "prefect").mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **prefect_env(self.state_dir, s.api_url, self._auth_string), **self._db_env()}
-        if (database := self._database()) is not None:
-            env["PREFECT_API_DATABASE_CONNECTION_URL"] = database.url("prefect", driver="asyncpg")
+        env = {
+            **os.environ,
+            **prefect_env(self.state_dir, s.api_url, self._auth_string),
+            **self._db.server_env(),
+        }
+        if (url := self._db.url("prefect", driver="asyncpg")) is not None:
+            env["PREFECT_API_DATABASE_CONNECTION_URL"] = url
         self._procs[PREFECT_SERVER] = spawn_logged(
             cmd, env=env, log_path=self.log_path(PREFECT_SERVER), pid_path=self.pid_path(PREFECT_SERVER)
         )
