@@ -200,3 +200,31 @@ def test_registry_errors_are_not_retried_other_failures_are() -> None:
         run: Any = None  # the condition looks at the state only
         assert not condition(task, run, Failed(data=RegistryError("no champion")))
         assert condition(task, run, Failed(data=TrackingUnavailable("server down")))
+
+
+def test_a_node_is_lost_when_its_run_crashed_or_its_agent_was_killed_not_when_training_failed() -> None:
+    from prefect.client.schemas.objects import State, StateType
+
+    from tasks import nodes
+
+    def node(kind: StateType, message: str) -> Any:
+        slot = nodes._Node(1)
+        slot.run = type("Run", (), {"state": State(type=kind, message=message)})()
+        return slot
+
+    killed = "Flow run encountered an exception: LaunchError: training stage xe failed (exit -9); running it"
+    used_up = "Flow run encountered an exception: LaunchError: training stage xe failed (exit 1); running it"
+    assert nodes._lost(node(StateType.CRASHED, "Flow run infrastructure exited with non-zero status code -9"))
+    assert nodes._lost(node(StateType.FAILED, killed))
+    assert not nodes._lost(node(StateType.FAILED, used_up))
+    assert not nodes._lost(node(StateType.CANCELLED, "cancelled"))
+    # torchrun's lines that say why, and not Prefect's own.
+    lines = [
+        "E1206 19:00:38.154000 11536 api.py:1002] failed (exitcode: -9) local_rank: 0 (pid: 11594) of binary: x",
+        "  exitcode  : -9 (pid: 7574)",
+        "  traceback : Signal 9 (SIGKILL) received by PID 7574",
+        "[rank0]: RuntimeError: Connection closed by peer [127.0.0.1]:7058.",
+        "Encountered exception during execution: LaunchError('training stage xe failed (exit 1)')",
+        "Finished in state Failed('Flow run encountered an exception')",
+    ]
+    assert [bool(nodes.CAUSE.search(line)) for line in lines] == [True, True, True, True, False, False]
