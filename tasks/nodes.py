@@ -34,6 +34,7 @@ import uuid
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict
+from datetime import timedelta
 from typing import Any
 
 from prefect.client.orchestration import get_client
@@ -57,6 +58,8 @@ from captioning.training.stage import read_stage_result, stage_status
 
 NODE_DEPLOYMENT = "train-node/default"
 POLL_S = 2.0
+LOG_PAGE = 200
+LOOKBACK = timedelta(seconds=15)  # how far back each poll asks again (lines already seen are skipped)
 STOP_WAIT_S = 90.0
 TAIL_LINES = 200  # searched for the cause when a node fails
 FAILURE_GRACE_S = 15.0
@@ -256,10 +259,17 @@ def _stream_logs(nodes: list[_Node], since: Any, logger: logging.Logger | loggin
     """Re-log every new line of the node runs as ``node I | line``; the newest timestamp seen."""
     by_run = {node.run.id: node for node in nodes if node.run is not None}
     log_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=list(by_run)))
-    if since is not None:
-        log_filter.timestamp = LogFilterTimestamp(after_=since)
+    if since is not None:  # each node's lines land in batches of their own: a later batch can be older
+        log_filter.timestamp = LogFilterTimestamp(after_=since - LOOKBACK)
+    logs: list[Any] = []
     with get_client(sync_client=True) as client:
-        logs = client.read_logs(log_filter=log_filter, sort=LogSort.TIMESTAMP_ASC, limit=200)
+        while True:  # every page: the lookback window repeats lines already seen
+            page = client.read_logs(
+                log_filter=log_filter, sort=LogSort.TIMESTAMP_ASC, limit=LOG_PAGE, offset=len(logs)
+            )
+            logs += page
+            if len(page) < LOG_PAGE:
+                break
     for log in logs:
         node = by_run.get(log.flow_run_id) if log.flow_run_id is not None else None
         if node is None or log.id in node.seen:
