@@ -25,12 +25,13 @@ import argparse
 import dataclasses
 import json
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from captioning.caption_cli import COMMANDS as CAPTION_COMMANDS
+from captioning.caption_cli import add_parsers as add_caption_parsers
 from captioning.config import (
     STAGES,
     Config,
@@ -120,34 +121,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prepare-only", action="store_true", help="build the shards, do not train")
     _add_train_options(p)
 
-    p = sub.add_parser(
-        "caption",
-        help="caption images with a model (beam search)",
-        description="Prints `path: caption` per image; JSON lines (one object per image) when a folder "
-        "is given or with --json. Folders are read in name order, common image extensions only. "
-        "Decoding defaults to the model's own recorded eval settings.",
-    )
-    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
-    p.add_argument(
-        "--checkpoint",
-        required=True,
-        metavar="MODEL",
-        help="checkpoint path, s3:// URI, runs:/ID/model, models:/NAME@ALIAS or models:/NAME/VERSION "
-        "(models:/ and runs:/ read MLFLOW_TRACKING_URI)",
-    )
-    p.add_argument("--beam-size", type=int, help="beam width (default: the model's eval.beam_size)")
-    p.add_argument(
-        "--max-len", type=int, help="most tokens, <end> included (default: the model's eval.max_len)"
-    )
-    p.add_argument(
-        "--length-normalization",
-        action=argparse.BooleanOptionalAction,
-        help="rank finished beams by log-prob per token (default: the model's eval.length_normalization)",
-    )
-    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
-    p.add_argument("--visualize", type=Path, metavar="DIR", help="write attention overlays DIR/<stem>.png")
-    p.add_argument("--json", action="store_true", help="JSON lines even for single images")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
+    add_caption_parsers(sub)
 
     from captioning import server
 
@@ -363,49 +337,6 @@ def _train(args: argparse.Namespace, overrides: Sequence[str], cfg: Config, *, p
     return 0
 
 
-def _cmd_caption(args: argparse.Namespace, overrides: Sequence[str]) -> int:
-    if overrides:
-        raise ConfigError(
-            f"caption takes its settings from the checkpoint, not overrides: {' '.join(overrides)}"
-        )
-    from captioning.inference import caption_images, caption_inputs
-    from captioning.model_uri import RegistryError, resolve_model
-    from captioning.tracking import TrackingUnavailable
-
-    paths, had_folder = caption_inputs(args.inputs)
-    if not paths:
-        print("captioning caption: no images found", file=sys.stderr)
-        return 1
-    with tempfile.TemporaryDirectory(prefix="captioning-model-") as downloads:
-        try:
-            model = resolve_model(args.checkpoint, dst=downloads)
-        except (RegistryError, TrackingUnavailable) as exc:
-            print(f"captioning caption: error: {exc}", file=sys.stderr)
-            return 1
-        results = caption_images(
-            paths,
-            model.checkpoint,
-            beam_size=args.beam_size,
-            max_len=args.max_len,
-            length_normalization=args.length_normalization,
-            batch_size=args.batch_size,
-            visualize_dir=args.visualize,
-            device=args.device,
-            progress=len(paths) > 1,  # on stderr: a bar on a terminal, plain lines otherwise
-        )
-    as_json = args.json or had_folder
-    failed = 0
-    for entry in results:
-        failed += "error" in entry
-        if as_json:
-            print(json.dumps(entry, ensure_ascii=False))
-        elif "error" in entry:
-            print(f"{entry['path']}: error: {entry['error']}", file=sys.stderr)
-        else:
-            print(f"{entry['path']}: {entry['caption']}")
-    return 1 if failed else 0
-
-
 _COMMANDS = {
     "config": _cmd_config,
     "synth": _cmd_synth,
@@ -417,7 +348,7 @@ _COMMANDS = {
     "verify": _cmd_verify,
     "train": _cmd_train,
     "demo": _cmd_demo,
-    "caption": _cmd_caption,
+    **CAPTION_COMMANDS,
     "serve": lambda args, _: _serve(args),
     **SERVICE_COMMANDS,
 }

@@ -34,17 +34,16 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import torch
 from PIL import Image
 
 from captioning.data.batch import normalize_images, resize_square, stack_planes
-from captioning.data.images import ImageSettings, ImageSkipped, prepare_image
+from captioning.data.images import ImageSettings, ImageSkipped, prepare_image, prepare_loaded
 from captioning.data.vocab import Vocab
-from captioning.model.captioner import Captioner
 from captioning.model.checkpoint import captioner_from_checkpoint, decoding_of
-from captioning.model.search import beam_search
+from captioning.model.search import StepModel, beam_search
 from captioning.model.visualize import attention_overlay
 from captioning.progress import show_progress
 
@@ -69,7 +68,17 @@ def load_image(data: bytes, settings: ImageSettings) -> Image.Image:
     Shard writer (``prepare_image``: resize and JPEG at the stored quality), then the loader's
     ``stage_decode`` (JPEG draft, RGB) and eval ``resize_square``. Raises ImageSkipped.
     """
-    stored = prepare_image(data, settings).jpeg
+    return _as_loaded(prepare_image(data, settings).jpeg, settings)
+
+
+def load_frame(image: Image.Image, settings: ImageSettings) -> Image.Image:
+    """A decoded picture (a video frame, RGB) -> the model's input, as ``load_image`` would give for
+    the same picture stored losslessly: the shard writer's resize and JPEG, then the loader's decode."""
+    return _as_loaded(prepare_loaded(image, settings).jpeg, settings)
+
+
+def _as_loaded(stored: bytes, settings: ImageSettings) -> Image.Image:
+    """A shard's stored JPEG -> what the eval loader delivers (``stage_decode``, ``resize_square``)."""
     opened = Image.open(io.BytesIO(stored))
     opened.draft("RGB", (settings.size, settings.size))
     opened.load()
@@ -92,14 +101,26 @@ class Caption:
         return " ".join(self.words)
 
 
+Engine = Literal["torch", "onnxruntime"]
+ENGINES: tuple[str, ...] = ("torch", "onnxruntime")
+
+
+class CaptionEngine(StepModel, Protocol):
+    """What a Predictor runs: ``Captioner`` (torch) or ``OnnxCaptioner`` (onnxruntime)."""
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised images -> (B, P, E) features."""
+        ...
+
+
 class Predictor:
-    """A checkpoint's captioner ready for inference: model (eval mode, on ``device``), vocabulary, the
-    image settings it was trained with and its default ``decoding`` (``beam_size``, ``max_len``,
-    ``length_normalization``: the checkpoint's recorded ``eval`` settings)."""
+    """A captioner ready for inference: model (eval mode, on ``device``; a torch ``Captioner`` or an
+    ``OnnxCaptioner``), vocabulary, the image settings it was trained with and its default ``decoding``
+    (``beam_size``, ``max_len``, ``length_normalization``: the checkpoint's recorded ``eval`` settings)."""
 
     def __init__(
         self,
-        model: Captioner,
+        model: CaptionEngine,
         vocab: Vocab,
         settings: ImageSettings,
         device: torch.device,
@@ -122,9 +143,41 @@ class Predictor:
         model.eval().to(target)
         return cls(model, vocab, image_settings(ckpt.get("config") or {}), target, decoding_of(ckpt))
 
+    @classmethod
+    def from_onnx(cls, folder: str | os.PathLike[str], threads: int | None = None) -> Predictor:
+        """The captioner of an ONNX export folder (``captioning export --format onnx``) on onnxruntime."""
+        from captioning.model.onnx_engine import OnnxCaptioner
+
+        engine = OnnxCaptioner(folder, threads=threads)
+        manifest = engine.manifest
+        return cls(
+            engine,
+            engine.vocab(),
+            image_settings(manifest["config"]),
+            torch.device("cpu"),
+            manifest["decoding"],
+        )
+
+    @classmethod
+    def load(
+        cls, model: str | os.PathLike[str], engine: Engine = "torch", device: str | torch.device | None = None
+    ) -> Predictor:
+        """A checkpoint file on torch (``device``) or an ONNX export folder on onnxruntime (CPU)."""
+        if engine == "torch":
+            return cls.from_checkpoint(model, device)
+        if engine == "onnxruntime":
+            if device is not None and torch.device(device).type != "cpu":
+                raise ValueError(f"the onnxruntime engine runs on the CPU here, not {device}")
+            return cls.from_onnx(model)
+        raise ValueError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
+
     def load_image(self, data: bytes) -> Image.Image:
         """Encoded image bytes -> the model's input image (``load_image``); raises ImageSkipped."""
         return load_image(data, self.settings)
+
+    def load_frame(self, image: Image.Image) -> Image.Image:
+        """A decoded RGB picture (a video frame) -> the model's input image (``load_frame``)."""
+        return load_frame(image, self.settings)
 
     @torch.no_grad()
     def caption(
@@ -251,6 +304,7 @@ def caption_images(
     visualize_dir: str | os.PathLike[str] | None = None,
     device: str | torch.device | None = None,
     progress: bool = False,
+    engine: Engine = "torch",
 ) -> list[dict[str, Any]]:
     """One dict per path, in order: a caption entry (see the module doc) or ``{"path", "error"}``.
 
@@ -259,11 +313,12 @@ def caption_images(
     ``device``: where the model runs (default: CUDA when available, else the CPU). With
     ``visualize_dir``, each caption's attention overlay is written there as ``<stem>.png`` and
     its path recorded under ``"visualization"``. Files are read ``batch_size`` at a time. ``progress``:
-    show it on stderr (``captioning.progress``: a bar on a terminal, lines otherwise).
+    show it on stderr (``captioning.progress``: a bar on a terminal, lines otherwise). ``engine``:
+    ``"onnxruntime"`` takes an ONNX export folder as ``checkpoint`` (``Predictor.load``).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    predictor = Predictor.from_checkpoint(checkpoint, device)
+    predictor = Predictor.load(checkpoint, engine, device)
     out_dir = Path(visualize_dir) if visualize_dir is not None else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -114,6 +114,17 @@ def prepare_image(data: bytes, settings: ImageSettings) -> PreparedImage:
     except Exception as e:  # UnidentifiedImageError mostly; plugins raise SyntaxError, struct.error, ...
         raise ImageSkipped(*_classify_decode_error(e)) from None
     try:
+        return prepare_loaded(image, settings)
+    finally:
+        image.close()
+
+
+def prepare_loaded(image: Image.Image, settings: ImageSettings) -> PreparedImage:
+    """``prepare_image`` for an image already opened or made in memory (a decoded video frame).
+
+    Raises ImageSkipped (and nothing else).
+    """
+    try:
         return _prepare(image, settings)
     except ImageSkipped:
         raise
@@ -123,8 +134,6 @@ def prepare_image(data: bytes, settings: ImageSettings) -> PreparedImage:
         raise ImageSkipped("too_large", "out of memory while decoding") from None
     except Exception as e:  # a decoder can fail in many ways; one bad file must not stop a build
         raise ImageSkipped(*_classify_decode_error(e)) from None
-    finally:
-        image.close()
 
 
 def _prepare(image: Image.Image, settings: ImageSettings) -> PreparedImage:
