@@ -263,7 +263,7 @@ def _overlay_path(directory: Path, path: str, used: set[str]) -> Path:
     return directory / f"{name}.png"
 
 
-def _entry(
+def caption_entry(
     path: str,
     image: Image.Image,
     caption: Caption,
@@ -271,6 +271,7 @@ def _entry(
     visualize_dir: Path | None,
     used_names: set[str],
 ) -> dict[str, Any]:
+    """An image's JSON entry (see the module doc); with ``visualize_dir``, its attention overlay too."""
     n = len(caption.ids)
     entry: dict[str, Any] = {
         "path": path,
@@ -338,7 +339,7 @@ def caption_images(
             batch_size=batch_size,
         )
         for (i, image), caption in zip(pending, captions, strict=True):
-            results[i] = _entry(names[i], image, caption, predictor.vocab, out_dir, used_names)
+            results[i] = caption_entry(names[i], image, caption, predictor.vocab, out_dir, used_names)
         shown.update(len(pending))
         pending.clear()
 

@@ -50,7 +50,12 @@ VIDEO_EXTENSIONS = frozenset({".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v", "
 
 
 class VideoError(ValueError):
-    """A video or camera that cannot be captioned: cannot open, no video stream, corrupt or truncated."""
+    """A video or camera that cannot be captioned; ``reason``: unreadable, no_video, corrupt, truncated
+    or camera."""
+
+    def __init__(self, message: str, reason: str = "unreadable") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -98,7 +103,7 @@ def video_frames(source: str | os.PathLike[str], fps: float = DEFAULT_FPS) -> It
         raise VideoError(f"{name}: cannot open as a video: {getattr(e, 'strerror', None) or e}") from None
     with container:
         if not container.streams.video:
-            raise VideoError(f"{name}: no video stream")
+            raise VideoError(f"{name}: no video stream", "no_video")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"  # frame and slice threads: decoding is most of a video's cost
         declared = _duration(container, stream)
@@ -117,13 +122,16 @@ def video_frames(source: str | os.PathLike[str], fps: float = DEFAULT_FPS) -> It
                     yield Frame(t, frame.to_image())
         except av.FFmpegError as e:
             reason = getattr(e, "strerror", None) or e
-            raise VideoError(f"{name}: corrupt or truncated after {last:.2f} s: {reason}") from None
+            raise VideoError(
+                f"{name}: corrupt or truncated after {last:.2f} s: {reason}", "corrupt"
+            ) from None
         if decoded == 0:
-            raise VideoError(f"{name}: no decodable video frames")
+            raise VideoError(f"{name}: no decodable video frames", "corrupt")
         rate = float(stream.average_rate or 25)
         if declared is not None and last + max(2.0 / rate, 0.5) < declared:
             raise VideoError(
-                f"{name}: truncated: frames end at {last:.2f} s of the {declared:.2f} s the file declares"
+                f"{name}: truncated: frames end at {last:.2f} s of the {declared:.2f} s the file declares",
+                "truncated",
             )
 
 
@@ -146,7 +154,7 @@ def camera_frames(
     capture = cv2.VideoCapture(index)
     if not capture.isOpened():
         capture.release()
-        raise VideoError(f"camera {index}: cannot be opened (no such device, or it is busy)")
+        raise VideoError(f"camera {index}: cannot be opened (no such device, or it is busy)", "camera")
     keep = _ticks(fps)
     start: float | None = None
     try:
@@ -154,7 +162,7 @@ def camera_frames(
             ok, bgr = capture.read()
             if not ok:
                 if start is None:
-                    raise VideoError(f"camera {index}: opened but delivers no frames")
+                    raise VideoError(f"camera {index}: opened but delivers no frames", "camera")
                 return
             now = clock()
             start = now if start is None else start
@@ -344,7 +352,8 @@ def caption_video(
     ``on_caption(line, annotated_frame)`` sees each sampled frame's JSON line as it is captioned (the
     annotated frame when ``annotated``, ``heatmap`` or ``draw`` asks for drawing, else None): a camera
     run prints or shows it. ``fps`` is the annotated video's rate (the sampling rate of ``frames``).
-    Returns ``{"frames", "cues", "duration", "outputs"}``.
+    Returns ``{"frames", "cues", "duration", "outputs", "timeline"}`` (timeline: the cues as
+    ``{"start", "end", "caption", "score"}``).
     """
     hold = CaptionHold(stable_frames)
     lines: list[dict[str, Any]] = []
@@ -397,4 +406,14 @@ def caption_video(
         outputs["jsonl"] = os.fspath(jsonl)
     if writer is not None and lines:
         outputs["annotated"] = os.fspath(annotated)  # type: ignore[arg-type]
-    return {"frames": len(lines), "cues": len(cues), "duration": round(end, 3), "outputs": outputs}
+    timeline = [
+        {"start": round(c.start, 3), "end": round(c.end, 3), "caption": c.text, "score": c.score}
+        for c in cues
+    ]
+    return {
+        "frames": len(lines),
+        "cues": len(cues),
+        "duration": round(end, 3),
+        "outputs": outputs,
+        "timeline": timeline,
+    }

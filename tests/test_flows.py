@@ -10,7 +10,6 @@ training shards and gates the promotion on both holdouts.
 from __future__ import annotations
 
 import os
-import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,26 +24,6 @@ from captioning import storage
 from captioning.data.synthetic import generate_synthetic
 from captioning.model.checkpoint import load_checkpoint
 from captioning.registry import RegistryError
-
-
-@pytest.fixture(scope="module")
-def prefect_server() -> Iterator[None]:
-    """A real Prefect server (SQLite in a temporary folder) for the module's flow runs.
-
-    Running flows in-process makes Prefect 3.8.8 register threading atexit hooks that fail in any
-    process forked later (exit code 1; fixed upstream in 3.9.1, see ENVIRONMENT.md): the hooks added
-    here are removed at the end so the tests after this module that fork are not affected.
-    """
-    from prefect.testing.utilities import prefect_test_harness
-
-    hooks = getattr(threading, "_threading_atexits", None)
-    before = list(hooks) if isinstance(hooks, list) else None
-    try:
-        with prefect_test_harness(server_startup_timeout=120):
-            yield
-    finally:
-        if isinstance(hooks, list) and before is not None:
-            hooks[:] = before
 
 
 @pytest.fixture(scope="module")

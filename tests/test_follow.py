@@ -4,7 +4,7 @@ a real Prefect server (a flow with a subflow and a task, followed while it runs)
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -189,21 +189,6 @@ def test_command_line_refusals_are_one_line(capsys: pytest.CaptureFixture[str]) 
 
 
 # --- against a real Prefect server ------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def prefect_server() -> Iterator[None]:
-    """A real Prefect server for this module (as test_flows.py's, whose atexit note applies here too)."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    hooks = getattr(threading, "_threading_atexits", None)
-    before = list(hooks) if isinstance(hooks, list) else None
-    try:
-        with prefect_test_harness(server_startup_timeout=120):
-            yield
-    finally:
-        if isinstance(hooks, list) and before is not None:
-            hooks[:] = before
 
 
 def test_follows_a_real_flow_run_with_its_subflow_and_task(prefect_server: None) -> None:

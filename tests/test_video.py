@@ -77,7 +77,18 @@ def test_one_cue_per_scene_and_a_one_frame_flash_never_shows(scene_video: Path, 
         ("00:00:04.000", "00:00:06.000", "a green scene"),
     ]
     lines = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
-    assert summary == {"frames": 60, "cues": 3, "duration": 6.0, "outputs": summary["outputs"]}
+    assert summary == {
+        "frames": 60,
+        "cues": 3,
+        "duration": 6.0,
+        "outputs": summary["outputs"],
+        "timeline": summary["timeline"],
+    }
+    assert [(c["start"], c["end"], c["caption"]) for c in summary["timeline"]] == [
+        (0.0, 2.0, "a red scene"),
+        (2.0, 4.0, "a blue scene"),
+        (4.0, 6.0, "a green scene"),
+    ]
     assert [line["time"] for line in lines] == [round(i / 10, 3) for i in range(60)]
     flash = lines[30]
     assert (flash["time"], flash["caption"], flash["cue"]) == (3.0, "a white flash", 1)  # inside the blue cue
