@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import random
 from pathlib import Path
 
 import torch
 
 from captioning.config import load_config
-from captioning.data.scenes import describe_scene, render_scene, sample_scene, tokenize
+from captioning.data.scenes import scene_pictures
 from captioning.data.vocab import SPECIALS, Vocab
 from captioning.model.checkpoint import save_checkpoint
 from captioning.model.factory import build_captioner
@@ -28,13 +27,11 @@ from captioning.model.factory import build_captioner
 def scene_images(count: int, *, size: int = 96, seed: int = 0) -> tuple[list[bytes], list[str]]:
     """``count`` synthetic scenes as JPEG bytes, and every word of their captions (sorted)."""
     images, words = [], set()
-    for i in range(count):
-        rng = random.Random(seed * 1_000_003 + i)
-        scene = sample_scene(rng)
+    for image, captions in scene_pictures(count, size=size, seed=seed):
         buffer = io.BytesIO()
-        render_scene(scene, size, rng).save(buffer, format="JPEG", quality=90)
+        image.save(buffer, format="JPEG", quality=90)
         images.append(buffer.getvalue())
-        words.update(w for caption in describe_scene(scene, rng) for w in tokenize(caption))
+        words.update(w for caption in captions for w in caption.split())
     return images, sorted(words)
 
 

@@ -31,24 +31,20 @@ import os
 import statistics
 import tempfile
 import time
-from fractions import Fraction
 from pathlib import Path
 
-import av
 import torch
 from demo_model import demo_checkpoint, scene_images
 from PIL import Image
 
 from captioning.inference import Predictor
 from captioning.model.onnx_export import export_onnx
-from captioning.video import caption_video, video_frames
+from captioning.video import VideoWriter, caption_video, video_frames
 
 
 def write_video(path: Path, seconds: float, fps: int, scenes: list[bytes]) -> int:
     """A 640x480 H.264 video of the scenes, each for 2 s, drifting right; returns the frame count."""
-    container = av.open(str(path), "w")
-    stream = container.add_stream("libx264", rate=Fraction(fps))
-    stream.width, stream.height, stream.pix_fmt = 640, 480, "yuv420p"
+    writer = VideoWriter(path, fps)
     total = round(seconds * fps)
     for n in range(total):
         scene = (
@@ -56,11 +52,8 @@ def write_video(path: Path, seconds: float, fps: int, scenes: list[bytes]) -> in
         )
         canvas = Image.new("RGB", (640, 480), (90, 90, 90))
         canvas.paste(scene, ((n * 2) % 160, 0))
-        for packet in stream.encode(av.VideoFrame.from_image(canvas)):
-            container.mux(packet)
-    for packet in stream.encode():
-        container.mux(packet)
-    container.close()
+        writer.write(canvas)
+    writer.close(keep=True)
     return total
 
 

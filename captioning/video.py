@@ -62,6 +62,7 @@ class VideoError(ValueError):
 class Frame:
     time: float  # seconds from the start of the video (or of the camera run)
     image: Image.Image  # RGB, the source's own size
+    source_end: float | None = None  # where the video ends (its declared duration), when known
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ def video_frames(source: str | os.PathLike[str], fps: float = DEFAULT_FPS) -> It
                 decoded += 1
                 last = max(last, t)
                 if keep(t):
-                    yield Frame(t, frame.to_image())
+                    yield Frame(t, frame.to_image(), declared)
         except av.FFmpegError as e:
             reason = getattr(e, "strerror", None) or e
             raise VideoError(
@@ -258,32 +259,54 @@ def format_vtt(cues: Iterable[Cue]) -> str:
 # Drawing and writing
 
 
+HEAT_OPACITY = 0.4  # the attention colours' share of a pixel on annotated frames; the frame keeps its colours
+
+
 def annotate(image: Image.Image, text: str | None, alphas: np.ndarray | None = None) -> Image.Image:
-    """The frame with ``text`` on a dark band at the bottom; with ``alphas`` (n, P) the caption's mean
-    attention coloured over the frame (the grid stretched to the whole frame, as squash resizing sees it)."""
-    from captioning.model.visualize import _font, attention_map, heat_panel
+    """The frame with ``text`` on a dark band at the bottom (wrapped to the frame's width); with
+    ``alphas`` (n, P) the caption's mean attention coloured over the frame (``visualize``'s colour map,
+    the grid stretched to the whole frame, as squash resizing sees it)."""
+    from captioning.model.visualize import _font, attention_map, colour_table
 
     frame = image.convert("RGB")
     if alphas is not None and len(alphas):
         grid = math.isqrt(alphas.shape[1])
         if grid * grid == alphas.shape[1]:
-            weight = attention_map(alphas.mean(axis=0), grid, frame.size)  # (H, W)
-            frame = Image.fromarray(heat_panel(np.asarray(frame, dtype=np.float32), weight))
+            weight = attention_map(alphas.mean(axis=0), grid, frame.size)  # (H, W) in [0, 1]
+            heat = colour_table()[np.rint(weight * 255.0).astype(np.int64)]  # (H, W, 3)
+            pixels = (1 - HEAT_OPACITY) * np.asarray(frame, dtype=np.float32) + HEAT_OPACITY * heat
+            frame = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
     if text:
         width, height = frame.size
-        size = max(12, height // 20)
-        band = Image.new("RGBA", (width, size + size // 2), (0, 0, 0, 160))
+        size = max(12, height // 22)
+        font = _font(size)
+        draw = ImageDraw.Draw(frame)
+        lines: list[str] = []
+        for word in text.split():
+            if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width - size:
+                lines[-1] = f"{lines[-1]} {word}"
+            else:
+                lines.append(word)
+        step = round(size * 1.25)
+        band = Image.new("RGBA", (width, step * len(lines) + size // 2), (0, 0, 0, 160))
         frame = frame.convert("RGBA")
         frame.alpha_composite(band, (0, height - band.height))
         draw = ImageDraw.Draw(frame)
-        draw.text((size // 2, height - band.height + size // 4), text, fill=(255, 255, 255), font=_font(size))
+        for n, line in enumerate(lines):
+            draw.text(
+                (size // 2, height - band.height + size // 4 + n * step),
+                line,
+                fill=(255, 255, 255),
+                font=font,
+            )
         frame = frame.convert("RGB")
     return frame
 
 
-class AnnotatedVideo:
+class VideoWriter:
     """An H.264 (MPEG-4 Part 2 where the FFmpeg build lacks libx264) video at ``fps``, frames written
-    one by one to ``path`` + ``.part`` and renamed by ``close(keep=True)``."""
+    one by one to ``path`` + ``.part`` and renamed by ``close(keep=True)`` (annotated videos; the
+    tests' and benchmarks' synthetic videos). Odd frame sides are cropped by one pixel (yuv420p)."""
 
     def __init__(self, path: str | os.PathLike[str], fps: float) -> None:
         self.path = Path(path)
@@ -358,7 +381,7 @@ def caption_video(
     hold = CaptionHold(stable_frames)
     lines: list[dict[str, Any]] = []
     times: list[float] = []  # the lines' exact times (theirs are rounded to the millisecond)
-    writer = AnnotatedVideo(annotated, fps) if annotated is not None else None
+    writer = VideoWriter(annotated, fps) if annotated is not None else None
     end, ok = 0.0, False
     try:
         try:
@@ -373,7 +396,9 @@ def caption_video(
                 }
                 lines.append(line)
                 times.append(frame.time)
-                end = frame.time + 1.0 / fps
+                end = frame.time + 1.0 / fps  # a sampled frame stands for the time up to the next one
+                if frame.source_end is not None:
+                    end = max(frame.time, min(end, frame.source_end))
                 drawn = None
                 if writer is not None or heatmap or draw:
                     alphas = (

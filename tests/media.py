@@ -1,4 +1,4 @@
-"""Test-only media: videos with known scenes (encoded with PyAV, the pinned library) and a captioner
+"""Test-only media: videos with known scenes (H.264 encoded by PyAV, the pinned library, through ``captioning.video.VideoWriter``) and a captioner
 whose caption is a frame's colour, so that a video's expected cues are known exactly.
 
     write_video(path, [("red", 2.0), ("white", 0.1), ("blue", 2.0)], fps=10)   # H.264 in MP4
@@ -8,16 +8,15 @@ whose caption is a frame's colour, so that a video's expected cues are known exa
 from __future__ import annotations
 
 from collections.abc import Sequence
-from fractions import Fraction
 from pathlib import Path
 
-import av
 import torch
 from PIL import Image, ImageDraw
 
 from captioning.data.images import ImageSettings
 from captioning.data.vocab import END_ID, SPECIALS, Vocab
 from captioning.inference import Predictor
+from captioning.video import VideoWriter
 
 COLOURS = {"red": (210, 20, 20), "green": (20, 190, 30), "blue": (20, 30, 210), "white": (250, 250, 250)}
 WORDS = ("a", "red", "green", "blue", "white", "scene", "flash")
@@ -27,22 +26,16 @@ def write_video(
     path: Path, scenes: Sequence[tuple[str, float]], *, fps: int = 10, size: tuple[int, int] = (160, 120)
 ) -> Path:
     """Solid-colour scenes (a moving grey disc on each, so frames differ) of the given seconds each."""
-    container = av.open(str(path), "w")
-    stream = container.add_stream("libx264", rate=Fraction(fps))
-    stream.width, stream.height = size
-    stream.pix_fmt = "yuv420p"
+    writer = VideoWriter(path, fps)
     n = 0
     for colour, seconds in scenes:
         for _ in range(round(seconds * fps)):
             image = Image.new("RGB", size, COLOURS[colour])
             x = 10 + (n * 3) % (size[0] - 50)
             ImageDraw.Draw(image).ellipse((x, 40, x + 30, 70), fill=(128, 128, 128))
-            for packet in stream.encode(av.VideoFrame.from_image(image)):
-                container.mux(packet)
+            writer.write(image)
             n += 1
-    for packet in stream.encode():
-        container.mux(packet)
-    container.close()
+    writer.close(keep=True)
     return path
 
 

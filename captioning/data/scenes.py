@@ -417,3 +417,15 @@ def describe_scene(scene: Scene, rng: random.Random, n: int = 5) -> list[str]:
 def tokenize(raw: str) -> list[str]:
     """Karpathy's tokenisation: lower-case words, punctuation dropped ("A red box." -> a red box)."""
     return re.findall(r"[a-z0-9]+(?:['-][a-z0-9]+)*", raw.lower())
+
+
+def scene_pictures(count: int, *, size: int = 96, seed: int = 0) -> list[tuple[Image.Image, list[str]]]:
+    """``count`` random scenes, each rendered at ``size`` px with its five tokenised captions (joined):
+    pictures for benchmarks and examples that need no dataset on disk. Same seed, same pictures."""
+    pictures = []
+    for i in range(count):
+        rng = random.Random(seed * 1_000_003 + i)
+        scene = sample_scene(rng)
+        image = render_scene(scene, size, rng)
+        pictures.append((image, [" ".join(tokenize(c)) for c in describe_scene(scene, rng)]))
+    return pictures
