@@ -89,8 +89,8 @@ def caption_media(
     }
     skipped = ", ".join(f"{n} {reason}" for reason, n in summary["skipped"].items()) or "none"
     report = (
-        f"**{summary['captioned']} of {len(files)} files captioned** ({summary['images']} images, "
-        f"{summary['videos']} videos) from `{source}` into `{summary['output']}`; skipped: {skipped}; "
+        f"**{summary['captioned']} of {len(files)} files captioned** (images: {summary['images']}, "
+        f"videos: {summary['videos']}) from `{source}` into `{summary['output']}`; skipped: {skipped}; "
         f"{summary['batches_done_before']} of {len(batches)} batches were already done."
     )
     logger.info(report.replace("**", "").replace("`", ""))
