@@ -46,7 +46,9 @@ def run(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     video = args.out / "scenes.mp4"
     write_scenes(video, args.scenes, args.scene_seconds, 25, args.seed)
-    code = captioning(["caption", "--video", str(video), "--model", args.model, "--fps", "2", "--annotate", "--heatmap"])
+    code = captioning(
+        ["caption", "--video", str(video), "--model", args.model, "--fps", "2", "--annotate", "--heatmap"]
+    )
     if code != 0:
         return code
     frame = next(f for f in video_frames(args.out / "scenes.annotated.mp4", fps=2) if f.time >= args.frame)
