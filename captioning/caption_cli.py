@@ -198,6 +198,7 @@ def _caption_media(args: argparse.Namespace) -> int:
                 stable_frames=args.stable_frames,
                 batch_size=batch,
                 on_caption=on_caption,
+                interruptible=args.camera is not None,
                 **{k: v for k, v in _decoding(args).items() if v is not None},
             )
         finally:

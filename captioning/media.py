@@ -66,7 +66,8 @@ def kind_of(path: str) -> str | None:
 
 def list_media(source: str) -> tuple[list[str], list[str]]:
     """(media files, other files) under the folder or prefix ``source``, sorted; results written
-    under ``source`` by an earlier run (``captions/``, ``.vtt``) are neither."""
+    under ``source`` by an earlier run (``captions/``, ``.vtt``) are neither. A missing folder, or one
+    or a prefix with no files at all, raises FileNotFoundError."""
     if not storage.is_s3(source) and not Path(source).is_dir():
         raise FileNotFoundError(f"{source}: no such folder")
     media: list[str] = []
@@ -76,6 +77,8 @@ def list_media(source: str) -> tuple[list[str], list[str]]:
         if path.startswith(results) or path.endswith(".vtt"):
             continue
         (media if kind_of(path) else others).append(path)
+    if not media and not others:  # most often a mistyped prefix: say so rather than caption nothing
+        raise FileNotFoundError(f"{source}: no files there")
     return media, others
 
 

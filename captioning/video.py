@@ -25,7 +25,8 @@ as a live viewer sees it, and with ``heatmap`` the caption's mean attention over
 A file that cannot be opened, holds no video, fails to decode part-way or ends well before its
 declared duration raises ``VideoError`` naming it and what was wrong; the outputs are then not
 written (each is written to a temporary name and renamed at the end). A camera run ends when the
-frames end or on Ctrl-C (KeyboardInterrupt), and its outputs are written either way.
+frames end or on Ctrl-C (KeyboardInterrupt, with ``interruptible``), and its outputs are written
+either way; Ctrl-C during a video file's run stops it and writes nothing.
 """
 
 from __future__ import annotations
@@ -368,13 +369,16 @@ def caption_video(
     stable_frames: int = DEFAULT_STABLE_FRAMES,
     batch_size: int = 8,
     on_caption: Callable[[dict[str, Any], Image.Image | None], None] | None = None,
+    interruptible: bool = False,
     **decoding: Any,
 ) -> dict[str, Any]:
     """Caption ``frames`` and write the outputs asked for; see the module doc.
 
     ``on_caption(line, annotated_frame)`` sees each sampled frame's JSON line as it is captioned (the
     annotated frame when ``annotated``, ``heatmap`` or ``draw`` asks for drawing, else None): a camera
-    run prints or shows it. ``fps`` is the annotated video's rate (the sampling rate of ``frames``).
+    run prints or shows it. ``interruptible`` (a camera run): Ctrl-C ends the run and the outputs are
+    written; otherwise KeyboardInterrupt propagates and nothing is written. ``fps`` is the annotated
+    video's rate (the sampling rate of ``frames``).
     Returns ``{"frames", "cues", "duration", "outputs", "timeline"}`` (timeline: the cues as
     ``{"start", "end", "caption", "score"}``).
     """
@@ -409,8 +413,10 @@ def caption_video(
                         writer.write(drawn)
                 if on_caption is not None:
                     on_caption(line, drawn)
-        except KeyboardInterrupt:  # a camera run ends on Ctrl-C; its outputs are still written
-            pass
+        except KeyboardInterrupt:
+            if not interruptible:
+                raise
+            # a camera run ends on Ctrl-C; its outputs are still written
         ok = True
     finally:
         if writer is not None:

@@ -87,6 +87,9 @@ def test_a_folder_is_captioned_in_batches_with_bad_files_counted_and_a_rerun_doe
     assert MediaBatch(0, (*batches[0].files, "x.jpg")).name != batches[0].name
     with pytest.raises(FileNotFoundError, match="no such folder"):
         list_media(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty: no files there"):
+        list_media(str(tmp_path / "empty"))
 
 
 @pytest.fixture(scope="module")

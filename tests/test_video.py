@@ -272,6 +272,20 @@ class _Closed:
         pass
 
 
+def test_ctrl_c_stops_a_video_run_without_outputs_but_ends_a_camera_run_with_them(tmp_path: Path) -> None:
+    def frames() -> Iterator[Frame]:
+        yield Frame(0.0, Image.new("RGB", (40, 30), (210, 20, 20)))
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        caption_video(frames(), colour_predictor(), vtt=tmp_path / "v.vtt", annotated=tmp_path / "v.mp4")
+    assert list(tmp_path.iterdir()) == []
+    summary = caption_video(
+        frames(), colour_predictor(), vtt=tmp_path / "c.vtt", stable_frames=1, interruptible=True
+    )
+    assert summary["cues"] == 1 and (tmp_path / "c.vtt").is_file()
+
+
 def test_frames_from_any_iterable_and_empty_sources(tmp_path: Path) -> None:
     frames: list[Any] = [Frame(0.0, Image.new("RGB", (40, 30), (210, 20, 20)))]
     summary = caption_video(frames, colour_predictor(), vtt=tmp_path / "one.vtt", stable_frames=1)
