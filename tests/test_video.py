@@ -281,8 +281,13 @@ def test_ctrl_c_stops_a_video_run_without_outputs_but_ends_a_camera_run_with_the
         caption_video(frames(), colour_predictor(), vtt=tmp_path / "v.vtt", annotated=tmp_path / "v.mp4")
     assert list(tmp_path.iterdir()) == []
     summary = caption_video(
-        frames(), colour_predictor(), vtt=tmp_path / "c.vtt", stable_frames=1, interruptible=True
-    )
+        frames(),
+        colour_predictor(),
+        vtt=tmp_path / "c.vtt",
+        stable_frames=1,
+        batch_size=1,
+        interruptible=True,
+    )  # a camera run captions each frame as it comes
     assert summary["cues"] == 1 and (tmp_path / "c.vtt").is_file()
 
 
