@@ -253,6 +253,7 @@ def _status(method: str, url: str, auth: str | None = None, body: bytes | None =
         return int(e.code)
 
 
+@pytest.mark.usefixtures("subprocess_tree")  # starts the stack's servers: the integration tier
 def test_auth_on_refuses_unauthenticated_mlflow_and_prefect_calls(
     settings: StackSettings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
