@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -198,7 +199,8 @@ def launch_stage(
                 launched.tail,
             )
     except BaseException as exc:  # failed, timed out, cancelled: the stage's runs end with the reason
-        leftovers.end(stop_reason(stage, exc), status="FAILED" if type(exc) is LaunchError else "KILLED")
+        failed = type(exc) is LaunchError
+        leftovers.end(stop_reason(stage, exc), status="FAILED" if failed else "KILLED", stopped=not failed)
         raise
     result = read_stage_result(output, stage)
     if result is None:
@@ -217,6 +219,9 @@ def finished_stage(cfg: Config, output: str, stage: str, on_line: Callable[[str]
     return found
 
 
+CLOCK_MARGIN_S = 5.0  # StageRuns: how far another node's clock may run behind this one's
+
+
 def stop_reason(stage: str, exc: BaseException) -> str:
     if isinstance(exc, LaunchTimeout):
         return f"stage {stage} ran past its time limit and was stopped"
@@ -233,9 +238,13 @@ class StageRuns:
 
         self.cfg, self.parent_run_id, self.stage, self.output = cfg, parent_run_id, stage, output
         self.uri = configured_uri(cfg) if parent_run_id and tracker_kind(tracker, cfg) == "mlflow" else None
+        # Runs of this launch start after this moment (less a margin for another node's clock).
+        self.launched_ms = int((time.time() - CLOCK_MARGIN_S) * 1000)
 
-    def end(self, reason: str, status: str = "KILLED") -> None:
-        """Never raises: the stage's own outcome matters more than this bookkeeping."""
+    def end(self, reason: str, status: str = "KILLED", *, stopped: bool = False) -> None:
+        """End the stage's runs left RUNNING; ``stopped`` (the launch was stopped from outside): this
+        launch's runs that ended FAILED while it stopped end KILLED too (``end_leftover_runs``).
+        Never raises: the stage's own outcome matters more than this bookkeeping."""
         if self.uri is None or self.parent_run_id is None:
             return
         try:
@@ -244,7 +253,13 @@ class StageRuns:
 
             client = connect(self.uri, timeout_s=self.cfg.tracking.connect_timeout_s)
             end_leftover_runs(
-                client, self.parent_run_id, reason, status=status, stage=self.stage, output=self.output
+                client,
+                self.parent_run_id,
+                reason,
+                status=status,
+                stage=self.stage,
+                output=self.output,
+                failed_since_ms=self.launched_ms if stopped else None,
             )
         except Exception as exc:
             logger.warning("could not end the MLflow runs of stage %s left RUNNING: %s", self.stage, exc)

@@ -172,7 +172,8 @@ def run_nodes(
             time.sleep(POLL_S)
     except BaseException as exc:
         _stop(nodes, f"stopped with the stage: {type(exc).__name__}", logger)
-        leftovers.end(stop_reason(stage, exc), status="FAILED" if isinstance(exc, LaunchError) else "KILLED")
+        failed = isinstance(exc, LaunchError)
+        leftovers.end(stop_reason(stage, exc), status="FAILED" if failed else "KILLED", stopped=not failed)
         raise
     finally:
         del store  # the rendezvous closes with the launch

@@ -445,3 +445,39 @@ def test_server_gone_for_good_writes_fallback_then_replays(
     assert orphan_run.info.run_name == "eval" and orphan_run.data.tags[PARENT_TAG] == run_id
     assert orphan_run.info.status == "FINISHED"
     assert _history(client, created, "test/CIDEr") == [(3, 0.7)]
+
+
+def test_a_stopped_stage_ends_killed_even_where_rank_0_saw_a_peer_break_first(client: MlflowClient) -> None:
+    """end_leftover_runs: RUNNING runs of the stage end KILLED; with failed_since_ms, so do the stage's
+    runs that ended FAILED since then (a stop's side effect), keeping their error; older FAILED runs
+    and other stages stay as they are."""
+    import time
+
+    from captioning.tracking.client import PARENT_TAG
+    from captioning.tracking.lineage import end_leftover_runs
+
+    experiment = client.create_experiment(_experiment())
+    parent = client.create_run(experiment, run_name="pipeline").info.run_id
+
+    def child(name: str, status: str | None) -> str:
+        run_id = client.create_run(experiment, run_name=name, tags={PARENT_TAG: parent}).info.run_id
+        if status is not None:
+            client.set_tag(run_id, "error", f"{name} broke")
+            client.set_terminated(run_id, status)
+        return run_id
+
+    earlier = child("finetune", "FAILED")  # an earlier attempt's real failure
+    time.sleep(0.05)
+    since = int(time.time() * 1000)
+    broken = child("finetune", "FAILED")  # rank 0 saw its peer's collective break while stopping
+    running = child("finetune", None)
+    other = child("xe", "FAILED")
+    ended = end_leftover_runs(
+        client, parent, "stage finetune was stopped", stage="finetune", failed_since_ms=since
+    )
+    assert sorted(ended) == sorted([broken, running])
+    status = {r: client.get_run(r).info.status for r in (earlier, broken, running, other)}
+    assert status == {earlier: "FAILED", broken: "KILLED", running: "KILLED", other: "FAILED"}
+    tags = client.get_run(broken).data.tags
+    assert tags["error"] == "stage finetune was stopped" and tags["error_while_stopping"] == "finetune broke"
+    assert end_leftover_runs(client, parent, "again", stage="finetune") == []  # FAILED runs: only when asked

@@ -77,11 +77,18 @@ def reopen_run(client: MlflowClient, run_id: str) -> int:
     return attempt
 
 
-def _running_children(client: MlflowClient, parent_id: str, experiment_id: str) -> list[Any]:
+def _running_children(
+    client: MlflowClient,
+    parent_id: str,
+    experiment_id: str,
+    status: str = "RUNNING",
+    since_ms: int | None = None,
+) -> list[Any]:
+    started = f" and attributes.start_time >= {since_ms}" if since_ms is not None else ""
     return list(
         client.search_runs(
             [experiment_id],
-            filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}' and attributes.status = 'RUNNING'",
+            filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}' and attributes.status = '{status}'{started}",
             max_results=1000,
         )
     )
@@ -95,21 +102,29 @@ def end_leftover_runs(
     status: str = "KILLED",
     stage: str | None = None,
     output: str | None = None,
+    failed_since_ms: int | None = None,
 ) -> list[str]:
     """End every RUNNING run below ``parent_id`` (only the child named ``stage`` and its descendants,
     when given) with ``status`` and the ``error`` tag ``reason``; remove their staging folders under a
-    local ``output``. Returns the ids of the runs it ended."""
+    local ``output``. Returns the ids of the runs it ended.
+
+    ``failed_since_ms``: also such runs that ended FAILED and started at or after that time (epoch ms).
+    A stage stopped from outside ends KILLED, but its rank 0 can see a peer's collective break (the
+    peer got its SIGTERM first) and end its run FAILED before its own SIGTERM arrives; the launcher
+    passes its launch time, so that run ends KILLED too (its error is kept as ``error_while_stopping``).
+    """
     experiment_id = client.get_run(parent_id).info.experiment_id
     ended: list[str] = []
-    queue = [
-        run
-        for run in _running_children(client, parent_id, experiment_id)
-        if stage is None or run.info.run_name == stage
-    ]
+    found = _running_children(client, parent_id, experiment_id)
+    if failed_since_ms is not None:
+        found += _running_children(client, parent_id, experiment_id, "FAILED", failed_since_ms)
+    queue = [run for run in found if stage is None or run.info.run_name == stage]
     while queue:
         run = queue.pop()
         run_id = run.info.run_id
         queue.extend(_running_children(client, run_id, experiment_id))
+        if run.info.status == "FAILED" and "error" in run.data.tags:
+            client.set_tag(run_id, "error_while_stopping", run.data.tags["error"][:500])
         client.set_tag(run_id, "error", reason[:500])
         client.set_terminated(run_id, status)
         ended.append(run_id)
