@@ -87,7 +87,7 @@ def add_parsers(sub: Any) -> None:
 
 
 @contextmanager
-def _local_model(source: str, engine: str) -> Iterator[str | None]:
+def _local_model(source: str, engine: str, command: str = "caption") -> Iterator[str | None]:
     """The model as a local path (downloads in a temporary folder), or None after printing why not."""
     if engine == "onnxruntime":
         yield source
@@ -99,7 +99,7 @@ def _local_model(source: str, engine: str) -> Iterator[str | None]:
         try:
             model = resolve_model(source, dst=downloads)
         except (RegistryError, TrackingUnavailable) as exc:
-            print(f"captioning caption: error: {exc}", file=sys.stderr)
+            print(f"captioning {command}: error: {exc}", file=sys.stderr)
             yield None
             return
         yield model.checkpoint
@@ -255,7 +255,7 @@ def cmd_export(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         )
     from captioning.model.onnx_export import export_onnx
 
-    with _local_model(args.model, "torch") as model:
+    with _local_model(args.model, "torch", "export") as model:
         if model is None:
             return 1
         manifest = export_onnx(model, args.out)

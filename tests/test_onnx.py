@@ -115,7 +115,7 @@ def test_cli_export_then_caption_with_onnxruntime(
     with pytest.raises(OnnxModelError, match="this code reads 'captioning-onnx' version 1"):
         OnnxCaptioner(tmp_path)
     assert main(["export", str(tmp_path / "x"), "--model", str(tmp_path / "missing.pt")]) == 1
-    assert "no such checkpoint" in capsys.readouterr().err
+    assert "captioning export: error: " in (err := capsys.readouterr().err) and "no such checkpoint" in err
 
 
 @pytest.mark.parametrize("arch", ["fc", "show_tell", "show_attend_tell"])

@@ -77,7 +77,7 @@ def reopen_run(client: MlflowClient, run_id: str) -> int:
     return attempt
 
 
-def _running_children(
+def _children(  # RUNNING ones unless told otherwise
     client: MlflowClient,
     parent_id: str,
     experiment_id: str,
@@ -115,14 +115,14 @@ def end_leftover_runs(
     """
     experiment_id = client.get_run(parent_id).info.experiment_id
     ended: list[str] = []
-    found = _running_children(client, parent_id, experiment_id)
+    found = _children(client, parent_id, experiment_id)
     if failed_since_ms is not None:
-        found += _running_children(client, parent_id, experiment_id, "FAILED", failed_since_ms)
+        found += _children(client, parent_id, experiment_id, "FAILED", failed_since_ms)
     queue = [run for run in found if stage is None or run.info.run_name == stage]
     while queue:
         run = queue.pop()
         run_id = run.info.run_id
-        queue.extend(_running_children(client, run_id, experiment_id))
+        queue.extend(_children(client, run_id, experiment_id))
         if run.info.status == "FAILED" and "error" in run.data.tags:
             client.set_tag(run_id, "error_while_stopping", run.data.tags["error"][:500])
         client.set_tag(run_id, "error", reason[:500])
