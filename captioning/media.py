@@ -178,20 +178,13 @@ def _caption_one_video(
     if storage.is_s3(path):
         local = os.path.join(tmp, "video" + PurePosixPath(path).suffix)
         storage.download_file(path, local)
-    vtt_local = os.path.join(tmp, "captions.vtt")
+    vtt = storage.join(output, str(PurePosixPath(relative(source, path)).with_suffix(".vtt")))
     try:
         summary = caption_video(
-            video_frames(local, fps),
-            predictor,
-            vtt=vtt_local,
-            fps=fps,
-            stable_frames=stable_frames,
-            **decoding,
+            video_frames(local, fps), predictor, vtt=vtt, fps=fps, stable_frames=stable_frames, **decoding
         )
     except VideoError as e:
         raise VideoError(str(e).replace(local, path), e.reason) from None  # name the file, not its download
-    vtt = storage.join(output, str(PurePosixPath(relative(source, path)).with_suffix(".vtt")))
-    storage.upload_file(vtt_local, vtt)
     return {
         "path": path,
         "kind": "video",

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from captioning import storage
 from captioning.inference import Caption, Predictor
 
 DEFAULT_FPS = 1.0
@@ -267,7 +268,7 @@ def annotate(image: Image.Image, text: str | None, alphas: np.ndarray | None = N
     """The frame with ``text`` on a dark band at the bottom (wrapped to the frame's width); with
     ``alphas`` (n, P) the caption's mean attention coloured over the frame (``visualize``'s colour map,
     the grid stretched to the whole frame, as squash resizing sees it)."""
-    from captioning.model.visualize import _font, attention_map, colour_table
+    from captioning.model.visualize import attention_map, colour_table, label_font
 
     frame = image.convert("RGB")
     if alphas is not None and len(alphas):
@@ -280,7 +281,7 @@ def annotate(image: Image.Image, text: str | None, alphas: np.ndarray | None = N
     if text:
         width, height = frame.size
         size = max(12, height // 22)
-        font = _font(size)
+        font = label_font(size)
         draw = ImageDraw.Draw(frame)
         lines: list[str] = []
         for word in text.split():
@@ -350,17 +351,11 @@ def _muxer(path: Path) -> str:
     return {".mkv": "matroska", ".webm": "webm", ".mov": "mov", ".avi": "avi"}.get(path.suffix.lower(), "mp4")
 
 
-def _write_atomic(path: str | os.PathLike[str], text: str) -> None:
-    part = Path(os.fspath(path) + ".part")
-    part.write_text(text, encoding="utf-8")
-    os.replace(part, path)
-
-
 def caption_video(
     frames: Iterable[Frame],
     predictor: Predictor,
     *,
-    vtt: str | os.PathLike[str] | None = None,
+    vtt: str | os.PathLike[str] | None = None,  # a local path or an s3:// URI (``captioning.storage``)
     jsonl: str | os.PathLike[str] | None = None,
     annotated: str | os.PathLike[str] | None = None,
     heatmap: bool = False,
@@ -430,10 +425,12 @@ def caption_video(
         line["cue"] = next((n for n, cue in enumerate(cues) if cue.start <= t < cue.end), -1)
     outputs: dict[str, str] = {}
     if vtt is not None:
-        _write_atomic(vtt, format_vtt(cues))
+        storage.write_text(os.fspath(vtt), format_vtt(cues))  # atomic: a tmp file, then renamed
         outputs["vtt"] = os.fspath(vtt)
     if jsonl is not None:
-        _write_atomic(jsonl, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+        storage.write_text(
+            os.fspath(jsonl), "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+        )
         outputs["jsonl"] = os.fspath(jsonl)
     if writer is not None and lines:
         outputs["annotated"] = os.fspath(annotated)  # type: ignore[arg-type]

@@ -81,7 +81,7 @@ def heat_panel(pixels: np.ndarray, weight: np.ndarray, colormap: str = COLORMAP)
     return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
 
 
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+def label_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.load_default(size=size)
     except (TypeError, OSError):  # Pillow < 10.1 or no FreeType: the fixed bitmap font
@@ -111,7 +111,7 @@ def attention_overlay(
     panel = image.convert("RGB").resize((panel_size, panel_size), Image.Resampling.BICUBIC)
     pixels = np.asarray(panel, dtype=np.float32)  # (S, S, 3)
     labels = [START_LABEL, *words]
-    font = _font(14)
+    font = label_font(14)
     cols = max(1, min(columns, len(labels)))
     rows = math.ceil(len(labels) / cols)
     cell_w, cell_h = panel_size + MARGIN, panel_size + LABEL_HEIGHT + MARGIN
