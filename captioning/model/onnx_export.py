@@ -110,8 +110,8 @@ def export_onnx(checkpoint: str | os.PathLike[str], out_dir: str | os.PathLike[s
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    torch.manual_seed(0)
-    images = torch.randn(2, 3, settings.size, settings.size)  # (2, 3, H, W): an example batch of 2
+    # (2, 3, H, W): an example batch of 2, from a generator of its own (the caller's RNG is left alone)
+    images = torch.randn(2, 3, settings.size, settings.size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         features = model.encode(images)  # (2, P, E)
         state = model.init_state(features)
@@ -161,8 +161,7 @@ def export_onnx(checkpoint: str | os.PathLike[str], out_dir: str | os.PathLike[s
 def _check(model: Captioner, engine: Any, size: int, rows: int = 3, steps: int = 3) -> dict[str, Any]:
     """Run torch and onnxruntime side by side on random images (a batch size the export never saw)
     for a few greedy steps; raise when their log-probs or attention differ by more than TOLERANCE."""
-    torch.manual_seed(1)
-    images = torch.randn(rows, 3, size, size)
+    images = torch.randn(rows, 3, size, size, generator=torch.Generator().manual_seed(1))
     ours, theirs = model.init_state(model.encode(images)), engine.init_state(engine.encode(images))
     worst = max((ours[k] - theirs[k]).abs().max().item() for k in ours)
     tokens = torch.ones(rows, dtype=torch.long)  # <start>
