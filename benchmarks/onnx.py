@@ -5,8 +5,9 @@ random weights) is exported with ``captioning.model.onnx_export.export_onnx`` (t
 engines then caption the same --num-images synthetic scene images (``demo_model.scene_images``),
 preprocessed once outside the timing, --chunk images per call: encode, then the shared batched beam
 search (``captioning.model.search.beam_search``) driven by the torch ``Captioner`` or the
-``OnnxCaptioner``. Chunks alternate between the engines so that other load on the machine hits both
-alike; each repetition times all images on both, and the images/s are medians over --repeats.
+``OnnxCaptioner``. Each repetition times all images on both engines, one after the other, and the
+engine that goes first alternates between repetitions so that other load on the machine hits both
+alike; the images/s are medians over --repeats.
 
 Every caption is compared word for word. A caption that differs is printed with both engines' scores
 and torch's margin between its best and second-best hypothesis: float32 differences between the two
