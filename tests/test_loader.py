@@ -32,10 +32,13 @@ from captioning.config import LoaderConfig
 from captioning.data.batch import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    JITTER,
     Batch,
+    augment_image,
     choose_captions,
     collate,
     normalize_images,
+    prepare_images,
     stack_planes,
 )
 from captioning.data.epoch import plan_epoch
@@ -302,6 +305,48 @@ def test_normalisation_is_imagenet() -> None:
     assert torch.equal(batch[2], batch[0])
 
 
+def test_device_colour_jitter_matches_pillows_image_enhance() -> None:
+    """The batched jitter on the device equals Pillow's ImageEnhance chain within its rounding."""
+    from PIL import ImageEnhance
+
+    rng = np.random.default_rng(0)
+    pictures = [Image.fromarray(rng.integers(0, 256, (9, 7, 3), dtype=np.uint8)) for _ in range(3)]
+    pictures.append(Image.new("RGB", (7, 9), (250, 250, 5)))  # clipped at 255 by a brightness > 1
+    factors = [(1.1, 0.9, 1.08), (0.9, 1.1, 0.92), (1.0, 1.0, 1.0), (1.1, 1.1, 0.9)]
+    expected = []
+    for picture, (brightness, contrast, saturation) in zip(pictures, factors, strict=True):
+        picture = ImageEnhance.Brightness(picture).enhance(brightness)
+        picture = ImageEnhance.Contrast(picture).enhance(contrast)
+        expected.append(ImageEnhance.Color(picture).enhance(saturation))
+    got = prepare_images(stack_planes(pictures), torch.tensor(factors))  # (4, 3, 9, 7)
+    reference = normalize_images(stack_planes(expected))
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    levels = ((got - reference) * std * 255).abs()  # differences in 0..255 levels
+    assert float(levels.max()) <= 3.0  # Pillow truncates to an integer after each of the 3 steps
+    assert torch.equal(prepare_images(stack_planes(pictures[2:3]), torch.ones(1, 3)), reference[2:3])
+    with pytest.raises(ValueError, match="jitter must be"):
+        prepare_images(stack_planes(pictures), torch.ones(3, 3))
+
+
+def test_augmentation_draws_jitter_factors_the_batch_carries_to_the_device() -> None:
+    image = Image.new("RGB", (40, 30), (90, 120, 200))
+    cropped, factors = augment_image(image, 16, random.Random(3))
+    assert cropped.size == (16, 16)
+    assert all(1 - JITTER <= f <= 1 + JITTER for f in factors)
+    assert (cropped, factors)[1] == augment_image(image, 16, random.Random(3))[1]  # seeded
+    samples = [sample(1, [[1, 5, 2]]), sample(2, [[1, 2]])]
+    samples = [{**s, "jitter": (1.05, 0.95, 1.0)} for s in samples]
+    batch = collate(samples)
+    assert batch.jitter is not None and batch.jitter.shape == (2, 3)
+    crossed = pickle.loads(pickle.dumps(batch))  # as from a DataLoader worker
+    assert crossed.jitter is not None and torch.equal(crossed.jitter, batch.jitter)
+    ready = crossed.normalized()
+    assert ready.jitter is None and torch.equal(ready.images, prepare_images(batch.images, batch.jitter))
+    assert not torch.equal(ready.images, normalize_images(batch.images))
+    with pytest.raises(ValueError, match="every sample"):
+        collate([samples[0], sample(3, [[1, 2]])])
+
+
 def test_eval_is_deterministic_and_augmentation_is_seeded(shards: str) -> None:
     def images(train: bool, augment: bool, epoch: int) -> torch.Tensor:
         loader = build_loader(
@@ -324,6 +369,20 @@ def test_eval_is_deterministic_and_augmentation_is_seeded(shards: str) -> None:
     aug = images(True, True, 0)
     assert torch.equal(aug, images(True, True, 0))  # seeded by (seed, epoch, rank, worker)
     assert not torch.equal(aug, images(True, False, 0))  # same order, different pixels
+    loader = build_loader(
+        LoaderConfig(num_workers=1, shuffle_buffer=0, augment=True),
+        shards,
+        "val",
+        train=True,
+        dist=DistInfo(),
+        image_size=24,
+        seed=0,
+        batch_size=4,
+    )
+    loader.normalize = False  # the hand-over itself: uint8 and the jitter's factors
+    raw = next(iter(loader))
+    assert raw.images.dtype == torch.uint8 and raw.jitter is not None and raw.jitter.shape == (4, 3)
+    assert torch.equal(raw.normalized().images, aug)  # the worker's draw equals the in-process one
 
 
 def test_world_one_without_workers_covers_train_once(shards: str) -> None:

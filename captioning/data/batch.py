@@ -1,11 +1,13 @@
 """What a training or evaluation step gets: the ``Batch``, collation, and the per-image steps.
 
     batch = collate(samples, caption_mode="random")   # uint8 images, padded caption ids, lengths, flags
-    batch = batch.to(device).normalized()             # float, ImageNet-normalised, on the device
+    batch = batch.to(device).normalized()             # colour jitter + ImageNet-normalised, on the device
 
-Images leave the DataLoader workers as uint8 and are normalised in the main process, on the
-delivery device when one is given (a quarter of the bytes through shared memory and PCIe;
-benchmarks/loader.py).
+Images leave the DataLoader workers as uint8 (a quarter of the bytes through shared memory and
+PCIe; pinned and copied without blocking for CUDA): the workers do what must run per image (JPEG
+decode, the crop's resize) and draw the colour jitter's factors; the float work that runs batched
+(conversion, colour jitter, normalisation) happens on the training device (``Batch.normalized``,
+``prepare_images``). benchmarks/loader.py measures that hand-over against bare decoding.
 
 In ``caption_mode="all"`` every reference is its own row (the image repeated, S=1). The number of
 references per shard is not in sizes.json, so ``batch_size`` counts *images* in both modes: an
@@ -14,8 +16,9 @@ across ranks without reading the shards first. Padding images then contribute al
 
 ``resize_square`` (evaluation geometry), ``stack_planes`` and ``normalize_images`` are also
 caption-time inference's preprocessing, so a served model sees its images as evaluation did.
-``augment_image`` is the light train-time augmentation, ``choose_captions`` the seeded draw of a
-row's ``seq_per_img`` references. The loader's stages call these; no webdataset here.
+``augment_image`` is the light train-time augmentation (the crop in the worker, the jitter's factors
+for the device), ``choose_captions`` the seeded draw of a row's ``seq_per_img`` references. The
+loader's stages call these; no webdataset here.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image, ImageEnhance
+from PIL import Image
 
 from captioning.data.vocab import PAD_ID
 
@@ -59,8 +62,8 @@ class Batch:
     references appears in R consecutive rows.
 
     ``images`` leave the DataLoader workers as uint8 (a quarter of the bytes through shared memory
-    and over PCIe); ``CaptionLoader`` normalises them on its delivery device before yielding, so
-    what the trainer sees is always float and ImageNet-normalised.
+    and over PCIe), with ``jitter`` when training augments; ``CaptionLoader`` applies both on its
+    delivery device before yielding, so what the trainer sees is always float and ImageNet-normalised.
     """
 
     images: torch.Tensor  # (B, 3, H, W) float, ImageNet-normalised (uint8 0..255 before `normalized`)
@@ -69,6 +72,7 @@ class Batch:
     image_ids: torch.Tensor  # (B,) long
     is_pad: torch.Tensor  # (B,) bool: padding copies that must get zero loss weight
     references: list[list[list[str]]] = field(default_factory=list)  # per row: every reference's tokens
+    jitter: torch.Tensor | None = None  # (B, 3) float32 brightness, contrast, saturation factors
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -86,6 +90,7 @@ class Batch:
             lengths=fn(self.lengths),
             image_ids=fn(self.image_ids),
             is_pad=fn(self.is_pad),
+            jitter=None if self.jitter is None else fn(self.jitter),
         )
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
@@ -100,13 +105,15 @@ class Batch:
         # Crossing from a DataLoader worker: the small tensors travel inline as numpy arrays; only
         # the images take a shared-memory segment (each segment costs a socket round trip).
         small = [_inline(t) for t in (self.captions, self.lengths, self.image_ids, self.is_pad)]
-        return (_rebuild_batch, (self.images, *small, self.references))
+        jitter = None if self.jitter is None else _inline(self.jitter)
+        return (_rebuild_batch, (self.images, *small, self.references, jitter))
 
     def normalized(self) -> Batch:
-        """uint8 images -> float ImageNet-normalised, on the images' device (no-op if already float)."""
+        """uint8 images -> float, colour-jittered (``jitter``) and ImageNet-normalised, on the images'
+        device (no-op if already float)."""
         if self.images.dtype != torch.uint8:
             return self
-        return replace(self, images=normalize_images(self.images))
+        return replace(self, images=prepare_images(self.images, self.jitter), jitter=None)
 
 
 def _inline(t: torch.Tensor) -> torch.Tensor | np.ndarray:
@@ -114,9 +121,17 @@ def _inline(t: torch.Tensor) -> torch.Tensor | np.ndarray:
 
 
 def _rebuild_batch(images: torch.Tensor, *rest: Any) -> Batch:
-    *small, references = rest
+    *small, references, jitter = rest
     captions, lengths, image_ids, is_pad = (torch.as_tensor(x) for x in small)
-    return Batch(images, captions, lengths, image_ids, is_pad, references)
+    return Batch(
+        images,
+        captions,
+        lengths,
+        image_ids,
+        is_pad,
+        references,
+        None if jitter is None else torch.as_tensor(jitter),
+    )
 
 
 # (x / 255 - mean) / std = x * scale + shift, per channel
@@ -144,6 +159,42 @@ def normalize_images(images: torch.Tensor) -> torch.Tensor:
     dst *= _SCALE_NP
     dst += _SHIFT_NP
     return torch.from_numpy(dst)
+
+
+# ITU-R 601 luma, as Pillow's convert("L"), which ImageEnhance's contrast and colour blend towards.
+_LUMA = (0.299, 0.587, 0.114)
+_LUMA_NP = np.array(_LUMA, dtype=np.float32).reshape(1, 3, 1, 1)
+
+
+def prepare_images(images: torch.Tensor, jitter: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, 3, H, W) uint8 -> float32, colour-jittered by ``jitter`` (B, 3) when given, normalised.
+
+    The jitter is ``augment_image``'s, batched: per image, brightness (blend with black), contrast
+    (with the image's mean luma) and saturation (with each pixel's luma), in that order, clipped to
+    0..255 after each, as Pillow's ``ImageEnhance`` does. Pillow truncates to integers after each
+    step, this does not: the two agree within 3 levels of 255 (tests/test_loader.py). On a CUDA device
+    with torch; on the CPU with numpy (see ``normalize_images``), the same arithmetic on both.
+    """
+    if jitter is None:
+        return normalize_images(images)
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected (B, 3, H, W) uint8 images, got {tuple(images.shape)} {images.dtype}")
+    if tuple(jitter.shape) != (images.shape[0], 3):
+        raise ValueError(f"jitter must be (B, 3) = ({images.shape[0]}, 3), got {tuple(jitter.shape)}")
+    on_cpu = images.device.type == "cpu"
+    x: Any = images.numpy().astype(np.float32) if on_cpu else images.float()  # (B, 3, H, W)
+    factors: Any = jitter.numpy() if on_cpu else jitter.to(x.device, x.dtype)  # (B, 3)
+    luma: Any = _LUMA_NP if on_cpu else x.new_tensor(_LUMA).view(1, 3, 1, 1)
+    brightness, contrast, saturation = (factors[:, k].reshape(-1, 1, 1, 1) for k in range(3))
+    x = (x * brightness).clip(0.0, 255.0)
+    mean = (x * luma).sum(axis=1, keepdims=True).mean(axis=(2, 3), keepdims=True)  # (B, 1, 1, 1)
+    x = (mean + contrast * (x - mean)).clip(0.0, 255.0)
+    gray = (x * luma).sum(axis=1, keepdims=True)  # (B, 1, H, W)
+    x = (gray + saturation * (x - gray)).clip(0.0, 255.0)
+    scale = _SCALE_NP if on_cpu else x.new_tensor(_SCALE).view(1, 3, 1, 1)
+    shift = _SHIFT_NP if on_cpu else x.new_tensor(_SHIFT).view(1, 3, 1, 1)
+    x = x * scale + shift
+    return torch.from_numpy(x) if on_cpu else x
 
 
 def _empty_batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -200,6 +251,9 @@ def collate(samples: Sequence[Sample], caption_mode: CaptionMode = "random") -> 
     for i, r in enumerate(rows):
         for j, c in enumerate(r):
             captions[i, j, : len(c)] = c
+    jitters = [s.get("jitter") for s in owners]
+    if any(j is not None for j in jitters) and any(j is None for j in jitters):
+        raise ValueError("either every sample of a batch has colour jitter factors or none has")
     return Batch(
         images=stack_planes([s["image"] for s in owners]),  # (B, 3, H, W) uint8
         captions=torch.from_numpy(captions),
@@ -207,6 +261,7 @@ def collate(samples: Sequence[Sample], caption_mode: CaptionMode = "random") -> 
         image_ids=torch.tensor([s["image_id"] for s in owners], dtype=torch.long),
         is_pad=torch.tensor([s["is_pad"] for s in owners], dtype=torch.bool),
         references=[s["references"] for s in owners],
+        jitter=None if jitters[0] is None else torch.tensor(jitters, dtype=torch.float32),  # (B, 3)
     )
 
 
@@ -220,8 +275,12 @@ def resize_square(image: Image.Image, size: int) -> Image.Image:
     return image.resize((size, size), Image.Resampling.BILINEAR)
 
 
-def augment_image(image: Image.Image, size: int, rng: random.Random) -> Image.Image:
-    """Train geometry and colour: a mild random-resized crop and colour jitter, never a flip."""
+def augment_image(
+    image: Image.Image, size: int, rng: random.Random
+) -> tuple[Image.Image, tuple[float, float, float]]:
+    """Train geometry and colour: a mild random-resized crop, never a flip, done here (it shrinks what
+    crosses to the device), and the colour jitter's factors (brightness, contrast, saturation), which
+    ``prepare_images`` applies batched on the training device."""
     width, height = image.size
     area = width * height
     box = (0.0, 0.0, float(width), float(height))
@@ -234,9 +293,8 @@ def augment_image(image: Image.Image, size: int, rng: random.Random) -> Image.Im
             box = (left, top, left + w, top + h)
             break
     image = image.resize((size, size), Image.Resampling.BILINEAR, box=box)
-    for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
-        image = enhancer(image).enhance(rng.uniform(1.0 - JITTER, 1.0 + JITTER))
-    return image
+    brightness, contrast, saturation = (rng.uniform(1.0 - JITTER, 1.0 + JITTER) for _ in range(3))
+    return image, (brightness, contrast, saturation)
 
 
 def choose_captions(

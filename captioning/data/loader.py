@@ -10,11 +10,12 @@ One pipeline per split, as a list of named stages (open_clip's ``data.py`` is th
     tar             read the stream's shard ranges (webdataset tar iteration, any gopen URL)
     shuffle         sample shuffle buffer (train)
     decode          Pillow JPEG + JSON metadata
-    transform       resize (train: optional light crop/colour jitter, never a flip)
+    transform       resize (train: optional light crop, never a flip, and colour jitter factors)
     captions        random: seq_per_img references per image; all: every reference
     pad             train: top the stream up to its planned length with flagged copies
     batch           collate into a ``Batch`` of uint8 images (in the worker; ``captioning.data.batch``)
-    normalize       ImageNet normalisation, once per batch, in the main process on the delivery device
+    normalize       in the main process: to the delivery device (pinned, non-blocking for CUDA), then
+                    float, colour jitter and ImageNet normalisation batched there (``prepare_images``)
 
 Usage::
 
@@ -214,20 +215,20 @@ def stage_decode(samples: Iterable[Sample], *, spec: LoaderSpec) -> Iterator[Sam
 
 
 def stage_transform(samples: Iterable[Sample], *, spec: LoaderSpec, epoch: int) -> Iterator[Sample]:
-    """Geometry (and colour when augmenting) on the Pillow image; it stays a Pillow image.
+    """Geometry on the Pillow image (it stays one) and, when augmenting, the colour jitter's factors.
 
-    ``collate`` writes its planes into the uint8 batch; ImageNet normalisation is the last stage,
-    once per batch on the delivery device (``Batch.normalized``).
+    ``collate`` writes its planes into the uint8 batch; the jitter and ImageNet normalisation are
+    the last stage, batched on the delivery device (``Batch.normalized``).
     """
     me = current_stream(spec.dist)
     rng = random.Random(f"augment:{spec.seed}:{epoch}:{me.rank}:{me.worker}")
     augment = spec.train and spec.augment
     for sample in samples:
-        image = sample["image"]
-        image = (
-            augment_image(image, spec.image_size, rng) if augment else resize_square(image, spec.image_size)
-        )
-        yield {**sample, "image": image}
+        if not augment:
+            yield {**sample, "image": resize_square(sample["image"], spec.image_size)}
+            continue
+        image, jitter = augment_image(sample["image"], spec.image_size, rng)
+        yield {**sample, "image": image, "jitter": jitter}
 
 
 def stage_captions(samples: Iterable[Sample], *, spec: LoaderSpec, epoch: int) -> Iterator[Sample]:
@@ -321,7 +322,9 @@ class CaptionLoader:
 
     Call ``set_epoch(epoch)`` before each pass (training reshuffles by it; evaluation ignores it
     except for the caption choice). Each ``iter()`` builds that epoch's pipeline and a fresh
-    DataLoader, so workers always see the current epoch.
+    DataLoader, so workers always see the current epoch. ``normalize=False`` yields the batches
+    as handed over (uint8 images and jitter factors on ``device``): the consumer calls
+    ``Batch.normalized`` where it wants the float work done.
     """
 
     def __init__(
@@ -331,6 +334,7 @@ class CaptionLoader:
         *,
         epoch: int = 0,
         device: torch.device | str | None = None,
+        normalize: bool = True,
     ) -> None:
         if spec.caption_mode not in CAPTION_MODES:
             raise ValueError(f"caption_mode must be one of {CAPTION_MODES}, got {spec.caption_mode!r}")
@@ -340,6 +344,7 @@ class CaptionLoader:
         self.sizes = dict(sizes)
         self.epoch = epoch
         self.device = None if device is None else torch.device(device)
+        self.normalize = normalize
         self.plan()  # fail now (too few shards, empty split), not in a worker
 
     def set_epoch(self, epoch: int) -> None:
@@ -403,7 +408,7 @@ class CaptionLoader:
             count += 1
             if device is not None:
                 batch = batch.to(device, non_blocking=True)
-            yield batch.normalized()  # the "normalize" stage
+            yield batch.normalized() if self.normalize else batch  # the "normalize" stage
         if count != expected:  # a broken invariant would hang DDP; fail loudly instead
             raise RuntimeError(f"rank {s.dist.rank} yielded {count} batches, the plan says {expected}")
 
