@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from captioning import progress
+from captioning.config import GpuConfig
 from captioning.progress import QUIET_ENV, Progress, format_duration, progress_mode, show_progress
 from captioning.training.stage_log import batch_line, done_line, epoch_line, stage_eta, start_line
 
@@ -121,10 +122,14 @@ def test_durations(seconds: float, text: str) -> None:
 
 
 def test_a_stage_logs_its_start_every_epoch_with_an_eta_and_its_end() -> None:
-    assert start_line("xe", 1, 6, 38, 16, 2) == (
-        "stage xe starts: up to 6 epochs, 38 batches of 16 images per epoch on each of 2 processes"
+    texts: dict[str, Any] = {"captions_per_image": 5, "rates": "RATES", "switches": "SWITCHES"}
+    assert start_line("xe", 1, 6, 38, 16, 2, **texts) == (
+        "stage xe starts: up to 6 epochs of 38 steps, a step 16 images x 5 captions on each of 2 processes; "
+        "RATES; SWITCHES"
     )
-    assert start_line("xe", 4, 6, 38, 16, 2).startswith("stage xe resumes at epoch 4: up to 6 epochs")
+    assert start_line("xe", 4, 6, 38, 16, 2, **texts).startswith(
+        "stage xe resumes at epoch 4: up to 6 epochs"
+    )
     scores = {"BLEU-1": 0.7, "BLEU-4": 0.221, "METEOR": 0.201, "ROUGE-L": 0.47, "CIDEr": 0.412}
     means = {"train/loss": 2.817, "train/ce": 2.7952, "train/grad_norm": 1.0}
     line = epoch_line(
@@ -193,6 +198,8 @@ def test_fit_stage_logs_one_line_per_epoch_with_scores_and_eta(
             "name": "xe", "epochs": 3, "batch_size": 16, "seed": 0, "train_encoder": False,
             "fine_tune_from_block": 2, "objective": XeSettings.__new__(XeSettings), "early_stop_patience": 5,
             "log_every_steps": 1, "checkpoint_every_steps": 0, "checkpoint_every_s": 0.0,"stage_dir": "unused", "last_uri": "unused",
+            "lr_decoder": 4e-4, "lr_encoder": 1e-4, "captions_per_image": 5, "lr_reference_captions": 40,
+            "lr_scaling": "sqrt", "lr_warmup_epochs": 1.0, "gpu": GpuConfig(),
         },
     )()  # fmt: skip
     monkeypatch.setattr(trainer, "build_step", lambda *a: (FakeOpt(), lambda batch: {}))
@@ -209,7 +216,11 @@ def test_fit_stage_logs_one_line_per_epoch_with_scores_and_eta(
     with caplog.at_level(logging.INFO, logger=trainer.__name__):
         assert trainer.fit_stage(setup, FakeModel(), None, loaders, DistInfo(), tracker, ev) == "done"  # type: ignore[arg-type]
     lines = [r.getMessage() for r in caplog.records]
-    assert lines[0] == "stage xe starts: up to 3 epochs, 7 batches of 16 images per epoch on 1 process"
+    assert lines[0] == (
+        "stage xe starts: up to 3 epochs of 7 steps, a step 16 images x 5 captions on 1 process; 80 captions "
+        "per step; lr decoder 5.66e-04 = set x sqrt(80/40) = x1.41, warmup over 7 steps; "
+        "channels_last off, fused_adam off, compile off, cudnn_benchmark off, ddp_bucket_view on"
+    )
     epochs = lines[1:]
     assert [line.split(":")[0] for line in epochs] == [
         "stage xe epoch 1/3",

@@ -200,6 +200,12 @@ class XeStageConfig:
     lr_encoder: float = setting(
         1e-4, "Adam learning rate of the encoder when fine-tuned (seed 004: 1e-4).", min=0.0
     )
+    lr_reference_captions: int = setting(
+        80,
+        "Captions per optimizer step (all ranks) the learning rates are for: seed 004's batch of 80 in "
+        "stage 1, 32 in stage 2; train.lr_scaling adapts them to the run's captions per step.",
+        min=1,
+    )
     fine_tune_encoder: bool = setting(False, "Train the encoder in this stage.")
     fine_tune_from_block: int = setting(
         2, "First ResNet block (1-4) trained when fine-tuning (seed 004: 2).", min=1, max=4
@@ -231,6 +237,12 @@ class ScstConfig:
     )
     lr: float = setting(2e-5, "Adam learning rate (lower than cross-entropy's).", min=0.0)
     lr_encoder: float = setting(0.0, "Encoder learning rate; 0 keeps the encoder frozen.", min=0.0)
+    lr_reference_captions: int = setting(
+        50,
+        "Sampled captions per optimizer step (all ranks) the learning rates are for (ruotianluo's SCST: "
+        "10 images x 5 samples); train.lr_scaling adapts them to the run's.",
+        min=1,
+    )
     num_samples: int = setting(5, "Captions sampled per image.", min=1)
     baseline: Literal["mean", "greedy"] = setting(
         "mean", "mean: average reward of the image's other samples (new self-critical); greedy: SCST."
@@ -239,6 +251,31 @@ class ScstConfig:
     max_len: int = setting(16, "Longest sampled caption, in tokens.", min=1)
     grad_clip: float | None = setting(5.0, "Clip gradient values at +-this; none disables.", min=0.0)
     early_stop_patience: int = setting(5, "Epochs without improvement before stopping.", min=1)
+
+
+Switch = Literal["auto", "on", "off"]
+
+
+@dataclass(frozen=True)
+class GpuConfig:
+    """How a stage uses its device. None changes results beyond float tolerance (tests/test_speed.py);
+    ``auto`` turns a switch on where it pays (CUDA) and off on the CPU."""
+
+    channels_last: Switch = setting(
+        "auto", "Encoder weights and images in NHWC, the layout tensor cores' convolutions want."
+    )
+    fused_adam: Switch = setting("auto", "Adam's update of all parameters in one fused kernel.")
+    compile: Switch = setting(
+        "off",
+        "torch.compile the encoder and the decoder's step (auto: on CUDA). Off by default: compiling "
+        "takes minutes per stage start; benchmarks/gpu.py measures what it gains.",
+    )
+    cudnn_benchmark: Switch = setting(
+        "auto", "Let cuDNN time its convolution algorithms for the batch's shapes (CUDA only)."
+    )
+    ddp_bucket_view: Switch = setting(
+        "on", "DDP gradients as views into its communication buckets (no copy, less memory; gloo too)."
+    )
 
 
 @dataclass(frozen=True)
@@ -266,9 +303,25 @@ class TrainConfig:
         min=0,
     )
     log_every_steps: int = setting(50, "Steps between logged training metrics.", min=1)
+    lr_scaling: Literal["sqrt", "linear", "none"] = setting(
+        "sqrt",
+        "Learning rate for C captions per step, R the stage's lr_reference_captions: lr x (C/R)^0.5 "
+        "(sqrt: Adam's rule), lr x C/R (linear: SGD's), or lr as set (none).",
+    )
+    lr_warmup_epochs: float = setting(
+        1.0,
+        "When the rule raises a rate, it climbs linearly from the configured one over this many "
+        "epochs of the stage (Goyal et al.'s gradual warmup); 0: from the first step.",
+        min=0.0,
+    )
+    gpu: GpuConfig = section(GpuConfig, "GPU habits: each a switch that changes speed, not results.")
     xe: XeStageConfig = section(XeStageConfig, "Stage 1: cross-entropy, frozen encoder.")
     finetune: XeStageConfig = section(
-        XeStageConfig, "Stage 2: cross-entropy with encoder fine-tuning.", fine_tune_encoder=True, epochs=10
+        XeStageConfig,
+        "Stage 2: cross-entropy with encoder fine-tuning.",
+        fine_tune_encoder=True,
+        epochs=10,
+        lr_reference_captions=32,
     )
     scst: ScstConfig = section(ScstConfig, "Stage 3: self-critical sequence training.")
 

@@ -65,6 +65,7 @@ class ResNetEncoder(nn.Module):
         self.encoder_dim = ENCODER_DIMS[name]
         self.encoded_image_size = encoded_image_size
         self.trainable_blocks: tuple[str, ...] = ()
+        self.channels_last = False  # images cross to NHWC first (``training.speed``); same values
         if weights is not None and not imagenet:
             load_backbone_weights(self.backbone, weights)
         self.set_fine_tuning(False)
@@ -75,6 +76,8 @@ class ResNetEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) ImageNet-normalised images -> (B, P, E)."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         x = self.backbone(images)  # (B, E, H/32, W/32)
         x = self.pool(x)  # (B, E, G, G)
         return x.flatten(2).transpose(1, 2)  # (B, P, E)

@@ -7,7 +7,9 @@
 
 ``plateau`` is seed 004's rule: after every ``decay_patience`` epochs without improvement of the
 validation score, multiply every group's rate by ``decay_factor``. ``cosine`` anneals each group
-from its base rate to 0 over the stage's steps. Both keep their state in ``state_dict()``.
+from its base rate to 0 over the stage's steps. Both keep their state in ``state_dict()``. With
+``warmup_steps`` every kind is multiplied by a linear climb from ``warmup_start`` to 1 over those
+steps (``training.speed``'s rule: from the configured rate to the one scaled for the world size).
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ ScheduleKind = Literal["plateau", "cosine", "constant"]
 
 
 def build_optimizer(
-    model: Captioner, *, lr_decoder: float, lr_encoder: float, train_encoder: bool
+    model: Captioner, *, lr_decoder: float, lr_encoder: float, train_encoder: bool, fused: bool = False
 ) -> torch.optim.Adam:
-    """Adam over the parameters that require grad, in named groups ``decoder`` and ``encoder``."""
+    """Adam over the parameters that require grad, in named groups ``decoder`` and ``encoder``;
+    ``fused``: one kernel updates every parameter (``train.gpu.fused_adam``)."""
     groups: list[dict[str, Any]] = [
         {
             "name": "decoder",
@@ -40,7 +43,7 @@ def build_optimizer(
         groups.append({"name": "encoder", "params": encoder_params, "lr": lr_encoder})
     if not groups[0]["params"]:
         raise ValueError("no decoder parameter requires grad")
-    return torch.optim.Adam(groups)
+    return torch.optim.Adam(groups, fused=True) if fused else torch.optim.Adam(groups)
 
 
 def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
@@ -59,9 +62,15 @@ class LrSchedule:
         total_steps: int,
         decay_factor: float,
         decay_patience: int,
+        warmup_steps: int = 0,
+        warmup_start: float = 1.0,
     ) -> None:
         if kind not in ("plateau", "cosine", "constant"):
             raise ValueError(f"unknown lr schedule {kind!r}; valid: plateau, cosine, constant")
+        if warmup_steps < 0 or not 0.0 < warmup_start <= 1.0:
+            raise ValueError(
+                f"warmup needs steps >= 0 and a start in (0, 1], got {warmup_steps}, {warmup_start}"
+            )
         self.optimizer = optimizer
         self.kind = kind
         self.total_steps = max(1, total_steps)
@@ -70,21 +79,30 @@ class LrSchedule:
         self.base_lrs = [float(g["lr"]) for g in optimizer.param_groups]
         self.num_steps = 0
         self.num_decays = 0
+        self.warmup_steps, self.warmup_start = warmup_steps, warmup_start
+        self._apply()
+
+    def warmup(self) -> float:
+        """The warmup's factor at the current step (1 once it is over)."""
+        if self.num_steps >= self.warmup_steps:
+            return 1.0
+        return self.warmup_start + (1.0 - self.warmup_start) * self.num_steps / self.warmup_steps
 
     def _apply(self) -> None:
+        warmup = self.warmup()
         for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
             if self.kind == "cosine":
                 progress = min(1.0, self.num_steps / self.total_steps)
-                group["lr"] = base * 0.5 * (1.0 + math.cos(math.pi * progress))
+                group["lr"] = warmup * base * 0.5 * (1.0 + math.cos(math.pi * progress))
             elif self.kind == "plateau":
-                group["lr"] = base * self.decay_factor**self.num_decays
+                group["lr"] = warmup * base * self.decay_factor**self.num_decays
             else:
-                group["lr"] = base
+                group["lr"] = warmup * base
 
     def step_batch(self) -> None:
         """After each optimiser step."""
         self.num_steps += 1
-        if self.kind == "cosine":
+        if self.kind == "cosine" or self.num_steps <= self.warmup_steps:
             self._apply()
 
     def step_epoch(self, epochs_since_improvement: int) -> bool:
@@ -104,6 +122,8 @@ class LrSchedule:
             "num_steps": self.num_steps,
             "num_decays": self.num_decays,
             "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+            "warmup_start": self.warmup_start,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -113,4 +133,6 @@ class LrSchedule:
         self.num_steps = int(state["num_steps"])
         self.num_decays = int(state["num_decays"])
         self.total_steps = int(state["total_steps"])
+        self.warmup_steps = int(state.get("warmup_steps", 0))  # checkpoints from before the warmup
+        self.warmup_start = float(state.get("warmup_start", 1.0))
         self._apply()

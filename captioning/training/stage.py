@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from captioning import storage
-from captioning.config import STAGES, Config, valid_keys
+from captioning.config import STAGES, Config, GpuConfig, valid_keys
 from captioning.config.typed import get_dotted
 
 RESULT_FILE = "result.json"
@@ -86,6 +86,11 @@ class StageSetup:
     seed: int
     objective: XeSettings | ScstSettings
     config: dict[str, Any]  # the resolved Config, stored in checkpoints
+    captions_per_image: int = 5  # per row of a step: seq_per_img (cross-entropy) or num_samples (SCST)
+    lr_reference_captions: int = 80  # captions per step (all ranks) the rates are set for
+    lr_scaling: Literal["sqrt", "linear", "none"] = "none"
+    lr_warmup_epochs: float = 0.0
+    gpu: GpuConfig = dataclasses.field(default_factory=GpuConfig)  # the switches, resolved per device
 
     @property
     def kind(self) -> Literal["xe", "scst"]:
@@ -105,7 +110,8 @@ class StageSetup:
 
     def params(self) -> dict[str, Any]:
         """The settings as flat ``stage.*`` parameters for a tracker (the config itself excluded)."""
-        plain = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("config", "objective")}
+        plain = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("config", "objective", "gpu")}
+        plain.update({f"gpu.{k}": v for k, v in dataclasses.asdict(self.gpu).items()})
         plain.update(dataclasses.asdict(self.objective))
         return {f"stage.{k}": v for k, v in plain.items()}
 
@@ -130,6 +136,9 @@ def build_stage_setup(cfg: Config, name: str, output: str) -> StageSetup:
         log_every_steps=t.log_every_steps,
         seed=stage_seed(cfg, name),
         config=cfg.to_dict(),
+        lr_scaling=t.lr_scaling,
+        lr_warmup_epochs=t.lr_warmup_epochs,
+        gpu=t.gpu,
     )
     if name == "scst":
         s = t.scst
@@ -148,6 +157,8 @@ def build_stage_setup(cfg: Config, name: str, output: str) -> StageSetup:
             objective=ScstSettings(
                 num_samples=s.num_samples, baseline=s.baseline, temperature=s.temperature, max_len=s.max_len
             ),
+            captions_per_image=s.num_samples,
+            lr_reference_captions=s.lr_reference_captions,
             **common,
         )
     x = t.finetune if name == "finetune" else t.xe
@@ -164,6 +175,8 @@ def build_stage_setup(cfg: Config, name: str, output: str) -> StageSetup:
         decay_factor=x.decay_factor,
         decay_patience=x.decay_patience,
         objective=XeSettings(alpha_c=x.alpha_c, scheduled_sampling=x.scheduled_sampling),
+        captions_per_image=cfg.data.loader.seq_per_img,
+        lr_reference_captions=x.lr_reference_captions,
         **common,
     )
 
@@ -234,9 +247,9 @@ def read_stage_result(output: str, stage: str) -> StageResult | None:
 def _is_free(key: str) -> bool:
     """Settings a stage may be run again with changed: where it reports, which other stages run, how
     a retrain chose its data (its effect is recorded in ``data.extra_shard_dirs``), how often the
-    clock asks for a checkpoint (resuming is exact wherever it was written) and how many elastic
-    restarts a launch allows."""
-    return key.startswith("tracking.") or key in (
+    clock asks for a checkpoint (resuming is exact wherever it was written), how many elastic
+    restarts a launch allows, and the GPU switches (speed, not results: ``training.speed``)."""
+    return key.startswith(("tracking.", "train.gpu.")) or key in (
         "train.stages",
         "data.retrain_on",
         "train.checkpoint_every_minutes",

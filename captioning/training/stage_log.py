@@ -1,6 +1,8 @@
 """The lines a training stage logs for the person watching it (rank 0; the flow's log, the terminal).
 
-    stage xe starts: up to 6 epochs, 38 batches of 16 images per epoch on each of 2 processes
+    stage xe starts: up to 6 epochs of 38 steps, a step 16 images x 5 captions on each of 2 processes;
+        160 captions per step; lr decoder 2.00e-03 encoder 5.00e-04 = as set (160 captions per step);
+        channels_last off, fused_adam off, compile off, cudnn_benchmark off, ddp_bucket_view off
     stage xe epoch 2: batch 300/1000, loss 2.8170, 120.4 images/s, epoch ETA 4 min 10 s   (long epochs)
     stage xe epoch 3/6: loss 2.8170 ce 2.7952; val CIDEr 0.4120 BLEU-4 0.2210 METEOR 0.2010
         ROUGE-L 0.4700 (best CIDEr 0.4120 at epoch 3); 41 s/epoch, stage ETA 2 min 03 s
@@ -25,12 +27,26 @@ def _count(n: int, noun: str) -> str:
 
 
 def start_line(
-    stage: str, first_epoch: int, epochs: int, batches: int, batch_size: int, world_size: int
+    stage: str,
+    first_epoch: int,
+    epochs: int,
+    steps: int,
+    batch_size: int,
+    world_size: int,
+    *,
+    captions_per_image: int,
+    rates: str,
+    switches: str,
 ) -> str:
+    """The stage's plan: epochs, steps, what a step sees, its learning rates (``LrPlan.describe``) and
+    the GPU switches (``Speed.describe``)."""
     begins = "starts" if first_epoch <= 1 else f"resumes at epoch {first_epoch}"
     on = f"each of {world_size} processes" if world_size > 1 else "1 process"
-    per_epoch = f"{batches} batches of {batch_size} images per epoch on {on}"
-    return f"stage {stage} {begins}: up to {_count(epochs, 'epoch')}, {per_epoch}"
+    per_step = f"{batch_size} images x {captions_per_image} captions on {on}"
+    return (
+        f"stage {stage} {begins}: up to {_count(epochs, 'epoch')} of {_count(steps, 'step')}, "
+        f"a step {per_step}; {rates}; {switches}"
+    )
 
 
 def batch_line(

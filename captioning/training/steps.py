@@ -25,6 +25,7 @@ from captioning.training.dist import DistInfo
 from captioning.training.objective import CaptionObjective, XeForward
 from captioning.training.optim import LrSchedule, build_optimizer
 from captioning.training.scst import CiderReward, ScstForward, greedy_baseline, mean_of_others, scst_loss
+from captioning.training.speed import LrPlan, apply_speed, lr_plan, resolve_speed
 from captioning.training.stage import ScstSettings, StageSetup
 
 
@@ -162,6 +163,22 @@ class ScstStep:
         }
 
 
+def stage_lr_plan(setup: StageSetup, world_size: int, steps_per_epoch: int) -> LrPlan:
+    """The stage's rates scaled for its captions per step (``training.speed``'s rule)."""
+    return lr_plan(
+        lr_decoder=setup.lr_decoder,
+        lr_encoder=setup.lr_encoder,
+        images_per_rank=setup.batch_size,
+        captions_per_image=setup.captions_per_image,
+        world_size=world_size,
+        reference=setup.lr_reference_captions,
+        scaling=setup.lr_scaling,
+        warmup_epochs=setup.lr_warmup_epochs,
+        steps_per_epoch=steps_per_epoch,
+        train_encoder=setup.train_encoder,
+    )
+
+
 def build_step(
     setup: StageSetup,
     model: Captioner,
@@ -170,11 +187,19 @@ def build_step(
     reward: CiderReward | None,
     steps_per_epoch: int,
 ) -> tuple[Optimization, XeStep | ScstStep]:
-    """The stage's optimisation (Adam over the trainable groups, schedule, gradient scaler) and its
-    step function, with the forward module wrapped in DDP when the run is distributed."""
+    """The stage's optimisation (Adam over the trainable groups at the rates ``stage_lr_plan`` scales,
+    schedule, gradient scaler) and its step function, with the forward module wrapped in DDP when the
+    run is distributed; the ``train.gpu`` switches applied to the model first."""
     device = dist.device
+    speed = resolve_speed(setup.gpu, device)
+    apply_speed(model, speed)
+    plan = stage_lr_plan(setup, dist.world_size, steps_per_epoch)
     optimizer = build_optimizer(
-        model, lr_decoder=setup.lr_decoder, lr_encoder=setup.lr_encoder, train_encoder=setup.train_encoder
+        model,
+        lr_decoder=plan.lr_decoder,
+        lr_encoder=plan.lr_encoder,
+        train_encoder=setup.train_encoder,
+        fused=speed.fused_adam,
     )
     opt = Optimization(
         optimizer=optimizer,
@@ -184,6 +209,8 @@ def build_step(
             total_steps=setup.epochs * steps_per_epoch,
             decay_factor=setup.decay_factor,
             decay_patience=setup.decay_patience,
+            warmup_steps=plan.warmup_steps,
+            warmup_start=plan.warmup_start,
         ),
         scaler=torch.amp.GradScaler(device.type, enabled=setup.precision == "fp16" and device.type == "cuda"),
         grad_clip=setup.grad_clip,
@@ -197,7 +224,11 @@ def build_step(
         forward = XeForward(model, train_encoder=setup.train_encoder)
     ddp: nn.Module = forward
     if dist.is_distributed:
-        ddp = DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
+        ddp = DistributedDataParallel(
+            forward,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            gradient_as_bucket_view=speed.ddp_bucket_view,
+        )
     if not isinstance(objective, ScstSettings):
         step = XeStep(ddp, CaptionObjective(objective.alpha_c), opt, setup.precision, device)
         step.generator = generator

@@ -36,6 +36,7 @@ from captioning.tracking import Tracker
 from captioning.training.dist import DistInfo, all_gather_object, all_reduce_sum, barrier
 from captioning.training.optim import group_lrs
 from captioning.training.scst import CiderReward
+from captioning.training.speed import resolve_speed
 from captioning.training.stage import (
     StageResult,
     StageSetup,
@@ -45,7 +46,7 @@ from captioning.training.stage import (
 )
 from captioning.training.stage_log import batch_line, done_line, epoch_line, stage_eta, start_line
 from captioning.training.state import TrainState, capture_rng, restore_rng
-from captioning.training.steps import Optimization, StepMetrics, XeStep, build_step
+from captioning.training.steps import Optimization, StepMetrics, XeStep, build_step, stage_lr_plan
 
 logger = logging.getLogger(__name__)
 CLOCK: Callable[[], float] = time.monotonic  # the periodic checkpoints' clock (a test steps its own)
@@ -307,8 +308,19 @@ def fit_stage(
     sampling = setup.objective.scheduled_sampling if isinstance(setup.objective, XeSettings) else 0.0
     if dist.is_main:
         first = min(state.epoch + 1, setup.epochs)
-        batches = len(train_loader)
-        logger.info(start_line(setup.name, first, setup.epochs, batches, setup.batch_size, dist.world_size))
+        steps = len(train_loader)
+        line = start_line(
+            setup.name,
+            first,
+            setup.epochs,
+            steps,
+            setup.batch_size,
+            dist.world_size,
+            captions_per_image=setup.captions_per_image,
+            rates=stage_lr_plan(setup, dist.world_size, steps).describe(),
+            switches=resolve_speed(setup.gpu, device).describe(),
+        )
+        logger.info(line)
     epoch_seconds: list[float] = []  # epochs run by this process (not before a resume): the ETA's basis
     clock = CheckpointClock(setup.checkpoint_every_s, CLOCK)
 
