@@ -69,8 +69,8 @@ def resolve_speed(section: GpuConfig, device: torch.device) -> Speed:
 def apply_speed(model: Captioner, speed: Speed) -> None:
     """Set the model's layout and compilation for ``speed`` (in place; the state dict's keys and
     values are unchanged), and cuDNN's algorithm search."""
-    if speed.cudnn_benchmark and torch.backends.cudnn.is_available():
-        torch.backends.cudnn.benchmark = True
+    if torch.backends.cudnn.is_available():
+        torch.backends.cudnn.benchmark = speed.cudnn_benchmark
     if speed.channels_last:
         model.encoder.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         model.encoder.channels_last = True
