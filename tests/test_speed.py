@@ -67,10 +67,10 @@ def test_the_coco_recipe_steps_like_its_anchors_and_scales_for_eight_gpus() -> N
     assert [r[0] for r in rows.values()] == [80, 40, 50]  # per rank: seed 004's 80 and ~32, ruotianluo's 50
     assert [r[1] for r in rows.values()] == [886, 1771, 1417]
     xe, finetune, scst = (r[2] for r in rows.values())
-    assert xe.captions_per_step == 640 and xe.lr_decoder == pytest.approx(4e-4 * math.sqrt(8))
-    assert finetune.lr_encoder == pytest.approx(1e-4 * math.sqrt(10)) and finetune.warmup_steps == 1771
-    assert scst.lr_decoder == pytest.approx(2e-5 * math.sqrt(8))
-    assert "640 captions per step; lr decoder 1.13e-03 = set x sqrt(640/80) = x2.83" in xe.describe()
+    assert xe.captions_per_step == 640 and xe.lr_decoder == pytest.approx(4e-4 * 8)  # the linear rule
+    assert finetune.lr_encoder == pytest.approx(1e-4 * 10) and finetune.warmup_steps == 1771
+    assert scst.lr_decoder == pytest.approx(2e-5 * 8)
+    assert "640 captions per step; lr decoder 3.20e-03 = set x (640/80) = x8, warmup over 886 steps" in xe.describe()
     demo = build_stage_setup(load_config("demo"), "xe", "unused")  # tuned at 2 x 16 x 5 = 160
     assert stage_lr_plan(demo, 2, 38).factor == 1.0 and stage_lr_plan(demo, 2, 38).warmup_steps == 0
 

@@ -14,10 +14,12 @@ on the CPU and compares losses and weights within float tolerance.
 The learning-rate rule (``scaled_lr``): a stage's rates are set for ``lr_reference_captions``
 captions per optimizer step (the anchors': seed 004's 80 captions per step in stage 1 and 32 in stage
 2, ruotianluo's 10 images x 5 samples in SCST). A run with C captions per step (images per rank x
-captions per image x world size) uses ``lr x (C / reference) ** p``, p = 1/2 (``sqrt``, the rule
-for Adam: Malladi et al. 2022, "On the SDEs and Scaling Rules for Adaptive Gradient Algorithms"),
-1 (``linear``, Goyal et al. 2017's rule for SGD) or 0 (``none``). A raised rate is reached by a
-linear warmup from the configured one (``LrSchedule``'s ``warmup_steps``), as Goyal et al. do.
+captions per image x world size) uses ``lr x (C / reference) ** p``, p = 1 (``linear``, the
+default: Goyal et al. 2017's rule), 1/2 (``sqrt``: Malladi et al. 2022's rule for Adam in the limit
+where gradient noise dominates) or 0 (``none``). Measured on the demo recipe (benchmarks/world_size.py,
+BENCHMARKS.md), linear held the learning curve from 2 processes to 1, sqrt halfway. A raised rate is
+reached by a linear warmup from the configured one (``LrSchedule``'s ``warmup_steps``), as Goyal et
+al. do.
 """
 
 from __future__ import annotations
@@ -121,8 +123,7 @@ class LrPlan:
         return 1.0 / self.factor if self.warmup_steps else 1.0
 
     def describe(self) -> str:
-        """``640 captions per step; lr decoder 1.13e-03 encoder 2.83e-04 = set x sqrt(640/80) = x2.83,
-        warmup over 885 steps``."""
+        """``640 captions per step; lr decoder 3.20e-03 = set x (640/80) = x8, warmup over 886 steps``."""
         rates = f"lr decoder {self.lr_decoder:.2e}"
         if self.train_encoder:
             rates += f" encoder {self.lr_encoder:.2e}"
