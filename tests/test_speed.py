@@ -133,7 +133,7 @@ def _train(gpu: GpuConfig, dist: DistInfo | None = None, steps: int = 3) -> tupl
     losses = []
     for i in range(steps):
         torch.manual_seed(100 + i)  # the same dropout masks in every run
-        losses.append(step(_batch(dist.rank * 10 + i))["loss"])
+        losses.append(float(step(_batch(dist.rank * 10 + i))["loss"]))
     return losses, model
 
 

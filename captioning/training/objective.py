@@ -32,9 +32,11 @@ class LossParts:
     """One step's loss and what it is made of (sums, so ranks and steps can be pooled exactly)."""
 
     loss: torch.Tensor  # scalar with grad: what backward() runs on
-    ce_sum: float  # summed token cross-entropy over real rows
-    num_tokens: int  # tokens the cross-entropy averaged over
-    attention: float  # the attention term's value (0 without attention)
+    # Detached scalars on the loss's device: reading them would wait for the device, so the
+    # trainer sums them there and reads them once per logging window.
+    ce_sum: torch.Tensor  # summed token cross-entropy over real rows
+    num_tokens: torch.Tensor  # tokens the cross-entropy averaged over
+    attention: torch.Tensor  # the attention term's value (0 without attention)
 
 
 def token_mask(lengths: torch.Tensor, num_steps: int) -> torch.Tensor:
@@ -72,10 +74,7 @@ class CaptionObjective:
             attention = self.alpha_c * (per_caption * real.view(B, 1)).sum() / num_captions
             loss = loss + attention
         return LossParts(
-            loss=loss,
-            ce_sum=float(ce_sum.detach()),
-            num_tokens=int(num_tokens.item()),
-            attention=float(attention.detach()),
+            loss=loss, ce_sum=ce_sum.detach(), num_tokens=num_tokens.detach(), attention=attention.detach()
         )
 
 

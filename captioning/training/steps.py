@@ -46,16 +46,17 @@ class Optimization:
     grad_clip: float | None
     params: list[nn.Parameter]
 
-    def update(self, loss: torch.Tensor) -> float:
-        """backward, clip gradient values (seed 004), step; returns the gradient norm before clipping."""
+    def update(self, loss: torch.Tensor) -> torch.Tensor:
+        """backward, clip gradient values (seed 004), step; returns the gradient norm before clipping
+        (a scalar on the device: nothing here waits for the device)."""
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         grads = [p.grad for p in self.params if p.grad is not None]
         norm = (
-            float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+            torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
             if grads
-            else 0.0
+            else loss.new_zeros(())
         )
         if self.grad_clip is not None:
             torch.nn.utils.clip_grad_value_(self.params, self.grad_clip)
@@ -78,7 +79,9 @@ class Optimization:
             self.scaler.load_state_dict(state["scaler"])
 
 
-StepMetrics = dict[str, float]  # sums over the step's rows, pooled over ranks and steps by the logger
+# Sums over the step's rows, pooled over ranks and steps by the logger. Scalars stay on the device
+# (no host synchronisation per step); the logger reads a window's sums once, when it logs.
+StepMetrics = dict[str, torch.Tensor | float]
 
 
 class XeStep:
@@ -105,12 +108,12 @@ class XeStep:
             parts = self.objective(out, batch.captions, batch.lengths, batch.is_pad)
         grad_norm = self.opt.update(parts.loss)
         return {
-            "loss": float(parts.loss.detach()),
+            "loss": parts.loss.detach(),
             "ce_sum": parts.ce_sum,
-            "tokens": float(parts.num_tokens),
+            "tokens": parts.num_tokens,
             "attention": parts.attention,
             "grad_norm": grad_norm,
-            "images": float(batch.num_real),
+            "images": (~batch.is_pad).sum(),
         }
 
 
@@ -153,13 +156,13 @@ class ScstStep:
         grad_norm = self.opt.update(loss)
         real = (~batch.is_pad).float().view(-1, 1)  # (B, 1)
         return {
-            "loss": float(loss.detach()),
-            "reward_sum": float((rewards * real).sum()),
-            "baseline_sum": float((baseline * real).sum()),
-            "samples": float(real.sum() * rewards.shape[1]),
-            "sample_len_sum": float((gen.lengths.float() * real).sum()),
+            "loss": loss.detach(),
+            "reward_sum": (rewards * real).sum(),
+            "baseline_sum": (baseline * real).sum(),
+            "samples": real.sum() * rewards.shape[1],
+            "sample_len_sum": (gen.lengths.float() * real).sum(),
             "grad_norm": grad_norm,
-            "images": float(batch.num_real),
+            "images": real.sum(),
         }
 
 

@@ -79,9 +79,11 @@ class MetricWindow:
         self.steps += 1
 
     def pooled(self, dist: DistInfo) -> dict[str, float]:
-        """Means over the window's steps and ranks (collective: every rank calls it at the same step)."""
+        """Means over the window's steps and ranks (collective: every rank calls it at the same step).
+        The device's sums are read here, in one transfer: the window's only wait for the device."""
         keys = sorted(self.sums)
-        *pooled, steps = all_reduce_sum(dist, [self.sums[k] for k in keys] + [float(self.steps)])
+        local = host_values([self.sums[k] for k in keys])
+        *pooled, steps = all_reduce_sum(dist, [*local, float(self.steps)])
         totals = dict(zip(keys, pooled, strict=True))
         steps = max(steps, 1.0)
         elapsed = max(time.perf_counter() - self.start, 1e-9)
@@ -95,6 +97,15 @@ class MetricWindow:
             out["sample_len"] = totals["sample_len_sum"] / max(totals["samples"], 1.0)
         out["images_per_s"] = totals["images"] / elapsed  # all ranks together
         return out
+
+
+def host_values(values: list[torch.Tensor | float]) -> list[float]:
+    """Scalars (device tensors or floats) as floats, with one device-to-host copy for the tensors."""
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if not tensors:
+        return [float(v) for v in values]
+    read = iter(torch.stack([t.detach().double() for t in tensors]).tolist())
+    return [next(read) if isinstance(v, torch.Tensor) else float(v) for v in values]
 
 
 class CheckpointClock:
