@@ -27,6 +27,7 @@ from captioning.training.optim import LrSchedule, build_optimizer
 from captioning.training.scst import CiderReward, ScstForward, greedy_baseline, mean_of_others, scst_loss
 from captioning.training.speed import LrPlan, apply_speed, lr_plan, resolve_speed
 from captioning.training.stage import ScstSettings, StageSetup
+from captioning.training.windows import StepMetrics
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
@@ -77,11 +78,6 @@ class Optimization:
         self.schedule.load_state_dict(state["schedule"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-
-
-# Sums over the step's rows, pooled over ranks and steps by the logger. Scalars stay on the device
-# (no host synchronisation per step); the logger reads a window's sums once, when it logs.
-StepMetrics = dict[str, torch.Tensor | float]
 
 
 class XeStep:
