@@ -70,7 +70,10 @@ def test_the_coco_recipe_steps_like_its_anchors_and_scales_for_eight_gpus() -> N
     assert xe.captions_per_step == 640 and xe.lr_decoder == pytest.approx(4e-4 * 8)  # the linear rule
     assert finetune.lr_encoder == pytest.approx(1e-4 * 10) and finetune.warmup_steps == 1771
     assert scst.lr_decoder == pytest.approx(2e-5 * 8)
-    assert "640 captions per step; lr decoder 3.20e-03 = set x (640/80) = x8, warmup over 886 steps" in xe.describe()
+    assert (
+        "640 captions per step; lr decoder 3.20e-03 = set x (640/80) = x8, warmup over 886 steps"
+        in xe.describe()
+    )
     demo = build_stage_setup(load_config("demo"), "xe", "unused")  # tuned at 2 x 16 x 5 = 160
     assert stage_lr_plan(demo, 2, 38).factor == 1.0 and stage_lr_plan(demo, 2, 38).warmup_steps == 0
 
@@ -232,3 +235,41 @@ def test_fused_adam_is_used_when_asked() -> None:
     fused = build_optimizer(model, lr_decoder=1e-3, lr_encoder=0.0, train_encoder=False, fused=True)
     plain = build_optimizer(model, lr_decoder=1e-3, lr_encoder=0.0, train_encoder=False)
     assert fused.defaults["fused"] and not plain.defaults.get("fused")
+
+
+SYNCS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "nonzero", "cpu", "numpy")
+
+
+def test_a_cross_entropy_step_waits_for_the_device_nowhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every way our code could read a tensor on the host (wait for a GPU) is counted during training
+    steps. One read per step remains: the teacher-forced forward's rows per step (seed 004's sort by
+    length, ``decoders._ActiveRows``), a few integers at the step's start. Otherwise only the
+    logger's window reads, once per logging step."""
+    import sys
+
+    from captioning.training.windows import MetricWindow
+
+    calls: list[str] = []
+    ours = str(Path(__file__).resolve().parents[1] / "captioning")
+    for name in SYNCS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self: torch.Tensor, *args: Any, _name: str = name, _original: Any = original) -> Any:
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(ours):
+                calls.append(f"{_name} in {Path(caller).name}")
+            return _original(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    torch.manual_seed(0)
+    model = build_captioner(tiny_config(), V)
+    model.encoder.set_fine_tuning(True, 1)
+    model.train()
+    _, step = build_step(_setup(ALL_OFF), model, DistInfo(), torch.Generator(), None, steps_per_epoch=3)
+    window = MetricWindow()
+    for i in range(3):
+        window.add(step(_batch(i)))
+    assert calls == ["tolist in decoders.py"] * 3
+    calls.clear()
+    pooled = window.pooled(DistInfo())
+    assert calls == ["tolist in windows.py"] and pooled["loss"] > 0 and pooled["ce"] > 0
