@@ -170,6 +170,10 @@ def train_stage(
     reward: CiderReward | None = None
     if setup.kind == "scst":  # every training image's references, of every build the stage reads
         reward = CiderReward(read_references(cfg.data.shard_dir, "train", extra=cfg.data.extra_shard_dirs))
+        if dist.is_main:
+            logger.info(
+                "%s (each of this node's %d processes holds one)", reward.describe(), dist.local_world_size
+            )
     if dist.is_main:
         tracker.log_params(setup.params())
     loaders = build_stage_loaders(cfg, setup, dist)

@@ -8,7 +8,9 @@ corpus of its own, pycocoevalcap's ``CiderScorer`` given that corpus's document 
 
 from __future__ import annotations
 
+import itertools
 import random
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -18,7 +20,7 @@ from pycocoevalcap.cider.cider_scorer import CiderScorer, cook_refs, cook_test
 
 from captioning.evaluation import cider as cider_module
 from captioning.evaluation import ngrams
-from captioning.evaluation.cider import CiderD, Tokens, cider_d
+from captioning.evaluation.cider import CiderD, PreparedSize, Tokens, cider_d, estimate_prepared_bytes
 
 TOL = 1e-9
 
@@ -337,6 +339,165 @@ def test_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     np.testing.assert_array_equal(scorer.score(candidates, references), expected)
     keys = [i % (len(candidates) // 3) for i in range(len(candidates))]  # an image's key, 3 times
     np.testing.assert_array_equal(scorer.score(candidates, references, keys), expected)
+
+
+# --- prepared reference sets ------------------------------------------------------------------------
+
+
+def count_sequences(scorer: CiderD, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """From now on, the number of sequences each n-gram count of ``scorer`` takes."""
+    counted: list[int] = []
+    count = scorer._count
+
+    def counting(seqs: Sequence[Tokens]) -> Any:
+        counted.append(len(seqs))
+        return count(seqs)
+
+    monkeypatch.setattr(scorer, "_count", counting)
+    return counted
+
+
+def prepared_case(seed: int) -> tuple[list[list[list[int]]], list[int], list[list[int]]]:
+    """A corpus, and SCST-like batches' image ids (some images twice, some unseen) and candidates."""
+    rng = random.Random(3000 + seed)
+    vocab = rng.choice([5, 20, 200])
+    corpus = [
+        [random_caption(rng, vocab, 10) for _ in range(rng.randint(1, 5))] for _ in range(rng.randint(2, 40))
+    ]
+    image_ids = [i for i in rng.choices(range(len(corpus)), k=rng.randint(1, 12)) for _ in range(3)]
+    candidates = [random_caption(rng, vocab + 3, 14) for _ in image_ids]
+    return corpus, image_ids, candidates
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_prepared_equals_unprepared_and_pycocoevalcap(seed: int) -> None:
+    """Prepared in chunks of 1, 3 or all sets: the same scores as without, and as the reference."""
+    corpus, image_ids, candidates = prepared_case(seed)
+    references = [corpus[i] for i in image_ids]
+    expected = reference_with_corpus(corpus, candidates, references)
+    unprepared = CiderD(corpus, cache_size=0)
+    without = unprepared.score(candidates, references, keys=image_ids)
+    assert_scores(without, expected)
+    for chunk_size in (1, 3, 4096):
+        scorer = CiderD(corpus, cache_size=0)
+        scorer.prepare(range(len(corpus)), corpus, chunk_size=chunk_size)
+        assert scorer.prepared_size.sets == len(corpus)
+        assert_scores(scorer.score(candidates, references, keys=image_ids), expected)
+        np.testing.assert_allclose(
+            scorer.score(candidates, references, keys=image_ids), without, rtol=0, atol=1e-12
+        )
+
+
+def test_prepared_cached_and_new_sets_in_one_call() -> None:
+    """Keys prepared, cached (seen in an earlier call) and new, mixed in one batch, in any order."""
+    corpus, image_ids, candidates = prepared_case(5)
+    corpus = [*corpus, [[1, 2, 3], [2, 3]], [[4, 4, 4, 4]], [[7]]]
+    n = len(corpus)
+    image_ids = [n - 1, *image_ids, n - 3, n - 2, n - 3]
+    candidates = [[7, 7], *candidates, [1, 2, 3], [4, 4], [2, 3, 9]]
+    references = [corpus[i] for i in image_ids]
+    scorer = CiderD(corpus)
+    scorer.prepare(range(n - 3), corpus[: n - 3], chunk_size=2)
+    scorer.score([[1]], [corpus[n - 2]], keys=[n - 2])  # cached
+    assert list(scorer._cache) == [n - 2]
+    got = scorer.score(candidates, references, keys=image_ids)
+    assert_scores(got, reference_with_corpus(corpus, candidates, references))
+    assert set(scorer._cache) == {n - 3, n - 2, n - 1}  # the prepared ones never enter the cache
+
+
+@pytest.mark.parametrize("cache_size", [0, 1])
+def test_prepared_sets_are_never_evicted(cache_size: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """However small the cache and however many other keys come by, prepared sets stay and are not
+    vectorised again: only the candidates are counted."""
+    corpus, image_ids, candidates = prepared_case(2)
+    references = [corpus[i] for i in image_ids]
+    scorer = CiderD(corpus, cache_size=cache_size)
+    scorer.prepare(range(len(corpus)), corpus)
+    first = scorer.score(candidates, references, keys=image_ids)
+    for key in range(100):  # other keys through the cache
+        scorer.score([[1, 2]], [corpus[key % len(corpus)]], keys=[("other", key)])
+    assert len(scorer._cache) == cache_size
+    scorer.clear_cache()
+    counted = count_sequences(scorer, monkeypatch)
+    np.testing.assert_array_equal(scorer.score(candidates, references, keys=image_ids), first)
+    assert counted == [len(candidates)] and not scorer._cache
+
+
+def test_prepare_again_adds_and_skips() -> None:
+    """A second prepare() keeps the sets of the first (copied once), adds new keys, skips known ones."""
+    corpus, image_ids, candidates = prepared_case(7)
+    references = [corpus[i] for i in image_ids]
+    expected = reference_with_corpus(corpus, candidates, references)
+    half = len(corpus) // 2
+    scorer = CiderD(corpus)
+    scorer.prepare(range(half), corpus[:half])
+    size = scorer.prepared_size
+    scorer.prepare(range(half), corpus[:half])  # all known: nothing changes
+    assert scorer.prepared_size == size
+    scorer.prepare(range(len(corpus)), corpus, chunk_size=2)
+    assert scorer.prepared_size.sets == len(corpus)
+    assert_scores(scorer.score(candidates, references, keys=image_ids), expected)
+    assert not scorer._cache
+
+
+def test_prepared_size_grows_with_the_corpus() -> None:
+    """Bytes, sets and entries: positive, and growing with the number and length of references."""
+    rng = random.Random(9)
+    corpus = [[random_caption(rng, 50, 12, min_len=4) for _ in range(5)] for _ in range(200)]
+    sizes = []
+    for images in (10, 100, 200):
+        scorer = CiderD(corpus)
+        scorer.prepare(range(images), corpus[:images])
+        sizes.append(scorer.prepared_size)
+    assert CiderD(corpus).prepared_size.sets == 0
+    for small, large in itertools.pairwise(sizes):
+        assert 0 < small.sets < large.sets and 0 < small.entries < large.entries
+        assert 0 < small.entry_bytes < large.entry_bytes and 0 < small.set_bytes < large.set_bytes
+    last = sizes[-1]
+    assert last.nbytes == last.entry_bytes + last.set_bytes
+    assert last.entry_bytes == 24 * last.entries  # key, idf, tf, reference index
+    windows = sum(max(0, len(r) - k) for refs in corpus for r in refs for k in range(4))
+    assert last.entries <= windows  # distinct n-grams per reference, at most one per window
+
+
+def test_estimate_prepared_bytes() -> None:
+    """Entries per reference as n-gram windows: sum over k of max(0, words - k + 1)."""
+    measured = PreparedSize(sets=10, entries=1000, entry_bytes=24_000, set_bytes=3_000)
+    # 2 images x 3 references of 5 words: 5 + 4 + 3 + 2 = 14 windows each, 84 entries
+    assert estimate_prepared_bytes(measured, 2, 3, 5) == 84 * 24 + 2 * 300
+    assert estimate_prepared_bytes(measured, 1, 1, 2) == (2 + 1) * 24 + 300  # no 3- or 4-grams
+    coco = estimate_prepared_bytes(measured)  # 113,287 x 5 x (10.5 + 9.5 + 8.5 + 7.5) = 36 a reference
+    assert coco == 113_287 * 5 * 36 * 24 + 113_287 * 300
+    with pytest.raises(ValueError, match="nothing prepared"):
+        estimate_prepared_bytes(PreparedSize(0, 0, 0, 0))
+
+
+def test_bitmaps_have_no_false_negatives() -> None:
+    """Every (set, n-gram) pair on both sides is let through the join; most others are not."""
+    rng = np.random.default_rng(0)
+    scorer = CiderD([[[1]]])
+    shared = rng.integers(1, 2**63, 500, dtype=np.uint64)
+    cand_key = np.concatenate([shared, rng.integers(1, 2**63, 2000, dtype=np.uint64)])
+    ref_key = np.concatenate([shared, rng.integers(1, 2**63, 2000, dtype=np.uint64)])
+    cand_row, ref_row = rng.integers(0, 50, 2500), rng.integers(0, 50, 2500)
+    ref_row[:500] = cand_row[:500]
+    ref_key[600:700], ref_row[600:700] = cand_key[600:700], (cand_row[600:700] + 1) % 50  # other sets
+    meets_ref, meets_cand = scorer._may_meet(cand_key, cand_row, ref_key, ref_row, 50)
+    assert meets_ref[:500].all() and meets_cand[:500].all()
+    assert meets_ref[500:].mean() < 0.2 and meets_cand[500:].mean() < 0.2
+
+
+def test_prepare_errors() -> None:
+    scorer = CiderD([[[1, 2]], [[3]]])
+    with pytest.raises(ValueError, match="2 keys but 1 reference lists"):
+        scorer.prepare([0, 1], [[[1, 2]]])
+    with pytest.raises(ValueError, match="key 1 has an empty list of references"):
+        scorer.prepare([0, 1], [[[1, 2]], []])
+    with pytest.raises(ValueError, match="chunk_size must be"):
+        scorer.prepare([0], [[[1, 2]]], chunk_size=0)
+    scorer.prepare([0], [[[1, 2]]])
+    with pytest.raises(ValueError, match="key 0 has 2 references here but 1 when it was stored"):
+        scorer.score([[1]], [[[1, 2], [3]]], keys=[0])
 
 
 def test_properties() -> None:

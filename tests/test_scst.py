@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_cider import count_sequences
 from test_model import V, tiny_config
 
 from captioning.data.vocab import END_ID, PAD_ID
@@ -70,6 +71,32 @@ def test_reward_is_cider_d_with_training_document_frequencies() -> None:
         reward(tokens, lengths, torch.tensor([1, 99]))
     with pytest.raises(ValueError, match="empty"):
         CiderReward({})
+
+
+def test_reward_prepares_every_corpus_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every training image's references are vectorised once, at construction: a reward call
+    counts its samples only, and caches nothing."""
+    corpus = {i: [[4 + i % 7, 5, 6 + i % 3], [7, 8 + i % 5]] for i in range(50)}
+    reward = CiderReward(corpus)
+    size = reward.cider.prepared_size
+    assert size.sets == 50 and size.entries > 0 and size.nbytes > 0
+    counted = count_sequences(reward.cider, monkeypatch)
+    tokens = torch.tensor([[[4, 5, END_ID], [7, 8, END_ID]], [[5, 6, END_ID], [9, END_ID, PAD_ID]]])
+    lengths = torch.tensor([[3, 3], [3, 2]])
+    got = reward(tokens, lengths, torch.tensor([0, 49]))
+    assert counted == [4] and not reward.cider._cache  # the 4 samples; no reference vectorised
+    expected = CiderD(list(corpus.values())).score(
+        [[4, 5], [7, 8], [5, 6], [9]], [corpus[0], corpus[0], corpus[49], corpus[49]]
+    )
+    torch.testing.assert_close(got, torch.as_tensor(expected, dtype=torch.float32).view(2, 2))
+
+
+def test_reward_describes_its_memory_and_coco_estimate() -> None:
+    reward = CiderReward({i: [[4, 5, 6, 7 + i], [8, 9, 10]] for i in range(20)})
+    line = reward.describe()
+    assert "\n" not in line and "per process" in line
+    assert "20 training images" in line and "MiB" in line
+    assert "113,287 images x 5 references of ~10.5 words" in line
 
 
 def test_sampling_forward_gives_log_prob_gradients_and_greedy_baseline_none() -> None:

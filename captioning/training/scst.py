@@ -2,7 +2,8 @@
 
 Shapes: B images, K samples per image, T sampled steps, P pixels, E encoder dim.
 
-    reward = CiderReward(read_references(shard_dir, "train"))   # document frequencies computed once
+    reward = CiderReward(read_references(shard_dir, "train"))   # df and every image's vectors, once
+    logger.info(reward.describe())                                # what that took, and COCO's estimate
     forward = ScstForward(model, train_encoder=False)             # DDP wraps this
     gen, features = ddp(images, num_samples=5, max_len=16)       # sampled with grad
     rewards = reward(gen.tokens, gen.lengths, image_ids)          # (B, K) CIDEr-D of each sample
@@ -15,13 +16,14 @@ The advantage multiplies the log-probability of every sampled token up to and in
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 
 from captioning.data.vocab import END_ID, PAD_ID, START_ID
-from captioning.evaluation.cider import CiderD
+from captioning.evaluation.cider import CiderD, estimate_prepared_bytes
 from captioning.model.captioner import Captioner, Generation
 from captioning.training.objective import ImageForward
 
@@ -40,14 +42,31 @@ class CiderReward:
     """CIDEr-D of sampled captions against their image's training references.
 
     Document frequencies come once from every training image's references (``corpus``: image id
-    -> captions as ids without <start>/<end>), as in seed 000, not from each batch.
+    -> captions as ids without <start>/<end>), as in seed 000, not from each batch; so do the
+    references' vectors (``CiderD.prepare``): an epoch's batches only vectorise their samples.
+    Every DDP process builds its own (memory: ``describe``).
     """
 
     def __init__(self, corpus: Mapping[int, Sequence[Sequence[int]]]) -> None:
         if not corpus:
             raise ValueError("the CIDEr-D corpus is empty: no training references")
         self.references = {int(k): [list(c) for c in v] for k, v in corpus.items()}
+        start = time.perf_counter()
         self.cider = CiderD(list(self.references.values()))
+        built = time.perf_counter()
+        self.cider.prepare(list(self.references), list(self.references.values()))
+        self.df_seconds, self.prepare_seconds = built - start, time.perf_counter() - built
+
+    def describe(self) -> str:
+        """One line for the stage's log: the prepared references, their cost, COCO's estimate."""
+        size = self.cider.prepared_size
+        coco = estimate_prepared_bytes(size)  # COCO's Karpathy train, from the bytes measured here
+        return (
+            f"CIDEr-D reward, per process: df in {self.df_seconds:.1f} s, then the references of "
+            f"{size.sets:,} training images prepared in {self.prepare_seconds:.1f} s ({size.entries:,} n-gram "
+            f"entries, {size.nbytes / 2**20:.1f} MiB); COCO's Karpathy train (113,287 images x 5 "
+            f"references of ~10.5 words) would take about {coco / 2**20:,.0f} MiB"
+        )
 
     def __call__(self, tokens: torch.Tensor, lengths: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
         """tokens (B, K, T), lengths (B, K), image_ids (B,) -> rewards (B, K) float32 on tokens' device."""
