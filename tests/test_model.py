@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -13,7 +14,8 @@ from captioning.config import ModelConfig
 from captioning.data.vocab import END_ID, PAD_ID, START_ID
 from captioning.model import Captioner, Generation, build_captioner, build_embeddings
 from captioning.model.attention import SoftAttention
-from captioning.model.decoders import FCDecoder, ShowAttendTell, ShowTell
+from captioning.model.captioner import Method
+from captioning.model.decoders import DecodeState, FCDecoder, ShowAttendTell, ShowTell
 from captioning.model.embeddings import load_glove
 
 ARCHS = ("show_attend_tell", "fc", "show_tell")
@@ -257,6 +259,55 @@ def test_sampling_is_reproducible_and_top_1_is_greedy(models: dict[str, Captione
     torch.testing.assert_close(top1.scores, greedy.scores)
 
 
+@pytest.mark.parametrize("never_ends", [False, True])
+@pytest.mark.parametrize("method", ["greedy", "sample"])
+def test_stepwise_decoding_does_not_depend_on_sync_every(
+    method: Method, never_ends: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(0)
+    model = build_captioner(tiny_config(), V).eval()  # its greedy captions never end by themselves
+    K, max_len = (2 if method == "sample" else 1), 12
+    # Decoding row r (of 8) says <end> at step ends[r] at the latest: captions end at different
+    # steps, the last at step 7 (decoding stops early; sync_every 2 and 4 run 8 steps, 7 breaks at
+    # once), or row 1 can never say <end> (all 12 steps).
+    ends = torch.tensor([3, 7, 5, 2, 6, 4, 7, 1])  # (N,)
+    if never_ends:
+        ends[1] = 0  # no step 0: not forced, and its <end> is banned below
+    step, t = model.step, 0
+
+    def step_with_ends(tokens: torch.Tensor, state: DecodeState) -> tuple[Any, ...]:
+        nonlocal t
+        t += 1
+        logprobs, state, alpha = step(tokens, state)  # (N, V)
+        only_end = torch.full_like(logprobs, -torch.inf).index_fill(1, torch.tensor([END_ID]), 0.0)
+        logprobs = torch.where((ends == t).unsqueeze(1), only_end, logprobs)
+        if never_ends:
+            logprobs[1, END_ID] = -torch.inf
+        return logprobs, state, alpha
+
+    monkeypatch.setattr(model, "step", step_with_ends)
+    results = []
+    for sync_every in (1, 2, 4, 7):
+        t, generator = 0, torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            gen = model.generate(
+                features_for(8 // K), method=method, num_samples=K, max_len=max_len, sync_every=sync_every,
+                generator=generator,
+            )  # fmt: skip
+        results.append(gen)
+    first = results[0]
+    steps = first.tokens.shape[2]  # T
+    assert len(set(first.lengths.flatten().tolist())) >= 3
+    assert steps == int(first.lengths.max()) and (steps == max_len) == never_ends
+    if method == "greedy":
+        assert steps == (max_len if never_ends else 7)
+    # Same shapes and values; sampling with the same seed draws the same captions, its extra steps'
+    # draws come after theirs.
+    for result in results[1:]:
+        for name in ("tokens", "scores", "lengths", "alphas", "token_logprobs"):
+            assert torch.equal(getattr(result, name), getattr(first, name)), name
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_sample_logprobs_have_grad_and_match_teacher_forcing(models: dict[str, Captioner], arch: str) -> None:
     model = models[arch]
@@ -285,6 +336,8 @@ def test_generate_rejects_bad_options(models: dict[str, Captioner]) -> None:
         ({"method": "sample", "temperature": 0.0}, "temperature"),
         ({"method": "sample", "top_k": -1}, "top_k"),
         ({"max_len": 0}, "max_len"),
+        ({"method": "sample", "sync_every": 0}, "sync_every"),
+        ({"method": "beam", "sync_every": 0}, "sync_every"),
     ]:
         with pytest.raises(ValueError, match=match):
             model.generate(features_for(1), **kwargs)  # type: ignore[arg-type]

@@ -1,4 +1,5 @@
-"""Batched beam search against the plain per-image reference, token for token.
+"""Batched beam search against the plain per-image reference, token for token; no decoding loop
+(beam search, greedy, sampling) makes the host wait on the device inside a step.
 
 The model is a tiny attention decoder defined here (embedding + GRU cell + additive attention over
 random features, float64 so that no near-tie flips between the two searches); where the real
@@ -7,16 +8,20 @@ random features, float64 so that no near-tie flips between the two searches); wh
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import math
 from typing import Any
 
 import pytest
 import torch
 from reference_search import reference_beam_search, reference_search_one
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from captioning.data.vocab import END_ID, PAD_ID, START_ID
-from captioning.model.search import BeamResult, beam_search
+from captioning.model.captioner import Method
+from captioning.model.search import BeamResult, StepModel, beam_search
 
 VOCAB, P, E, D, A, EMB = 30, 9, 8, 16, 12, 10
 
@@ -119,7 +124,7 @@ def test_batched_equals_per_image_reference(beam_size: int, length_normalization
 class RowCounter:
     """Wraps a model and records how many rows each decoding step ran on."""
 
-    def __init__(self, model: TinyDecoder) -> None:
+    def __init__(self, model: StepModel) -> None:
         self.model = model
         self.rows: list[int] = []
 
@@ -137,11 +142,17 @@ def test_images_finishing_at_different_steps_in_one_batch() -> None:
     model = TinyDecoder(end_bias=0.3).eval()
     features = features_for(32, seed=7)
     counter = RowCounter(model)
-    batched = beam_search(counter, features, beam_size=3, max_len=15)
-    # Done images leave the batch: rows shrink in several stages, yet some run all 15 steps.
+    batched = beam_search(counter, features, beam_size=3, max_len=15, sync_every=1)
+    # Checked every step, done images leave the batch: rows shrink in several stages, yet some run
+    # all 15 steps.
     assert counter.rows[0] == 32 * 3 and len(counter.rows) == 15
     assert len(set(counter.rows)) >= 4 and counter.rows == sorted(counter.rows, reverse=True)
     assert_same(batched, reference_beam_search(model, features, beam_size=3, max_len=15))
+    # Checked every 4th step (the default), they leave only after steps 4, 8 and 12: same result.
+    every_4th = RowCounter(model)
+    assert_same(beam_search(every_4th, features, beam_size=3, max_len=15), batched)
+    changes = [t for t in range(1, 15) if every_4th.rows[t] != every_4th.rows[t - 1]]  # after step t
+    assert changes and set(changes) <= {4, 8, 12}
     # Each image's result does not depend on its batch-mates or its position in the batch.
     for b in (0, 5, 31):
         alone = beam_search(model, features[b : b + 1], beam_size=3, max_len=15)
@@ -152,6 +163,28 @@ def test_images_finishing_at_different_steps_in_one_batch() -> None:
     shuffled = beam_search(model, features[perm], beam_size=3, max_len=15)
     assert torch.equal(shuffled.lengths, batched.lengths[perm])
     torch.testing.assert_close(shuffled.scores, batched.scores[perm])
+
+
+@pytest.mark.parametrize(("length_normalization", "end_bias"), [(False, 0.0), (True, 0.0), (True, 2.0)])
+def test_sync_every_does_not_change_the_result(length_normalization: bool, end_bias: float) -> None:
+    model = TinyDecoder(end_bias=end_bias).eval()
+    features = features_for(32, seed=7)
+    kwargs: dict[str, Any] = dict(beam_size=3, max_len=10, length_normalization=length_normalization)
+    counter = RowCounter(model)
+    every_step = beam_search(counter, features, sync_every=1, **kwargs)
+    # The batch means something: best captions of several lengths, and images done at different
+    # steps (rows shrink in stages) or partial captions (max_len words without <end>); the first
+    # case has both, the second partials, the third stages.
+    assert len(set(every_step.lengths.tolist())) >= 2
+    assert len(set(counter.rows)) >= 3 or not every_step.ended.all()
+    for sync_every in (2, 4, 7):
+        result = beam_search(model, features, sync_every=sync_every, **kwargs)
+        for field in dataclasses.fields(BeamResult):
+            got, expected = getattr(result, field.name), getattr(every_step, field.name)
+            if expected.is_floating_point():  # steps run on other row counts: a matmul's last bit may differ
+                torch.testing.assert_close(got, expected, msg=field.name)
+            else:
+                assert torch.equal(got, expected), field.name
 
 
 def test_tokens_end_with_end_then_pad() -> None:
@@ -236,6 +269,8 @@ def test_bad_arguments() -> None:
         beam_search(TinyDecoder(), features_for(1), beam_size=0, max_len=3)
     with pytest.raises(ValueError, match="max_len"):
         beam_search(TinyDecoder(), features_for(1), beam_size=2, max_len=0)
+    with pytest.raises(ValueError, match="sync_every"):
+        beam_search(TinyDecoder(), features_for(1), beam_size=2, max_len=3, sync_every=0)
 
 
 def test_reference_one_image_matches_packed() -> None:
@@ -296,3 +331,164 @@ def test_real_generate_greedy_equals_beam_size_one() -> None:
     direct = beam_search(model, features, beam_size=3, max_len=12)
     assert torch.equal(via_generate.tokens[:, 0], direct.tokens)
     assert torch.equal(via_generate.lengths[:, 0], direct.lengths)
+
+
+# --- no host sync inside a decoding step ----------------------------------------------------------
+
+# Tensor methods that read a value on the host: on a GPU each one waits for the queued work to finish.
+HOST_READS = frozenset(
+    (
+        "__bool__", "__int__", "__float__", "__index__", "item", "tolist", "numpy", "cpu",
+        "nonzero", "argwhere", "masked_select", "unique", "equal", "allclose",
+    )
+)  # fmt: skip
+
+
+def _reads_host(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    if name in HOST_READS:
+        return True
+    if name == "to":  # a copy to the host; .to(dtype) is not one
+        targets = [*args[1:], kwargs.get("device")]
+        return any(isinstance(a, str | torch.device) and torch.device(a).type == "cpu" for a in targets)
+    if name in ("__getitem__", "__setitem__"):  # boolean-mask indexing: its size is read first
+        index = args[1] if isinstance(args[1], tuple) else (args[1],)
+        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index)
+    if name == "repeat_interleave":  # tensor repeats without output_size: the size is read first
+        return isinstance(args[1], torch.Tensor) and kwargs.get("output_size") is None
+    return False
+
+
+class HostReadCounter(TorchFunctionMode):
+    """Records every torch call made under it that reads a tensor's value on the host.
+
+    It sees Python-level calls (``bool(t)``, ``t.item()``, ``t.nonzero()``, ``t[mask]``, ...), which
+    is where a decoding loop would sync; these tests run on the CPU, where the count is the same.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if _reads_host(name, args, kwargs):
+            self.reads.append(name)
+        return func(*args, **kwargs)
+
+
+def test_host_read_counter_sees_the_usual_syncs() -> None:
+    x = torch.tensor([0.5, -1.0, 2.0])
+    with HostReadCounter() as counter:
+        bool(x.any()), x.nonzero(), int(x.argmax()), float(x.sum()), x[0].item(), x.tolist()
+        [1, 2, 3][x.argmin()], x.to("cpu"), x.cpu(), x[x > 0], x.to(torch.float64)
+    assert counter.reads == [
+        "__bool__", "nonzero", "__int__", "__float__", "item", "tolist", "__index__", "to", "cpu",
+        "__getitem__",
+    ]  # fmt: skip
+
+
+def end_biased_captioner(end_bias: float) -> Any:
+    """The real Show-Attend-Tell at toy size, output layer sharpened (x8) and <end> made likelier
+    by ``end_bias``: captions end at different steps, some not within 16."""
+    from captioning.config import ModelConfig
+    from captioning.model.factory import build_captioner
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        encoder="resnet18", encoder_weights=None, encoded_image_size=3, emb_dim=16, attention_dim=16,
+        decoder_dim=24, dropout=0.0,
+    )  # fmt: skip
+    model = build_captioner(cfg, 30).eval()
+    with torch.no_grad():
+        model.decoder.fc.weight.mul_(8.0)
+        model.decoder.fc.bias[END_ID] += end_bias
+    return model
+
+
+def captioner_features() -> torch.Tensor:
+    return torch.randn(16, 9, 512, generator=torch.Generator().manual_seed(5)).relu()  # (B, P, E)
+
+
+def assert_few_host_reads(reads: dict[int | None, tuple[int, int]]) -> None:
+    """``reads``: sync_every -> (host reads, steps) of one decoding call, for sync_every 1 and 4.
+
+    At most one read per sync_every steps, plus one after the loop (the output's length). Checked
+    every step (the loop before sync_every), the count breaks that bound: the check can fail.
+    """
+    count, steps = reads[4]
+    assert count <= math.ceil(steps / 4) + 1 and count < steps, reads
+    count, steps = reads[1]
+    assert count >= steps > math.ceil(steps / 4) + 1, reads
+
+
+class EndsFrom(RowCounter):
+    """From the step written in an image's ``features[0, 0]`` on, its beams can only say <end>:
+    every beam ends then, so the image is done at that step."""
+
+    def step(
+        self, tokens: torch.Tensor, state: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+        logprobs, stepped, alpha = super().step(tokens, state)  # (N, V)
+        only_end = torch.full_like(logprobs, float("-inf"))
+        only_end[:, END_ID] = 0.0
+        force = state["features"][:, 0, 0] <= len(self.rows)  # (N,) on the device: no host read
+        return torch.where(force.unsqueeze(1), only_end, logprobs), stepped, alpha
+
+
+@pytest.mark.skipif(not _HAS_FACTORY, reason="captioning.model.factory not written yet")
+@pytest.mark.parametrize("done_at_chosen_steps", [False, True])
+@pytest.mark.parametrize("length_normalization", [False, True])
+@pytest.mark.parametrize("beam_size", [1, 3, 5])
+def test_beam_search_reads_the_host_once_every_sync_every_steps(
+    beam_size: int, length_normalization: bool, done_at_chosen_steps: bool
+) -> None:
+    model, features = end_biased_captioner(0.0), captioner_features()
+    # As is, some images are never done: all 16 steps run. Else images are done at steps 3 to 11
+    # and the search stops early (after 11 steps, or 12 checking every 4th).
+    if done_at_chosen_steps:
+        features[:, 0, 0] = 3 + torch.arange(16) % 9
+    reads = {}
+    for sync_every in (1, 4, None):  # None: the default, 4
+        steps = (EndsFrom if done_at_chosen_steps else RowCounter)(model)
+        kwargs: dict[str, Any] = dict(
+            beam_size=beam_size, max_len=16, length_normalization=length_normalization
+        )
+        if sync_every is not None:
+            kwargs["sync_every"] = sync_every
+        with HostReadCounter() as counter:
+            beam_search(steps, features, **kwargs)
+        reads[sync_every] = (len(counter.reads), len(steps.rows))
+    assert_few_host_reads(reads)
+    assert reads[None] == reads[4]
+
+
+@pytest.mark.skipif(not _HAS_FACTORY, reason="captioning.model.factory not written yet")
+@pytest.mark.parametrize(("method", "end_bias"), [("greedy", 0.0), ("sample", 0.0), ("sample", 2.0)])
+def test_greedy_and_sampling_read_the_host_once_every_sync_every_steps(
+    method: Method, end_bias: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, features = end_biased_captioner(end_bias), captioner_features()
+    # Greedy and sampling with end bias 0 run all 16 steps (some captions never end); sampling with
+    # end bias 2 stops once every caption has ended. Sampling runs with gradients, as in SCST.
+    step, steps = model.step, 0
+
+    def counted_step(tokens: torch.Tensor, state: dict[str, torch.Tensor]) -> Any:
+        nonlocal steps
+        steps += 1
+        return step(tokens, state)
+
+    monkeypatch.setattr(model, "step", counted_step)
+    reads = {}
+    for sync_every in (1, 4, None):  # None: the default, 1 on the CPU (a sync there waits for nothing)
+        steps = 0
+        with HostReadCounter() as counter:
+            model.generate(
+                features, method=method, num_samples=3 if method == "sample" else 1, max_len=16,
+                generator=torch.Generator().manual_seed(0), sync_every=sync_every,
+            )  # fmt: skip
+        reads[sync_every] = (len(counter.reads), steps)
+    assert_few_host_reads(reads)
+    assert reads[None] == reads[1]

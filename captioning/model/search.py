@@ -11,7 +11,11 @@ The model needs two methods (``StepModel``): ``init_state(features) -> dict`` of
 first dimension is the row (B), and ``step(tokens, state) -> (logprobs, state, alpha)``. The
 state is expanded to B*K rows once; each step does one top-k over (B, K*V) candidates, and a
 candidate's beam and word come from integer arithmetic (``idx // V``, ``idx % V``), so no Python
-loop runs over images or beams. ``tests/reference_search.py`` (test-only code) is the same search
+loop runs over images or beams. Each step records its words, their parent beams and attention
+maps; a hypothesis's words are read back through the parents once, at the end, instead of being
+copied along with its beam every step. No step waits on the device (a host sync would leave a
+GPU idle between steps): which images are done is asked once every ``sync_every`` steps
+(default ``SYNC_EVERY`` = 4). ``tests/reference_search.py`` (test-only code) is the same search
 one image at a time, in plain Python; ``tests/test_search.py`` checks they agree token for token.
 
 The rules, which the reference follows exactly:
@@ -29,9 +33,14 @@ The rules, which the reference follows exactly:
   hypotheses and the worst of them has key >= the best key any live beam could still reach, or
   no live beam remains. Log-probs are <= 0, so a live beam with summed log-prob s can finish with
   at most s (unnormalised), or at most s / max_len (normalised: s' / l' <= s / l' <= s / max_len
-  for s' <= s <= 0 and l' <= max_len). Done images are dropped from the batch.
-- After ``max_len`` steps, an image with no finished hypothesis returns its live beams instead
-  (partial captions of ``max_len`` words without <end>; ``ended`` is False), best first.
+  for s' <= s <= 0 and l' <= max_len).
+- A done image retires in place: its live beams' scores become -inf, so it never extends a beam
+  nor adds a finished hypothesis again. Every ``sync_every`` steps the search stops if every image
+  is done, and otherwise drops the done images from the batch (they would only cost compute), so
+  ``sync_every`` changes which rows a step runs, never the result.
+- After ``max_len`` steps, an image that is not done and has no finished hypothesis returns its
+  live beams instead (partial captions of ``max_len`` words without <end>; ``ended`` is False),
+  best first.
 
 Shapes: B images, K beams, V vocabulary, P attention pixels, T steps, L = max_len.
 """
@@ -47,6 +56,11 @@ import torch
 from captioning.data.vocab import END_ID, PAD_ID, START_ID
 
 NEG_INF = float("-inf")
+# Decoding steps between host syncs (on a GPU each one waits for every queued step to finish). On
+# the CPU, where a sync waits for nothing, 4 measured no slower than 1 for beam search: done images
+# run up to 3 more steps before they leave the batch, but it is compacted (its B*K-row state
+# copied) less often.
+SYNC_EVERY = 4
 
 
 class StepModel(Protocol):
@@ -100,6 +114,41 @@ def _expand_rows(tensor: torch.Tensor, keep: torch.Tensor, beam_size: int) -> to
     return tensor.index_select(0, rows)
 
 
+def _write_back(
+    out: dict[str, torch.Tensor], fin: dict[str, torch.Tensor], active: torch.Tensor, num_images: int
+) -> None:
+    """Copies the searched images' finished hypotheses (b, K) to their rows of ``out`` (B, K)."""
+    for name, field in fin.items():
+        if name not in out:  # every image is written back before the result is read
+            out[name] = field.new_empty((num_images, *field.shape[1:]))
+        out[name].index_copy_(0, active, field)
+
+
+def _trace_back(
+    beams: torch.Tensor,
+    lengths: torch.Tensor,
+    words: torch.Tensor,
+    parents: torch.Tensor,
+    step_alphas: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Words (B, n, L) and attention (B, n, L, P) of the n hypotheses per image whose last word is
+    that of beam ``beams`` (B, n) at step ``lengths`` (B, n), read back through each step's
+    ``parents`` (L, B, K) from ``words`` (L, B, K) and ``step_alphas`` (L, B, K, P) or None;
+    PAD_ID and zeros after the length."""
+    L = words.size(0)
+    tokens = torch.full((*beams.shape, L), PAD_ID, dtype=torch.long, device=beams.device)  # (B, n, L)
+    alphas = None if step_alphas is None else step_alphas.new_zeros((*beams.shape, L, step_alphas.size(3)))
+    beam = beams  # (B, n) each hypothesis's beam at step s
+    for s in range(L, 0, -1):
+        on = s <= lengths  # (B, n) the hypothesis has a word at step s
+        tokens[:, :, s - 1] = torch.where(on, words[s - 1].gather(1, beam), PAD_ID)
+        if alphas is not None and step_alphas is not None:
+            index = beam.unsqueeze(2).expand(-1, -1, step_alphas.size(3))  # (B, n, P)
+            alphas[:, :, s - 1] = step_alphas[s - 1].gather(1, index).masked_fill(~on.unsqueeze(2), 0.0)
+        beam = torch.where(on, parents[s - 1].gather(1, beam), beam)
+    return tokens, alphas
+
+
 @torch.no_grad()
 def beam_search(
     model: StepModel,
@@ -111,9 +160,12 @@ def beam_search(
     start_id: int = START_ID,
     end_id: int = END_ID,
     banned_ids: Sequence[int] = (PAD_ID, START_ID),
+    sync_every: int = SYNC_EVERY,
 ) -> BeamResult:
     """Decode every image of ``features`` (B, P, E) with a beam of ``beam_size``; see the module doc.
 
+    ``sync_every``: steps between the host syncs that stop the search once every image is done and
+    drop done images from the batch (1: every step). The result does not depend on it.
     Runs under ``torch.no_grad``; put the model in eval mode first (dropout would make beams
     stochastic).
     """
@@ -121,6 +173,8 @@ def beam_search(
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
     if max_len < 1:
         raise ValueError(f"max_len must be >= 1, got {max_len}")
+    if sync_every < 1:
+        raise ValueError(f"sync_every must be >= 1, got {sync_every}")
     K, L = beam_size, max_len
     B = features.size(0)
     device = features.device
@@ -137,16 +191,23 @@ def beam_search(
     scores = torch.full((B, K), NEG_INF, dtype=dtype, device=device)  # (B, K)
     scores[:, 0] = 0.0  # only beam 0 expands at step 1
     prev = torch.full((B * K,), start_id, dtype=torch.long, device=device)  # (B*K,)
-    seqs = torch.zeros((B, K, 0), dtype=torch.long, device=device)  # (b, K, t) live words
-    seq_alphas: torch.Tensor | None = None  # (b, K, t, P)
 
-    # The K best finished hypotheses of every image, indexed by the image's original position.
-    fin_keys = torch.full((B, K), NEG_INF, dtype=dtype, device=device)  # (B, K) ranking key
-    fin_scores = torch.full((B, K), NEG_INF, dtype=dtype, device=device)  # (B, K)
-    fin_lengths = torch.zeros((B, K), dtype=torch.long, device=device)  # (B, K)
-    fin_ended = torch.zeros((B, K), dtype=torch.bool, device=device)  # (B, K)
-    fin_tokens = torch.full((B, K, L), PAD_ID, dtype=torch.long, device=device)  # (B, K, L)
-    fin_alphas: torch.Tensor | None = None  # (B, K, L, P)
+    # What every step chose, by original image: a hypothesis's words and attention maps are read
+    # back through the parents once at the end, not copied along with its beam at every step.
+    words = torch.zeros((L, B, K), dtype=torch.long, device=device)  # word of beam k at step t
+    parents = torch.zeros((L, B, K), dtype=torch.long, device=device)  # the beam at t-1 it extended
+    step_alphas: torch.Tensor | None = None  # (L, B, K, P) the attention that produced the word
+    # The K best finished hypotheses of each image still searched, best first, each (b, K): "beams"
+    # is the beam of its last word (at step "lengths"). ``out`` gets an image's rows when it leaves.
+    fin = {
+        "keys": torch.full((B, K), NEG_INF, dtype=dtype, device=device),  # ranking key
+        "scores": torch.full((B, K), NEG_INF, dtype=dtype, device=device),
+        "lengths": torch.zeros((B, K), dtype=torch.long, device=device),
+        "ended": torch.zeros((B, K), dtype=torch.bool, device=device),
+        "beams": torch.zeros((B, K), dtype=torch.long, device=device),
+    }
+    out: dict[str, torch.Tensor] = {}  # the same fields for all B images, by original position
+    beam_ids = torch.arange(K, device=device).expand(B, K)  # (B, K)
 
     active = torch.arange(B, device=device)  # (b,) original positions of the images still searched
     for t in range(1, L + 1):
@@ -164,93 +225,78 @@ def beam_search(
         rows = (torch.arange(b, device=device).unsqueeze(1) * K + parent).view(-1)  # (b*K,) flat parents
 
         state = {name: s if name in constant else s.index_select(0, rows) for name, s in state.items()}
-        seqs = torch.cat([seqs.view(b * K, -1).index_select(0, rows).view(b, K, -1), word.unsqueeze(2)], 2)
+        words[t - 1].index_copy_(0, active, word)
+        parents[t - 1].index_copy_(0, active, parent)
         if alpha is not None:
-            step_alpha = alpha.to(dtype).index_select(0, rows).view(b, K, 1, -1)  # (b, K, 1, P)
-            seq_alphas = (
-                step_alpha
-                if seq_alphas is None
-                else torch.cat(
-                    [
-                        seq_alphas.view(b * K, t - 1, -1).index_select(0, rows).view(b, K, t - 1, -1),
-                        step_alpha,
-                    ],
-                    2,
-                )
-            )  # (b, K, t, P)
-            if fin_alphas is None:
-                fin_alphas = torch.zeros((B, K, L, step_alpha.size(3)), dtype=dtype, device=device)
+            if step_alphas is None:
+                step_alphas = torch.zeros((L, B, K, alpha.size(1)), dtype=dtype, device=device)
+            step_alphas[t - 1].index_copy_(0, active, alpha.to(dtype).index_select(0, rows).view(b, K, -1))
 
+        # Merge this step's ends into the K best, every step (whether anything ended would be a host
+        # sync): existing first, then candidates best first, and a stable sort, so ties keep the
+        # earlier one (as the reference's list sort does); with nothing ended (new keys all -inf)
+        # the existing entries stay as they were.
         ended = torch.isfinite(top) & (word == end_id)  # (b, K) -inf survivors are dead rows, not ends
-        if bool(ended.any()):
-            # Merge this step's ends into the K best: existing first, then candidates best first,
-            # and a stable sort, so ties keep the earlier one (as the reference's list sort does).
-            new_keys = torch.where(ended, top / t if length_normalization else top, NEG_INF)  # (b, K)
-            keys = torch.cat([fin_keys[active], new_keys], 1)  # (b, 2K)
-            order = keys.sort(dim=1, descending=True, stable=True).indices[:, :K]  # (b, K)
-            fin_keys[active] = keys.gather(1, order)
-            fin_scores[active] = torch.cat([fin_scores[active], top], 1).gather(1, order)
-            fin_lengths[active] = torch.cat([fin_lengths[active], torch.full_like(word, t)], 1).gather(
-                1, order
-            )
-            fin_ended[active] = torch.cat([fin_ended[active], ended], 1).gather(1, order)
-            padded = torch.nn.functional.pad(seqs, (0, L - t), value=PAD_ID)  # (b, K, L)
-            tok = torch.cat([fin_tokens[active], padded], 1)  # (b, 2K, L)
-            fin_tokens[active] = tok.gather(1, order.unsqueeze(2).expand(-1, -1, L))
-            if fin_alphas is not None and seq_alphas is not None:
-                P = seq_alphas.size(3)
-                pa = torch.nn.functional.pad(seq_alphas, (0, 0, 0, L - t))  # (b, K, L, P)
-                al = torch.cat([fin_alphas[active], pa], 1)  # (b, 2K, L, P)
-                fin_alphas[active] = al.gather(1, order.view(b, K, 1, 1).expand(-1, -1, L, P))
+        new = {
+            "keys": torch.where(ended, top / t if length_normalization else top, NEG_INF),
+            "scores": top,
+            "lengths": torch.full_like(word, t),
+            "ended": ended,
+            "beams": beam_ids[:b],
+        }
+        both = {name: torch.cat([field, new[name]], 1) for name, field in fin.items()}  # (b, 2K)
+        order = both["keys"].sort(dim=1, descending=True, stable=True).indices[:, :K]  # (b, K)
+        fin = {name: field.gather(1, order) for name, field in both.items()}
 
         scores = top.masked_fill(ended, NEG_INF)  # (b, K) ended rows retire
         prev = word.view(-1)  # (b*K,)
         bound = reachable_bound(scores.max(1).values, L, length_normalization)  # (b,)
-        done = fin_keys[active, K - 1] >= bound  # (b,) -inf >= -inf: no live beam left
-        if t == L or not bool(done.any()):
+        done = fin["keys"][:, K - 1] >= bound  # (b,) -inf >= -inf: no live beam left
+        # Done images retire in place: at -inf they never extend nor finish anything again.
+        scores = scores.masked_fill(done.unsqueeze(1), NEG_INF)
+        if t % sync_every != 0 or t == L:
             continue
-        keep = (~done).nonzero().squeeze(1)  # (b',)
+        keep = (~done).nonzero().squeeze(1)  # (b',) the one host sync of these sync_every steps
         if keep.numel() == 0:
-            active = keep
             break
+        if keep.numel() == b:
+            continue
         # Drop done images: their rows would only be carried along at -inf.
+        _write_back(out, fin, active, B)
+        fin = {name: field.index_select(0, keep) for name, field in fin.items()}
         active = active.index_select(0, keep)
         scores = scores.index_select(0, keep)
-        seqs = seqs.index_select(0, keep)
-        if seq_alphas is not None:
-            seq_alphas = seq_alphas.index_select(0, keep)
         prev = _expand_rows(prev, keep, K)
         state = {name: _expand_rows(s, keep, K) for name, s in state.items()}
+    else:
+        # After max_len steps (no break: some image was still searched), an image that is not done
+        # and finished nothing returns its live beams; a mask, not a host-side choice of images.
+        fallback = (~done & (fin["keys"][:, 0] == NEG_INF)).unsqueeze(1)  # (b, 1)
+        keys = reachable_bound(scores, L, length_normalization)  # a live beam at max_len has length L
+        order = keys.sort(dim=1, descending=True, stable=True).indices  # (b, K)
+        live = scores.gather(1, order)  # (b, K)
+        partial = {
+            "keys": keys.gather(1, order),
+            "scores": live,
+            "lengths": torch.where(live > NEG_INF, L, 0),
+            "ended": torch.zeros_like(fin["ended"]),
+            "beams": order,
+        }
+        fin = {name: torch.where(fallback, partial[name], field) for name, field in fin.items()}
+    _write_back(out, fin, active, B)
 
-    # Images still searched after max_len steps with nothing finished return their live beams.
-    if active.numel() > 0:
-        fallback = fin_keys[active, 0] == NEG_INF  # (b,)
-        if bool(fallback.any()):
-            sel = fallback.nonzero().squeeze(1)  # (f,)
-            images = active.index_select(0, sel)  # (f,)
-            live = scores.index_select(0, sel)  # (f, K)
-            keys = reachable_bound(live, L, length_normalization)  # a live beam at max_len has length L
-            order = keys.sort(dim=1, descending=True, stable=True).indices  # (f, K)
-            fin_keys[images] = keys.gather(1, order)
-            fin_scores[images] = live.gather(1, order)
-            fin_lengths[images] = torch.where(live.gather(1, order) > NEG_INF, L, 0)
-            tokens = seqs.index_select(0, sel).gather(1, order.unsqueeze(2).expand(-1, -1, L))  # (f, K, L)
-            fin_tokens[images] = tokens.masked_fill(fin_lengths[images].unsqueeze(2) == 0, PAD_ID)
-            if fin_alphas is not None and seq_alphas is not None:
-                P = seq_alphas.size(3)
-                fin_alphas[images] = seq_alphas.index_select(0, sel).gather(
-                    1, order.view(-1, K, 1, 1).expand(-1, -1, L, P)
-                )
-
-    lengths = fin_lengths[:, 0]  # (B,)
+    hyp_tokens, _ = _trace_back(out["beams"], out["lengths"], words, parents, None)  # (B, K, L)
+    # Attention maps of the best hypothesis only: the result has no others.
+    _, alphas = _trace_back(out["beams"][:, :1], out["lengths"][:, :1], words, parents, step_alphas)
+    lengths = out["lengths"][:, 0]  # (B,)
     T = int(lengths.max()) if B > 0 else 0
     return BeamResult(
-        tokens=fin_tokens[:, 0, :T],
-        scores=fin_scores[:, 0],
+        tokens=hyp_tokens[:, 0, :T],
+        scores=out["scores"][:, 0],
         lengths=lengths,
-        ended=fin_ended[:, 0],
-        alphas=None if fin_alphas is None else fin_alphas[:, 0, :T],
-        hyp_tokens=fin_tokens,
-        hyp_scores=fin_scores,
-        hyp_lengths=fin_lengths,
+        ended=out["ended"][:, 0],
+        alphas=None if alphas is None else alphas[:, 0, :T],
+        hyp_tokens=hyp_tokens,
+        hyp_scores=out["scores"],
+        hyp_lengths=out["lengths"],
     )
