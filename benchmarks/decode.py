@@ -9,7 +9,7 @@ at the first word, beam search's short-caption bias), so every image runs all ma
 worst case for both sides. The tests cover images that finish at different steps.
 
 - batched: ``captioning.model.search.beam_search`` on --chunk images per call (the state is
-  B*K rows; done images leave the batch); 16 images per call is the fastest on 2 CPU cores
+  B*K rows; done images leave the batch every 4th step); 16 images per call is the fastest on 2 CPU cores
   (larger calls spill the (B*K, P, A) attention energies out of cache);
 - reference: ``reference_search_one`` from ``tests/reference_search.py`` (test-only code: this
   script puts the repository's ``tests/`` folder on ``sys.path`` to import it), one image at a
