@@ -172,7 +172,7 @@ def train_stage(
         reward = CiderReward(read_references(cfg.data.shard_dir, "train", extra=cfg.data.extra_shard_dirs))
         if dist.is_main:
             logger.info(
-                "%s (each of this node's %d processes holds one)", reward.describe(), dist.local_world_size
+                "%s (one in each of this node's processes: %d)", reward.describe(), dist.local_world_size
             )
     if dist.is_main:
         tracker.log_params(setup.params())

@@ -199,7 +199,7 @@ def test_fit_stage_logs_one_line_per_epoch_with_scores_and_eta(
             "fine_tune_from_block": 2, "objective": XeSettings.__new__(XeSettings), "early_stop_patience": 5,
             "log_every_steps": 1, "checkpoint_every_steps": 0, "checkpoint_every_s": 0.0,"stage_dir": "unused", "last_uri": "unused",
             "lr_decoder": 4e-4, "lr_encoder": 1e-4, "captions_per_image": 5, "lr_reference_captions": 40,
-            "lr_scaling": "sqrt", "lr_warmup_epochs": 1.0, "gpu": GpuConfig(),
+            "lr_scaling": "sqrt", "lr_warmup_epochs": 1.0, "gpu": GpuConfig(), "kind": "xe",
         },
     )()  # fmt: skip
     monkeypatch.setattr(trainer, "build_step", lambda *a: (FakeOpt(), lambda batch: {}))

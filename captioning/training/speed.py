@@ -122,18 +122,19 @@ class LrPlan:
         """The warmup's first factor: from the configured rates (1 without a warmup)."""
         return 1.0 / self.factor if self.warmup_steps else 1.0
 
-    def describe(self) -> str:
-        """``640 captions per step; lr decoder 3.20e-03 = set x (640/80) = x8, warmup over 886 steps``."""
+    def describe(self, unit: str = "captions") -> str:
+        """``640 captions per step; lr decoder 3.20e-03 = set x (640/80) = x8, warmup over 886 steps``
+        (``unit``: what a step's rows bring, SCST's are samples)."""
         rates = f"lr decoder {self.lr_decoder:.2e}"
         if self.train_encoder:
             rates += f" encoder {self.lr_encoder:.2e}"
         if self.scaling == "none" or self.factor == 1.0:
-            rule = "as set" if self.scaling == "none" else f"as set ({self.reference} captions per step)"
+            rule = "as set" if self.scaling == "none" else f"as set ({self.reference} {unit} per step)"
         else:
             ratio = f"{self.captions_per_step}/{self.reference}"
             rule = f"set x {'sqrt' if self.scaling == 'sqrt' else ''}({ratio}) = x{self.factor:.3g}"
         warmup = f", warmup over {self.warmup_steps} steps" if self.warmup_steps else ""
-        return f"{self.captions_per_step} captions per step; {rates} = {rule}{warmup}"
+        return f"{self.captions_per_step} {unit} per step; {rates} = {rule}{warmup}"
 
 
 def lr_plan(

@@ -35,14 +35,15 @@ def start_line(
     world_size: int,
     *,
     captions_per_image: int,
+    unit: str = "captions",
     rates: str,
     switches: str,
 ) -> str:
-    """The stage's plan: epochs, steps, what a step sees, its learning rates (``LrPlan.describe``) and
-    the GPU switches (``Speed.describe``)."""
+    """The stage's plan: epochs, steps, what a step sees (``unit``: captions, or SCST's samples), its
+    learning rates (``LrPlan.describe``) and the GPU switches (``Speed.describe``)."""
     begins = "starts" if first_epoch <= 1 else f"resumes at epoch {first_epoch}"
     on = f"each of {world_size} processes" if world_size > 1 else "1 process"
-    per_step = f"{batch_size} images x {captions_per_image} captions on {on}"
+    per_step = f"{batch_size} images x {captions_per_image} {unit} on {on}"
     return (
         f"stage {stage} {begins}: up to {_count(epochs, 'epoch')} of {_count(steps, 'step')}, "
         f"a step {per_step}; {rates}; {switches}"

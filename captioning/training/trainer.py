@@ -257,6 +257,7 @@ def fit_stage(
     if dist.is_main:
         first = min(state.epoch + 1, setup.epochs)
         steps = len(train_loader)
+        unit = "samples" if setup.kind == "scst" else "captions"
         line = start_line(
             setup.name,
             first,
@@ -265,7 +266,8 @@ def fit_stage(
             setup.batch_size,
             dist.world_size,
             captions_per_image=setup.captions_per_image,
-            rates=stage_lr_plan(setup, dist.world_size, steps).describe(),
+            unit=unit,
+            rates=stage_lr_plan(setup, dist.world_size, steps).describe(unit),
             switches=resolve_speed(setup.gpu, device).describe(),
         )
         logger.info(line)
