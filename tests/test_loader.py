@@ -348,9 +348,9 @@ def test_augmentation_draws_jitter_factors_the_batch_carries_to_the_device() -> 
 
 
 def test_eval_is_deterministic_and_augmentation_is_seeded(shards: str) -> None:
-    def images(train: bool, augment: bool, epoch: int) -> torch.Tensor:
+    def first(train: bool, augment: bool, epoch: int, workers: int = 0, normalize: bool = True) -> Batch:
         loader = build_loader(
-            LoaderConfig(num_workers=0, shuffle_buffer=0, augment=augment),
+            LoaderConfig(num_workers=workers, shuffle_buffer=0, augment=augment),
             shards,
             "val",
             train=train,
@@ -360,7 +360,11 @@ def test_eval_is_deterministic_and_augmentation_is_seeded(shards: str) -> None:
             batch_size=4,
         )
         loader.set_epoch(epoch)
-        return next(iter(loader)).images
+        loader.normalize = normalize
+        return next(iter(loader))
+
+    def images(train: bool, augment: bool, epoch: int) -> torch.Tensor:
+        return first(train, augment, epoch).images
 
     plain = images(False, False, 0)
     assert plain.shape == (4, 3, 24, 24)
@@ -369,18 +373,7 @@ def test_eval_is_deterministic_and_augmentation_is_seeded(shards: str) -> None:
     aug = images(True, True, 0)
     assert torch.equal(aug, images(True, True, 0))  # seeded by (seed, epoch, rank, worker)
     assert not torch.equal(aug, images(True, False, 0))  # same order, different pixels
-    loader = build_loader(
-        LoaderConfig(num_workers=1, shuffle_buffer=0, augment=True),
-        shards,
-        "val",
-        train=True,
-        dist=DistInfo(),
-        image_size=24,
-        seed=0,
-        batch_size=4,
-    )
-    loader.normalize = False  # the hand-over itself: uint8 and the jitter's factors
-    raw = next(iter(loader))
+    raw = first(True, True, 0, workers=1, normalize=False)  # the hand-over: uint8 and the jitter's factors
     assert raw.images.dtype == torch.uint8 and raw.jitter is not None and raw.jitter.shape == (4, 3)
     assert torch.equal(raw.normalized().images, aug)  # the worker's draw equals the in-process one
 
