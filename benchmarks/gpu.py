@@ -76,7 +76,7 @@ from captioning.model.search import beam_search  # noqa: E402
 from captioning.training.dist import DistInfo  # noqa: E402
 from captioning.training.scst import CiderReward  # noqa: E402
 from captioning.training.speed import apply_speed, resolve_speed  # noqa: E402
-from captioning.training.stage import build_stage_setup  # noqa: E402
+from captioning.training.stage import ScstSettings, build_stage_setup  # noqa: E402
 from captioning.training.steps import build_step  # noqa: E402
 
 COCO_TRAIN_IMAGES = 113_287  # Karpathy's train split with restval
@@ -202,7 +202,7 @@ def stage_call(
     else:
         setup = build_stage_setup(cfg, stage, "unused")
         setup = dataclasses.replace(setup, batch_size=images, gpu=gpu, precision="bf16")
-        if stage == "scst":
+        if isinstance(setup.objective, ScstSettings):
             setup = dataclasses.replace(
                 setup, objective=dataclasses.replace(setup.objective, max_len=scale.max_len)
             )
@@ -338,9 +338,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "stages": {},
     }
     torch.set_float32_matmul_precision("high")  # TF32 for what autocast leaves in fp32
+    errors: dict[str, str] = {}  # a failed measurement is reported and the others still run
     for stage in ("xe", "finetune", "scst", "beam"):
         for label, gpu in switch_sets(device, with_compile and stage == "finetune"):
-            row = measure_stage(stage, scale, gpu, device, peak)
+            try:
+                row = measure_stage(stage, scale, gpu, device, peak)
+            except Exception as exc:  # a one-off GPU session must not lose the other figures
+                errors[f"{stage} {label}"] = f"{type(exc).__name__}: {exc}"
+                print(f"{stage:9s} switches {label:10s}: FAILED {errors[f'{stage} {label}']}", flush=True)
+                continue
             report["stages"].setdefault(stage, {})[label] = row
             print(
                 f"{stage:9s} switches {label:10s}: {row['images_per_s']:8.1f} images/s, step "
@@ -349,32 +355,47 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"MFU {row['mfu']:.3f}",
                 flush=True,
             )
-    loader = measure_loader(scale, device, args.workers)
-    needed = report["stages"]["xe"]["on"]["images_per_s"]
-    report["loader"] = loader | {"stage1_images_per_s": needed, "keeps_up": loader["images_per_s"] >= needed}
-    print(
-        f"loader: {loader['images_per_s']:.1f} images/s with {loader['workers']} workers; stage 1 consumes "
-        f"{needed:.1f}: {'keeps up' if loader['images_per_s'] >= needed else 'does NOT keep up'}"
-    )
-    on = {stage: rows["on"] for stage, rows in report["stages"].items()}
+    nan = {"images_per_s": float("nan"), "gflops_per_image": float("nan"), "mfu": float("nan")}
+    on = {
+        stage: report["stages"].get(stage, {}).get("on", nan) for stage in ("xe", "finetune", "scst", "beam")
+    }
+    try:
+        loader = measure_loader(scale, device, args.workers)
+        needed = on["xe"]["images_per_s"]
+        report["loader"] = loader | {
+            "stage1_images_per_s": needed,
+            "keeps_up": loader["images_per_s"] >= needed,
+        }
+        print(
+            f"loader: {loader['images_per_s']:.1f} images/s with {loader['workers']} workers; stage 1 consumes "
+            f"{needed:.1f}: {'keeps up' if loader['images_per_s'] >= needed else 'does NOT keep up'}"
+        )
+    except Exception as exc:
+        errors["loader"] = f"{type(exc).__name__}: {exc}"
+        print(f"loader: FAILED {errors['loader']}", flush=True)
     epoch = {s: on[s]["gflops_per_image"] * COCO_TRAIN_IMAGES / 1e6 for s in ("xe", "finetune")}  # PFLOP
     report["epoch_pflop"] = epoch
     report["epoch_minutes"] = {
         s: COCO_TRAIN_IMAGES / on[s]["images_per_s"] / 60 for s in ("xe", "finetune", "scst")
     }
+    report["errors"] = errors
     print(
         f"one COCO epoch on paper: {epoch['xe']:.2f} PFLOP decoder-only, {epoch['finetune']:.2f} PFLOP fine-tuned; "
         "at the measured rates: " + ", ".join(f"{s} {m:.1f} min" for s, m in report["epoch_minutes"].items())
     )
     out = Path(args.report or Path(os.environ.get("OUT", ".")) / "gpu-report.json")
     out.write_text(json.dumps(finite(report), indent=2, allow_nan=False))
-    print(f"report: {out}")
+    print(
+        f"report: {out}" + (f"; {len(errors)} measurement(s) failed: {', '.join(errors)}" if errors else "")
+    )
     mfu = on["finetune"]["mfu"]
     print(
         f"RESULT xe_img_s={on['xe']['images_per_s']:.1f} finetune_img_s={on['finetune']['images_per_s']:.1f} "
         f"scst_img_s={on['scst']['images_per_s']:.1f} beam_img_s={on['beam']['images_per_s']:.1f} "
         f"mfu_finetune={'nan' if math.isnan(mfu) else f'{mfu:.3f}'}"
     )
+    if errors:
+        raise SystemExit(1)
     return report
 
 

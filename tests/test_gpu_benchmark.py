@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -114,3 +115,32 @@ def test_tiny_runs_on_the_bare_machines_packages(tmp_path: Path) -> None:
     )
     assert data["loader"]["images"] == 64 and data["loader"]["keeps_up"] in (True, False)
     assert data["epoch_pflop"]["finetune"] > data["epoch_pflop"]["xe"] > 0
+
+
+def test_a_failed_measurement_is_reported_and_the_others_still_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A GPU session is short and may be the only one: torch.compile failing there (say) must not
+    lose the other figures; the report names the failure and the command exits 1."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import gpu
+
+    def measure(stage: str, scale: Any, switches: Any, device: Any, peak: Any) -> dict[str, Any]:
+        if switches.compile == "on":
+            raise RuntimeError("inductor needs a C compiler")
+        row = {"images_per_s": 10.0, "step_ms": 1.0, "first_call_s": 0.1, "peak_memory_gib": 1.0}
+        return row | {"gflops_per_image": 2.0, "mfu": float("nan"), "batch": 8}
+
+    monkeypatch.setattr(gpu, "measure_stage", measure)
+    monkeypatch.setattr(gpu, "measure_loader", lambda *a: {"images_per_s": 5.0, "workers": 1, "images": 8})
+    with pytest.raises(SystemExit) as exit_:
+        gpu.main(["--tiny", "--compile", "--report", str(tmp_path / "r.json")])
+    assert exit_.value.code == 1
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["errors"] == {"finetune on+compile": "RuntimeError: inductor needs a C compiler"}
+    assert set(report["stages"]["finetune"]) == {"off", "on"} and report["loader"]["keeps_up"] is False
+    out = capsys.readouterr().out
+    assert "finetune  switches on+compile: FAILED RuntimeError" in out
+    assert out.strip().splitlines()[-1] == (
+        "RESULT xe_img_s=10.0 finetune_img_s=10.0 scst_img_s=10.0 beam_img_s=10.0 mfu_finetune=nan"
+    )
