@@ -473,18 +473,18 @@ def test_estimate_prepared_bytes() -> None:
 
 
 def test_bitmaps_have_no_false_negatives() -> None:
-    """Every (set, n-gram) pair on both sides is let through the join; most others are not."""
+    """Every stored entry whose (set, n-gram) pair a candidate has is let through the join; most
+    others are not."""
     rng = np.random.default_rng(0)
-    scorer = CiderD([[[1]]])
     shared = rng.integers(1, 2**63, 500, dtype=np.uint64)
     cand_key = np.concatenate([shared, rng.integers(1, 2**63, 2000, dtype=np.uint64)])
     ref_key = np.concatenate([shared, rng.integers(1, 2**63, 2000, dtype=np.uint64)])
     cand_row, ref_row = rng.integers(0, 50, 2500), rng.integers(0, 50, 2500)
     ref_row[:500] = cand_row[:500]
     ref_key[600:700], ref_row[600:700] = cand_key[600:700], (cand_row[600:700] + 1) % 50  # other sets
-    meets_ref, meets_cand = scorer._may_meet(cand_key, cand_row, ref_key, ref_row, 50)
-    assert meets_ref[:500].all() and meets_cand[:500].all()
-    assert meets_ref[500:].mean() < 0.2 and meets_cand[500:].mean() < 0.2
+    kept = ngrams.may_meet(cand_key, cand_row, ref_key, ref_row, 50)
+    assert np.all(np.diff(kept) > 0) and np.isin(np.arange(500), kept).all()
+    assert np.count_nonzero(kept >= 500) < 0.2 * 2000  # of 2000 unrelated pairs and 100 of other sets
 
 
 def test_prepare_errors() -> None:
@@ -512,18 +512,85 @@ def test_properties() -> None:
 
 
 def test_hash_collisions_are_regrouped() -> None:
-    """Two keys whose hashes agree under the first multiplier still end up in separate groups."""
+    """Two keys of a row whose hashes agree still end up in separate groups, each sorted by entry."""
     inverse = pow(int(ngrams.FIBONACCI), -1, 2**64)
     a = 0x0001_0002_0003_0004
-    b = (a + inverse) % 2**64  # b * multiplier = a * multiplier + 1: the same high bits
-    key = np.array([a, b, a, b, a], np.uint64)
-    is_ref = np.array([False, False, True, True, True])
-    entry, group, start = ngrams.group_by_ngram(key, np.zeros(5, np.int64), is_ref, 1)
-    assert sorted(entry.tolist()) == [0, 1, 2, 3, 4] and start.size == 2
-    for g in range(2):
-        members = entry[group == g]
-        assert len(set(key[members].tolist())) == 1
-        assert not is_ref[members[0]]  # the candidate's entry first
+    b = (a + inverse) % 2**64  # b * FIBONACCI = a * FIBONACCI + 1: the same high bits
+    key = np.array([b, a, a, b, a, a, b], np.uint64)
+    row = np.array([0, 0, 0, 0, 0, 1, 1])
+    entry, start, group = ngrams.group_by_ngram(key, row, 2)
+    assert sorted(entry.tolist()) == list(range(7)) and start.size == 4
+    members = np.split(entry, start[1:])
+    assert sorted(m.tolist() for m in members) == [[0, 3], [1, 2, 4], [5], [6]]
+    for g, m in enumerate(members):
+        assert (group[m] == g).all() and len(set(key[m].tolist())) == 1 and len(set(row[m].tolist())) == 1
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_group_by_ngram_matches_a_dict(seed: int) -> None:
+    """Groups are the distinct (row, key) pairs, rows in order, entries ascending in each; one row
+    or thousands, a few entries or many."""
+    rng = np.random.default_rng(seed)
+    num_rows = [1, 7, 4096, 4096][seed]
+    M = [50, 3000, 20_000, 3][seed]
+    key = rng.choice(rng.integers(1, 2**63, 40, dtype=np.uint64), M)  # few keys: many repeats
+    row = rng.integers(0, num_rows, M)
+    expected: dict[tuple[int, int], list[int]] = {}
+    for i, (r, k) in enumerate(zip(row.tolist(), key.tolist(), strict=True)):
+        expected.setdefault((r, k), []).append(i)
+    entry, start, group = ngrams.group_by_ngram(key, row, num_rows)
+    members = [m.tolist() for m in np.split(entry, start[1:])]
+    assert sorted(members) == sorted(expected.values())
+    assert all(m == sorted(m) for m in members)
+    assert np.all(np.diff(row[entry[start]]) >= 0)
+    assert np.array_equal(group[entry], np.repeat(np.arange(start.size), np.diff(np.append(start, M))))
+
+
+def test_group_by_ngram_few_hash_bits() -> None:
+    """With three bits of hash left, most keys of a row collide: they are sorted apart all the same."""
+    rng = np.random.default_rng(5)
+    key = rng.integers(1, 2**63, 200, dtype=np.uint64)
+    key = np.concatenate([key, key[:50]])
+    row = np.zeros(key.size, np.int64)
+    entry, start, _ = ngrams.group_by_ngram(key, row, 2**53)  # 53 bits of row, 8 of index
+    members = np.split(entry, start[1:])
+    assert len(members) == 200 and all(len(set(key[m].tolist())) == 1 for m in members)
+    assert sorted(len(m) for m in members) == [1] * 150 + [2] * 50
+
+
+@pytest.mark.parametrize("size", [0, 1, 3, 1000, 30_000])
+def test_ngram_table_matches_a_dict(size: int) -> None:
+    """Lookups of present and absent keys, in a table small enough that slots are shared."""
+    rng = np.random.default_rng(size)
+    keys = np.unique(rng.integers(1, 2**63, size, dtype=np.uint64))
+    rng.shuffle(keys)
+    values = rng.random(keys.size)
+    table = ngrams.NgramTable(keys, values)
+    queries = np.concatenate([keys, rng.integers(1, 2**63, 2000, dtype=np.uint64), keys[:10]])
+    rng.shuffle(queries)
+    expected = dict(zip(keys.tolist(), values.tolist(), strict=True))
+    got = table.get(queries, default=-1.0)
+    assert got.tolist() == [expected.get(q, -1.0) for q in queries.tolist()]
+    assert table.get(np.zeros(0, np.uint64)).shape == (0,)
+
+
+def test_ngram_table_keys_in_one_slot() -> None:
+    """Keys that all hash to the same slot (and past the end of the table) probe on to theirs."""
+    inverse = pow(int(ngrams.FIBONACCI), -1, 2**64)
+    # k * FIBONACCI = 2^64 - j for small j: the last slot, whatever the table's size
+    keys = np.array([(-j * inverse) % 2**64 for j in range(1, 9)], np.uint64)
+    table = ngrams.NgramTable(keys, np.arange(8.0))
+    assert table.get(keys).tolist() == list(range(8))
+    absent = np.array([(-j * inverse) % 2**64 for j in range(9, 20)], np.uint64)  # same slot, absent
+    assert (table.get(absent, 7.5) == 7.5).all()
+
+
+def test_runs_counts_each_rows_keys() -> None:
+    """Distinct nonzero keys and counts per row, on rows sorted in blocks (zeros at each block's start)."""
+    rows = np.array([[0, 0, 3, 3, 5, 0, 7, 7, 7], [1, 1, 1, 1, 1, 0, 0, 0, 0], [0] * 9], np.uint64)
+    row, key, count = ngrams.runs(rows)
+    assert row.tolist() == [0, 0, 0, 1] and key.tolist() == [3, 5, 7, 1] and count.tolist() == [2, 1, 3, 5]
+    assert all(a.size == 0 for a in ngrams.runs(np.zeros((3, 0), np.uint64)))
 
 
 # --- errors ----------------------------------------------------------------------------------------
