@@ -274,7 +274,7 @@ class GpuConfig:
         "auto", "Let cuDNN time its convolution algorithms for the batch's shapes (CUDA only)."
     )
     ddp_bucket_view: Switch = setting(
-        "on", "DDP gradients as views into its communication buckets (no copy, less memory; gloo too)."
+        "auto", "DDP gradients as views into its communication buckets (no copy, less memory)."
     )
 
 

@@ -6,8 +6,7 @@
     DistributedDataParallel(module, gradient_as_bucket_view=speed.ddp_bucket_view)
 
 ``auto`` means on for CUDA and off on the CPU. ``compile``'s default is ``off`` everywhere (compiling
-takes minutes at every stage start; ``benchmarks/gpu.py`` measures what it gains) and
-``ddp_bucket_view``'s ``on`` everywhere (gloo gains the saved copy too). None of the
+takes minutes at every stage start; ``benchmarks/gpu.py`` measures what it gains). None of the
 switches changes what is computed, only how: tests/test_speed.py trains with every switch on and off
 on the CPU and compares losses and weights within float tolerance.
 
