@@ -215,11 +215,8 @@ def stage_decode(samples: Iterable[Sample], *, spec: LoaderSpec) -> Iterator[Sam
 
 
 def stage_transform(samples: Iterable[Sample], *, spec: LoaderSpec, epoch: int) -> Iterator[Sample]:
-    """Geometry on the Pillow image (it stays one) and, when augmenting, the colour jitter's factors.
-
-    ``collate`` writes its planes into the uint8 batch; the jitter and ImageNet normalisation are
-    the last stage, batched on the delivery device (``Batch.normalized``).
-    """
+    """Geometry on the Pillow image (it stays one) and, when augmenting, the colour jitter's factors:
+    the jitter itself is the last stage's, batched on the delivery device (``Batch.normalized``)."""
     me = current_stream(spec.dist)
     rng = random.Random(f"augment:{spec.seed}:{epoch}:{me.rank}:{me.worker}")
     augment = spec.train and spec.augment
@@ -322,9 +319,8 @@ class CaptionLoader:
 
     Call ``set_epoch(epoch)`` before each pass (training reshuffles by it; evaluation ignores it
     except for the caption choice). Each ``iter()`` builds that epoch's pipeline and a fresh
-    DataLoader, so workers always see the current epoch. ``normalize=False`` yields the batches
-    as handed over (uint8 images and jitter factors on ``device``): the consumer calls
-    ``Batch.normalized`` where it wants the float work done.
+    DataLoader, so workers always see the current epoch. Setting ``normalize`` False yields the
+    hand-over itself (uint8 images, jitter factors): the consumer calls ``Batch.normalized``.
     """
 
     def __init__(
@@ -334,7 +330,6 @@ class CaptionLoader:
         *,
         epoch: int = 0,
         device: torch.device | str | None = None,
-        normalize: bool = True,
     ) -> None:
         if spec.caption_mode not in CAPTION_MODES:
             raise ValueError(f"caption_mode must be one of {CAPTION_MODES}, got {spec.caption_mode!r}")
@@ -344,7 +339,7 @@ class CaptionLoader:
         self.sizes = dict(sizes)
         self.epoch = epoch
         self.device = None if device is None else torch.device(device)
-        self.normalize = normalize
+        self.normalize = True  # the "normalize" stage runs here (benchmarks/loader.py turns it off)
         self.plan()  # fail now (too few shards, empty split), not in a worker
 
     def set_epoch(self, epoch: int) -> None:
